@@ -1,0 +1,157 @@
+//! One client HBONE connection: TCP, mutual TLS with the source workload's
+//! certificate (the server must prove one of the expected identities), then
+//! HTTP/2 carrying one CONNECT stream per tunnel.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use identity::{Identity, WorkloadCert};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+use tracing::Instrument;
+
+use crate::headers::ConnectRequest;
+use crate::{Error, H2Stream, keepalive, settings};
+
+/// Time limits for establishing a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub handshake: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            handshake: Duration::from_secs(10),
+        }
+    }
+}
+
+/// An established HBONE client connection. Cheap to clone; the connection
+/// closes (GOAWAY) once every clone is dropped and its streams have ended.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    send_request: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+    peer: SocketAddr,
+    peer_identity: Identity,
+}
+
+impl Connection {
+    /// Connects to `dst` (an HBONE port), from `src_ip` if given, presenting
+    /// `cert` and accepting only a server proving one of `expected`.
+    pub async fn establish(
+        cert: &WorkloadCert,
+        expected: Vec<Identity>,
+        dst: SocketAddr,
+        src_ip: Option<IpAddr>,
+        timeouts: Timeouts,
+    ) -> Result<Self, Error> {
+        let tcp = tokio::time::timeout(timeouts.connect, tcp_connect(dst, src_ip))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "TCP connect",
+                addr: dst,
+            })?
+            .map_err(|source| Error::Connect { addr: dst, source })?;
+        let config = identity::tls::client_config(cert, expected).map_err(Error::TlsConfig)?;
+        let tls = tokio::time::timeout(
+            timeouts.handshake,
+            TlsConnector::from(config).connect(identity::tls::server_name(dst.ip()), tcp),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "TLS handshake",
+            addr: dst,
+        })?
+        .map_err(|source| Error::Tls { addr: dst, source })?;
+        let peer_identity =
+            identity::tls::peer_identity(tls.get_ref().1).ok_or_else(|| Error::Tls {
+                addr: dst,
+                source: std::io::Error::other("server presented no identity"),
+            })?;
+        let (send_request, mut conn) = settings::client_builder().handshake(tls).await?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ping_pong = conn.ping_pong();
+        let driver_closed = closed.clone();
+        let span =
+            tracing::debug_span!("hbone_client_conn", peer = %dst, identity = %peer_identity);
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    result = conn => {
+                        if let Err(error) = result {
+                            tracing::debug!(%error, "connection ended with an error");
+                        }
+                    }
+                    failure = keepalive::run(ping_pong) => {
+                        tracing::warn!(?failure, "keepalive failed, dropping connection");
+                    }
+                }
+                driver_closed.store(true, Ordering::Release);
+            }
+            .instrument(span),
+        );
+        Ok(Self {
+            send_request,
+            closed,
+            peer: dst,
+            peer_identity,
+        })
+    }
+
+    /// Opens a tunnel: sends CONNECT and waits for the answer; anything but
+    /// `200` is an error carrying the status.
+    pub async fn open(&self, req: &ConnectRequest) -> Result<H2Stream, Error> {
+        let mut ready = self.send_request.clone().ready().await?;
+        let (response, send) = ready.send_request(req.to_http(), false)?;
+        let response = response.await?;
+        if response.status() != http::StatusCode::OK {
+            return Err(Error::Status {
+                status: response.status(),
+                authority: req.authority,
+            });
+        }
+        Ok(H2Stream::new(send, response.into_body(), None))
+    }
+
+    /// Whether the connection has ended (closed, failed or keepalive timeout).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// How many streams the server currently allows at once.
+    pub fn peer_max_streams(&self) -> usize {
+        self.send_request.current_max_send_streams()
+    }
+
+    /// The address connected to.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The identity the server proved.
+    pub fn peer_identity(&self) -> &Identity {
+        &self.peer_identity
+    }
+}
+
+async fn tcp_connect(dst: SocketAddr, src_ip: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = src_ip {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let tcp = socket.connect(dst).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}

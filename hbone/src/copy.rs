@@ -1,0 +1,165 @@
+//! Moving bytes between a byte stream (a TCP socket) and an HBONE tunnel.
+//!
+//! Backpressure is end to end: data is read from the socket only into a
+//! bounded buffer and sent only as the peer's HTTP/2 window admits it, and
+//! received data is acknowledged to the peer (window released) only after it
+//! has been written to the socket. Buffers are reused: a read goes into the
+//! spare capacity of one `BytesMut`, whose allocation is reclaimed once h2
+//! has written the previous chunk, and grow for bulk transfers.
+
+use std::future::poll_fn;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use bytes::{Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::H2Stream;
+
+/// First read buffer: small, so that idle or chatty tunnels stay cheap.
+const INITIAL_BUFFER: usize = 16 * 1024;
+/// Largest read buffer, reached after consecutive full reads (bulk transfer).
+const MAX_BUFFER: usize = 256 * 1024;
+
+/// Bytes moved by a tunnel, in each direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the socket into the tunnel.
+    pub sent: u64,
+    /// From the tunnel to the socket.
+    pub received: u64,
+}
+
+/// A tunnel that ended with an error, and what it had moved until then.
+#[derive(Debug, thiserror::Error)]
+#[error("tunnel failed after {} bytes sent, {} received: {source}", .transferred.sent, .transferred.received)]
+pub struct CopyError {
+    pub transferred: Transferred,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Copies in both directions until both are finished. A half-close on one
+/// side (socket EOF, or END_STREAM from the peer) is forwarded to the other
+/// and the opposite direction keeps flowing.
+pub async fn copy_bidirectional<R, W>(
+    reader: R,
+    writer: W,
+    stream: H2Stream,
+) -> Result<Transferred, CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let H2Stream {
+        mut send,
+        mut recv,
+        lease: _lease,
+    } = stream;
+    // Counted as the bytes move so that a failed tunnel still reports them.
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    let result = tokio::try_join!(
+        socket_to_stream(reader, &mut send, &sent),
+        stream_to_socket(&mut recv, writer, &received),
+    );
+    let transferred = Transferred {
+        sent: sent.into_inner(),
+        received: received.into_inner(),
+    };
+    match result {
+        Ok(_) => Ok(transferred),
+        Err(source) => {
+            // Tell the peer the tunnel is broken rather than let it wait.
+            send.send_reset(Reason::CANCEL);
+            Err(CopyError {
+                transferred,
+                source,
+            })
+        }
+    }
+}
+
+fn h2_to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    io::Error::other(e)
+}
+
+async fn socket_to_stream<R: AsyncRead + Unpin>(
+    mut reader: R,
+    send: &mut SendStream<Bytes>,
+    sent: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = BytesMut::with_capacity(INITIAL_BUFFER);
+    let mut target = INITIAL_BUFFER;
+    loop {
+        // Reclaims the previous allocation when h2 has released every chunk of it.
+        buf.reserve(target);
+        let spare = buf.capacity() - buf.len();
+        let n = reader.read_buf(&mut buf).await?;
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+            return Ok(());
+        }
+        if n == spare && target < MAX_BUFFER {
+            target *= 2;
+        }
+        sent.fetch_add(n as u64, Relaxed);
+        send_chunk(send, buf.split().freeze()).await?;
+    }
+}
+
+/// Sends `chunk` as the peer's window admits it.
+async fn send_chunk(send: &mut SendStream<Bytes>, mut chunk: Bytes) -> io::Result<()> {
+    while !chunk.is_empty() {
+        send.reserve_capacity(chunk.len());
+        let available = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(h2_to_io(e)),
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "peer closed the stream",
+                ));
+            }
+        };
+        if available == 0 {
+            continue;
+        }
+        let part = chunk.split_to(available.min(chunk.len()));
+        send.send_data(part, false).map_err(h2_to_io)?;
+    }
+    Ok(())
+}
+
+async fn stream_to_socket<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    mut writer: W,
+    received: &AtomicU64,
+) -> io::Result<()> {
+    loop {
+        match poll_fn(|cx| recv.poll_data(cx)).await {
+            Some(Ok(data)) => {
+                writer.write_all(&data).await?;
+                received.fetch_add(data.len() as u64, Relaxed);
+                // Only now may the peer send more: backpressure follows the socket.
+                recv.flow_control()
+                    .release_capacity(data.len())
+                    .map_err(h2_to_io)?;
+            }
+            // RST_STREAM NO_ERROR / CANCEL is how some peers end a stream: EOF.
+            Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => {
+                break;
+            }
+            Some(Err(e)) => return Err(h2_to_io(e)),
+            None => break,
+        }
+    }
+    writer.flush().await?;
+    writer.shutdown().await
+}

@@ -1,0 +1,82 @@
+use std::io;
+use std::net::SocketAddr;
+
+use http::StatusCode;
+use identity::tls::PeerIdentityError;
+
+/// Why a tunnel could not be opened or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no certificate for the source identity: {0}")]
+    Certificate(#[from] identity::CertError),
+    #[error("cannot build the TLS configuration: {0}")]
+    TlsConfig(#[source] rustls::Error),
+    #[error("TCP connect to {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} with {addr} timed out")]
+    Timeout {
+        what: &'static str,
+        addr: SocketAddr,
+    },
+    #[error("HTTP/2 error: {0}")]
+    H2(#[from] h2::Error),
+    #[error("peer answered {status} to CONNECT {authority}")]
+    Status {
+        status: StatusCode,
+        authority: SocketAddr,
+    },
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The outcome of a handshake shared by every caller that waited for it.
+    #[error(transparent)]
+    Shared(std::sync::Arc<Error>),
+}
+
+impl Error {
+    /// If the handshake failed because the peer's identity was wrong, which
+    /// identity was expected and which was presented.
+    pub fn peer_identity_error(&self) -> Option<&PeerIdentityError> {
+        let source = match self {
+            Error::Tls { source, .. } => source,
+            Error::Shared(inner) => return inner.peer_identity_error(),
+            _ => return None,
+        };
+        source
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .and_then(identity::tls::peer_identity_error)
+    }
+
+    /// A short, stable label for metrics and access logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Certificate(_) | Error::TlsConfig(_) => "certificate_unavailable",
+            Error::Connect { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused => {
+                "connect_refused"
+            }
+            Error::Connect { .. } => "connect_failed",
+            Error::Tls { .. } if self.peer_identity_error().is_some() => "identity_mismatch",
+            Error::Tls { .. } => "tls_failed",
+            Error::Timeout { .. } => "timeout",
+            Error::H2(_) => "http2_error",
+            Error::Status { status, .. } => match status.as_u16() {
+                400 => "rejected_bad_request",
+                401 => "rejected_unauthorized",
+                503 => "rejected_unavailable",
+                _ => "rejected",
+            },
+            Error::Io(_) => "io_error",
+            Error::Shared(inner) => inner.reason(),
+        }
+    }
+}

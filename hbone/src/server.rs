@@ -1,0 +1,338 @@
+//! The HBONE server: terminates mutual TLS, checks each CONNECT the way
+//! Istio's ztunnel does (`400` for a malformed request or an authority whose
+//! IP is not the one connected to), asks the [`Handler`] for the upstream
+//! (`401` if it denies, `503` if there is none), answers `200` and copies.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use identity::{CertManager, Identity};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::copy::copy_bidirectional;
+use crate::headers::Metadata;
+use crate::{Error, H2Stream, keepalive, settings};
+
+/// A CONNECT that passed the protocol checks, for the handler to decide on.
+#[derive(Debug, Clone)]
+pub struct InboundRequest {
+    /// Destination IP and port from `:authority`.
+    pub authority: SocketAddr,
+    /// The identity the client proved in the TLS handshake.
+    pub peer_identity: Identity,
+    /// The client's address as seen on the TCP connection.
+    pub peer_addr: SocketAddr,
+    /// The address the client connected to.
+    pub local_addr: SocketAddr,
+    pub metadata: Metadata,
+}
+
+/// A handler's refusal: the HTTP status returned and the reason logged.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    pub status: StatusCode,
+    pub reason: String,
+}
+
+impl Rejection {
+    /// `401`: authorization policy denied the connection.
+    pub fn denied(reason: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            reason: reason.into(),
+        }
+    }
+
+    /// `503`: no such workload or port, or the upstream connect failed.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason: reason.into(),
+        }
+    }
+
+    fn bad_request(reason: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Decides where an accepted tunnel goes.
+pub trait Handler: Send + Sync + 'static {
+    /// Authorizes `req` and connects to its upstream.
+    fn connect(
+        &self,
+        req: InboundRequest,
+    ) -> impl Future<Output = Result<TcpStream, Rejection>> + Send;
+}
+
+/// Server behaviour.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Refuse (`400`) a CONNECT whose authority IP is not the IP the TCP
+    /// connection was made to. On for workload listeners; off for a
+    /// waypoint, whose clients address services (VIP:port).
+    pub require_authority_ip_match: bool,
+    pub handshake_timeout: Duration,
+    /// How long open tunnels may take to finish after a drain starts.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            require_authority_ip_match: true,
+            handshake_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Serves HBONE connections with one handler.
+#[derive(Debug)]
+pub struct Server<H> {
+    handler: Arc<H>,
+    options: ServerOptions,
+    drain: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl<H: Handler> Server<H> {
+    pub fn new(handler: H, options: ServerOptions) -> Arc<Self> {
+        Arc::new(Self {
+            handler: Arc::new(handler),
+            options,
+            drain: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Accepts on `listener` for one workload identity until drained.
+    /// Each connection is served with that identity's current certificate,
+    /// so a rotation applies to new connections without a restart.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, certs: CertManager, id: Identity) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        continue;
+                    }
+                },
+                () = self.drain.cancelled() => return,
+            };
+            let this = self.clone();
+            let certs = certs.clone();
+            let id = id.clone();
+            self.tasks.spawn(async move {
+                let result = match certs.fetch(&id).await {
+                    Ok(cert) => this.serve_connection(tcp, cert.server_config().clone()).await,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(error) = result {
+                    tracing::info!(%peer, %error, reason = error.reason(), "HBONE connection failed");
+                }
+            });
+        }
+    }
+
+    /// Stops accepting, sends GOAWAY on every connection, and waits up to
+    /// the drain timeout for open tunnels to finish.
+    pub async fn shutdown(&self) {
+        self.drain.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(self.options.drain_timeout * 2, self.tasks.wait()).await;
+    }
+
+    /// Serves one accepted TCP connection: TLS with `tls`, then HTTP/2.
+    pub async fn serve_connection(
+        &self,
+        tcp: TcpStream,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Result<(), Error> {
+        let peer_addr = tcp.peer_addr()?;
+        let local_addr = tcp.local_addr()?;
+        tcp.set_nodelay(true)?;
+        let tls = tokio::time::timeout(
+            self.options.handshake_timeout,
+            TlsAcceptor::from(tls).accept(tcp),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "TLS handshake",
+            addr: peer_addr,
+        })?
+        .map_err(|source| Error::Tls {
+            addr: peer_addr,
+            source,
+        })?;
+        let peer_identity = identity::tls::peer_identity(tls.get_ref().1)
+            .expect("the client verifier admits only certificates with one mesh identity");
+        let span = tracing::info_span!("hbone_conn", peer = %peer_addr, identity = %peer_identity);
+        let conn = ConnContext {
+            peer_identity,
+            peer_addr,
+            local_addr,
+        };
+        self.drive(tls, conn).instrument(span).await
+    }
+
+    async fn drive<IO>(&self, io: IO, ctx: ConnContext) -> Result<(), Error>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut conn = settings::server_builder().handshake(io).await?;
+        let keepalive = keepalive::run(conn.ping_pong());
+        tokio::pin!(keepalive);
+        let drain_deadline = tokio::time::sleep(Duration::MAX / 4);
+        tokio::pin!(drain_deadline);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                next = conn.accept() => match next {
+                    Some(Ok((req, respond))) => {
+                        let handler = self.handler.clone();
+                        let ctx = ctx.clone();
+                        let require_ip = self.options.require_authority_ip_match;
+                        tokio::spawn(serve_stream(handler, ctx, require_ip, req, respond).in_current_span());
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Ok(()),
+                },
+                failure = &mut keepalive => {
+                    tracing::warn!(?failure, "keepalive failed, closing connection");
+                    return Ok(());
+                }
+                () = self.drain.cancelled(), if !draining => {
+                    conn.graceful_shutdown();
+                    draining = true;
+                    drain_deadline.as_mut().reset(tokio::time::Instant::now() + self.options.drain_timeout);
+                }
+                () = &mut drain_deadline, if draining => {
+                    tracing::info!("drain deadline passed, closing remaining tunnels");
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ConnContext {
+    peer_identity: Identity,
+    peer_addr: SocketAddr,
+    local_addr: SocketAddr,
+}
+
+/// Applies HBONE's protocol checks to a request.
+fn admit(
+    req: &Request<RecvStream>,
+    ctx: &ConnContext,
+    require_ip: bool,
+) -> Result<InboundRequest, Rejection> {
+    if req.method() != Method::CONNECT {
+        return Err(Rejection::bad_request(format!(
+            "method {} is not CONNECT",
+            req.method()
+        )));
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| Rejection::bad_request("CONNECT without :authority"))?;
+    let authority: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| Rejection::bad_request(format!("authority {authority} is not an IP:port")))?;
+    let local_ip = ctx.local_addr.ip().to_canonical();
+    if require_ip && authority.ip().to_canonical() != local_ip {
+        return Err(Rejection::bad_request(format!(
+            "authority IP {} differs from the connection's destination IP {local_ip}",
+            authority.ip()
+        )));
+    }
+    Ok(InboundRequest {
+        authority,
+        peer_identity: ctx.peer_identity.clone(),
+        peer_addr: ctx.peer_addr,
+        local_addr: ctx.local_addr,
+        metadata: Metadata::from_headers(req.headers()),
+    })
+}
+
+async fn serve_stream<H: Handler>(
+    handler: Arc<H>,
+    ctx: ConnContext,
+    require_ip: bool,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let started = tokio::time::Instant::now();
+    let outcome = match admit(&req, &ctx, require_ip) {
+        Ok(inbound) => {
+            let authority = inbound.authority;
+            handler.connect(inbound).await.map(|up| (authority, up))
+        }
+        Err(rejection) => Err(rejection),
+    };
+    let (authority, upstream) = match outcome {
+        Ok(ok) => ok,
+        Err(rejection) => {
+            tracing::info!(
+                target: "access",
+                src_identity = %ctx.peer_identity,
+                authority = %req.uri(),
+                status = rejection.status.as_u16(),
+                reason = %rejection.reason,
+                "tunnel rejected"
+            );
+            let _ = respond.send_response(status(rejection.status), true);
+            return;
+        }
+    };
+    let send = match respond.send_response(status(StatusCode::OK), false) {
+        Ok(send) => send,
+        Err(error) => {
+            tracing::debug!(%error, "client went away before the tunnel opened");
+            return;
+        }
+    };
+    let stream = H2Stream::new(send, req.into_body(), None);
+    let (reader, writer) = upstream.into_split();
+    let result = copy_bidirectional(reader, writer, stream).await;
+    let (transferred, error) = match &result {
+        Ok(t) => (*t, None),
+        Err(e) => (e.transferred, Some(e.source.to_string())),
+    };
+    tracing::info!(
+        target: "access",
+        src_identity = %ctx.peer_identity,
+        src_addr = %ctx.peer_addr,
+        dst_addr = %authority,
+        bytes_received = transferred.received,
+        bytes_sent = transferred.sent,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = error.as_deref(),
+        "tunnel closed"
+    );
+}
+
+fn status(code: StatusCode) -> Response<()> {
+    let mut resp = Response::new(());
+    *resp.status_mut() = code;
+    resp
+}

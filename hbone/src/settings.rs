@@ -1,0 +1,46 @@
+//! HTTP/2 settings shared by both ends, matching those observed from Istio's
+//! ztunnel so that flow control behaves the same across implementations.
+
+use std::time::Duration;
+
+/// The port HBONE servers listen on.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Per-stream window: large enough that one stream can fill a fast link.
+pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Connection window: several busy streams before they throttle each other.
+pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub(crate) const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+pub(crate) const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Streams a server accepts per connection.
+pub(crate) const SERVER_MAX_STREAMS: u32 = 200;
+/// Data h2 may queue per stream beyond what the peer's window admits; the copy
+/// loop waits for capacity, so this bounds memory per stream.
+pub(crate) const MAX_SEND_BUFFER: usize = 4 * 1024 * 1024;
+
+/// A PING is sent this often on every connection...
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// ...and the connection is dropped if the PONG takes longer than this.
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub(crate) fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_send_buffer_size(MAX_SEND_BUFFER);
+    b
+}
+
+pub(crate) fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_concurrent_streams(SERVER_MAX_STREAMS)
+        .max_send_buffer_size(MAX_SEND_BUFFER);
+    b
+}

@@ -1,0 +1,450 @@
+//! HBONE end to end over loopback: real TCP, real mutual TLS, real HTTP/2.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hbone::copy::copy_bidirectional;
+use hbone::{
+    ConnectRequest, Error, H2Stream, Handler, InboundRequest, Pool, PoolConfig, PoolKey, Rejection,
+    Server, ServerOptions,
+};
+use identity::ca::DEFAULT_LEAF_TTL;
+use identity::testing::{TestRoot, unchecked_client};
+use identity::tls::PeerIdentityError;
+use identity::{CaClient, CertManager, CertificateAuthority, Identity, InProcessCa};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::net::{TcpListener, TcpStream};
+
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/checkout";
+
+fn id(s: &str) -> Identity {
+    Identity::parse(s).unwrap()
+}
+
+/// Connects each tunnel to its authority on loopback; records what it saw.
+#[derive(Default, Clone)]
+struct Forward {
+    seen: Arc<Mutex<Vec<InboundRequest>>>,
+}
+
+impl Handler for Forward {
+    async fn connect(&self, req: InboundRequest) -> Result<TcpStream, Rejection> {
+        self.seen.lock().unwrap().push(req.clone());
+        TcpStream::connect(req.authority)
+            .await
+            .map_err(|e| Rejection::unavailable(format!("connect {}: {e}", req.authority)))
+    }
+}
+
+struct Fixture {
+    certs: CertManager,
+    server: Arc<Server<Forward>>,
+    handler: Forward,
+    hbone_addr: SocketAddr,
+    pool: Pool,
+}
+
+impl Fixture {
+    async fn new(ca: CertificateAuthority) -> Self {
+        Self::with_options(ca, ServerOptions::default(), PoolConfig::default()).await
+    }
+
+    async fn with_options(
+        ca: CertificateAuthority,
+        options: ServerOptions,
+        pool: PoolConfig,
+    ) -> Self {
+        let ca: Arc<dyn CaClient> = Arc::new(InProcessCa::new(Arc::new(ca)));
+        let certs = CertManager::new(ca);
+        let handler = Forward::default();
+        let server = Server::new(handler.clone(), options);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hbone_addr = listener.local_addr().unwrap();
+        tokio::spawn(server.clone().serve(listener, certs.clone(), id(SERVER)));
+        let pool = Pool::new(certs.clone(), pool);
+        Self {
+            certs,
+            server,
+            handler,
+            hbone_addr,
+            pool,
+        }
+    }
+
+    fn key(&self) -> PoolKey {
+        PoolKey::new(id(CLIENT), vec![id(SERVER)], self.hbone_addr, None)
+    }
+
+    async fn tunnel(&self, upstream: SocketAddr) -> Result<DuplexStream, Error> {
+        let stream = self
+            .pool
+            .connect(&self.key(), &ConnectRequest::new(upstream))
+            .await?;
+        Ok(attach(stream))
+    }
+}
+
+/// Gives the test an ordinary byte stream for a tunnel.
+fn attach(stream: H2Stream) -> DuplexStream {
+    let (app, proxy) = tokio::io::duplex(256 * 1024);
+    tokio::spawn(async move {
+        let (r, w) = tokio::io::split(proxy);
+        let _ = copy_bidirectional(r, w, stream).await;
+    });
+    app
+}
+
+fn mesh_ca() -> CertificateAuthority {
+    TestRoot::new().ca("cluster.local", DEFAULT_LEAF_TTL)
+}
+
+/// Echoes each connection until EOF, then closes its write side.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn echo_through_a_tunnel() {
+    let fx = Fixture::new(mesh_ca()).await;
+    let upstream = echo_server().await;
+    let mut app = fx.tunnel(upstream).await.unwrap();
+    app.write_all(b"hello through hbone").await.unwrap();
+    let mut buf = [0u8; 19];
+    app.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello through hbone");
+
+    let seen = fx.handler.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].authority, upstream);
+    assert_eq!(
+        seen[0].peer_identity,
+        id(CLIENT),
+        "server saw the client's identity"
+    );
+    assert!(seen[0].metadata.traceparent.is_some());
+    assert_eq!(fx.pool.connection_count(), 1);
+}
+
+#[tokio::test]
+async fn wrong_server_identity_refuses_the_handshake() {
+    let fx = Fixture::new(mesh_ca()).await;
+    let upstream = echo_server().await;
+    let key = PoolKey::new(
+        id(CLIENT),
+        vec![id("spiffe://cluster.local/ns/shop/sa/payments")],
+        fx.hbone_addr,
+        None,
+    );
+    let err = fx
+        .pool
+        .connect(&key, &ConnectRequest::new(upstream))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "identity_mismatch", "{err}");
+    match err.peer_identity_error() {
+        Some(PeerIdentityError::Unexpected {
+            presented,
+            expected,
+        }) => {
+            assert_eq!(presented, &id(SERVER));
+            assert_eq!(
+                expected,
+                &vec![id("spiffe://cluster.local/ns/shop/sa/payments")]
+            );
+        }
+        other => panic!("{other:?}: {err}"),
+    }
+    assert!(fx.handler.seen.lock().unwrap().is_empty());
+    assert_eq!(fx.pool.connection_count(), 0);
+}
+
+/// Opens a raw TLS connection with `config` and tries one CONNECT over it.
+async fn raw_attempt(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    upstream: SocketAddr,
+) -> Result<http::StatusCode, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = identity::tls::server_name(addr.ip());
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let (client, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| format!("h2: {e}"))?;
+    tokio::spawn(conn);
+    let mut client = client.ready().await.map_err(|e| format!("h2: {e}"))?;
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri(upstream.to_string())
+        .body(())
+        .unwrap();
+    let (resp, _send) = client
+        .send_request(req, false)
+        .map_err(|e| format!("h2: {e}"))?;
+    let resp = resp.await.map_err(|e| format!("h2: {e}"))?;
+    Ok(resp.status())
+}
+
+#[tokio::test]
+async fn client_from_another_trust_domain_is_refused() {
+    let root = TestRoot::new();
+    let fx = Fixture::new(root.ca("cluster.local", DEFAULT_LEAF_TTL)).await;
+    let upstream = echo_server().await;
+    // Same root, so the chain is fine: only the trust-domain rule refuses it.
+    let config = unchecked_client(Some(root.leaf(&["spiffe://other.local/ns/shop/sa/cart"])));
+    let result = raw_attempt(fx.hbone_addr, config, upstream).await;
+    assert!(result.is_err(), "refused, got {result:?}");
+    assert!(
+        fx.handler.seen.lock().unwrap().is_empty(),
+        "no tunnel was opened"
+    );
+}
+
+#[tokio::test]
+async fn client_without_a_certificate_is_refused() {
+    let fx = Fixture::new(mesh_ca()).await;
+    let upstream = echo_server().await;
+    let result = raw_attempt(fx.hbone_addr, unchecked_client(None), upstream).await;
+    let err = result.unwrap_err();
+    assert!(
+        err.contains("CertificateRequired") || err.contains("certificate"),
+        "{err}"
+    );
+    assert!(fx.handler.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn authority_ip_other_than_the_connected_ip_gets_400() {
+    let fx = Fixture::new(mesh_ca()).await;
+    let upstream = echo_server().await;
+    let elsewhere = SocketAddr::new("127.0.0.2".parse().unwrap(), upstream.port());
+    let err = fx.tunnel(elsewhere).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Status { status, .. } if status == http::StatusCode::BAD_REQUEST),
+        "{err}"
+    );
+    assert_eq!(err.reason(), "rejected_bad_request");
+    assert!(fx.handler.seen.lock().unwrap().is_empty());
+
+    // The connection stays usable for well-formed requests.
+    let mut app = fx.tunnel(upstream).await.unwrap();
+    app.write_all(b"ok").await.unwrap();
+    let mut buf = [0u8; 2];
+    app.read_exact(&mut buf).await.unwrap();
+    assert_eq!(fx.pool.connection_count(), 1);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_gets_503() {
+    let fx = Fixture::new(mesh_ca()).await;
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = fx.tunnel(closed).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Status { status, .. } if status == http::StatusCode::SERVICE_UNAVAILABLE),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn client_half_close_reaches_upstream_and_the_reply_still_flows() {
+    let fx = Fixture::new(mesh_ca()).await;
+    let upstream = echo_server().await;
+    let mut app = fx.tunnel(upstream).await.unwrap();
+    app.write_all(b"request body").await.unwrap();
+    // The echo server replies fully only after it sees EOF, then closes.
+    app.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    app.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"request body");
+}
+
+#[tokio::test]
+async fn upstream_half_close_reaches_client_and_the_request_still_flows() {
+    let fx = Fixture::new(mesh_ca()).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        tcp.write_all(b"banner").await.unwrap();
+        tcp.shutdown().await.unwrap(); // server is done talking...
+        let mut got = Vec::new();
+        tcp.read_to_end(&mut got).await.unwrap(); // ...but keeps listening
+        got_tx.send(got).unwrap();
+    });
+    let mut app = fx.tunnel(upstream).await.unwrap();
+    let mut banner = Vec::new();
+    app.read_to_end(&mut banner).await.unwrap();
+    assert_eq!(banner, b"banner", "EOF arrived after the banner");
+    app.write_all(b"late request").await.unwrap();
+    app.shutdown().await.unwrap();
+    assert_eq!(got_rx.await.unwrap(), b"late request");
+}
+
+/// Reads to EOF, hashing; answers with the SHA-256 digest and the length.
+async fn digest_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+            total += n as u64;
+        }
+        tcp.write_all(ctx.finish().as_ref()).await.unwrap();
+        tcp.write_all(&total.to_be_bytes()).await.unwrap();
+        tcp.shutdown().await.unwrap();
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gibibyte_arrives_intact() {
+    const TOTAL: usize = 1 << 30;
+    let fx = Fixture::new(mesh_ca()).await;
+    let upstream = digest_server().await;
+    let mut app = fx.tunnel(upstream).await.unwrap();
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..TOTAL / chunk.len() {
+        // xorshift: cheap bytes that differ everywhere, so reordering or
+        // duplication anywhere changes the digest.
+        for word in chunk.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        ctx.update(&chunk);
+        app.write_all(&chunk).await.unwrap();
+    }
+    app.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    app.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply.len(), 32 + 8);
+    assert_eq!(
+        u64::from_be_bytes(reply[32..].try_into().unwrap()),
+        TOTAL as u64
+    );
+    assert_eq!(&reply[..32], ctx.finish().as_ref(), "SHA-256 matches");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_streams_share_pooled_connections() {
+    const STREAMS: usize = 1000;
+    let fx = Arc::new(Fixture::new(mesh_ca()).await);
+    let upstream = echo_server().await;
+    let all_open = Arc::new(tokio::sync::Barrier::new(STREAMS));
+    let tasks: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let fx = fx.clone();
+            let all_open = all_open.clone();
+            tokio::spawn(async move {
+                let mut app = fx.tunnel(upstream).await.unwrap();
+                // Every stream is open at once before any finishes.
+                all_open.wait().await;
+                let msg = format!("stream {i:04}");
+                app.write_all(msg.as_bytes()).await.unwrap();
+                app.shutdown().await.unwrap();
+                let mut back = String::new();
+                app.read_to_string(&mut back).await.unwrap();
+                assert_eq!(back, msg);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(fx.handler.seen.lock().unwrap().len(), STREAMS);
+    // 100 streams per connection: exactly ten handshakes for 1,000 streams.
+    assert_eq!(fx.pool.connections_for(&fx.key()), STREAMS / 100);
+}
+
+#[tokio::test]
+async fn drain_sends_goaway_and_lets_open_tunnels_finish() {
+    let options = ServerOptions {
+        drain_timeout: Duration::from_secs(5),
+        ..ServerOptions::default()
+    };
+    let fx = Fixture::with_options(mesh_ca(), options, PoolConfig::default()).await;
+    let upstream = echo_server().await;
+    let mut app = fx.tunnel(upstream).await.unwrap();
+    let server = fx.server.clone();
+    let shutdown = tokio::spawn(async move { server.shutdown().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!shutdown.is_finished(), "waits for the open tunnel");
+
+    // The open tunnel still works after GOAWAY...
+    app.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    app.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still here");
+    // ...and the drain completes once it closes.
+    app.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    app.read_to_end(&mut rest).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("drain finished")
+        .unwrap();
+    // No new tunnels: the listener is closed.
+    assert!(fx.tunnel(upstream).await.is_err());
+}
+
+#[tokio::test]
+async fn idle_connections_are_released() {
+    let config = PoolConfig {
+        idle_timeout: Duration::from_secs(1),
+        ..PoolConfig::default()
+    };
+    let fx = Fixture::with_options(mesh_ca(), ServerOptions::default(), config).await;
+    let upstream = echo_server().await;
+    let mut app = fx.tunnel(upstream).await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    app.read_to_end(&mut rest).await.unwrap();
+    drop(app);
+    assert_eq!(fx.pool.connection_count(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fx.pool.connection_count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle connection never released"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A new tunnel handshakes again.
+    let _app = fx.tunnel(upstream).await.unwrap();
+    assert_eq!(fx.pool.connection_count(), 1);
+    let _ = fx.certs.certificates();
+}

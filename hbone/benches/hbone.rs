@@ -1,1 +1,296 @@
-fn main() {}
+//! HBONE over loopback against plain TCP over loopback.
+//!
+//! The HBONE path is the one a meshed connection takes: the application's TCP
+//! connection is accepted by an outbound proxy, tunnelled through a pooled
+//! mTLS HTTP/2 connection to an HBONE server, which connects to the upstream
+//! over TCP. The direct path is the application connecting to the upstream.
+//!
+//! Run: `cargo bench -p hbone --bench hbone` (prints a Markdown table).
+//! `HBONE_BENCH_SECS` sets the seconds per throughput/rate measurement (default 3).
+
+#![allow(clippy::unwrap_used)] // A benchmark: a panic is the failure report.
+#![allow(unsafe_code)] // The counting allocator below.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hbone::client::{Connection, Timeouts};
+use hbone::copy::copy_bidirectional;
+use hbone::testing::{Forward, outbound_proxy};
+use hbone::{ConnectRequest, Pool, PoolConfig, PoolKey, Server, ServerOptions};
+use hdrhistogram::Histogram;
+use identity::ca::DEFAULT_LEAF_TTL;
+use identity::{CertManager, CertificateAuthority, Identity, InProcessCa, TrustDomain};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Counts heap allocations, to show the copy path does not allocate per chunk.
+struct CountingAlloc;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: delegates every call unchanged to the system allocator; the
+// counter has no effect on the memory handed out.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+const CLIENT: &str = "spiffe://cluster.local/ns/bench/sa/client";
+const SERVER: &str = "spiffe://cluster.local/ns/bench/sa/server";
+
+fn secs() -> Duration {
+    let s = std::env::var("HBONE_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    Duration::from_secs_f64(s)
+}
+
+/// Reads to EOF, then answers with the byte count.
+async fn sink() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                loop {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n as u64,
+                    }
+                }
+                let _ = tcp.write_all(&total.to_be_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+struct Throughput {
+    gbit_per_s: f64,
+    allocations_per_mib: f64,
+}
+
+async fn throughput(addr: SocketAddr) -> Throughput {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    let allocs_before = ALLOCATIONS.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < secs() {
+        tcp.write_all(&chunk).await.unwrap();
+        sent += chunk.len() as u64;
+    }
+    tcp.shutdown().await.unwrap();
+    let received = tcp.read_u64().await.unwrap();
+    let elapsed = start.elapsed();
+    let allocs = ALLOCATIONS.load(Ordering::Relaxed) - allocs_before;
+    assert_eq!(received, sent, "every byte arrived");
+    Throughput {
+        gbit_per_s: sent as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
+        allocations_per_mib: allocs as f64 / (sent as f64 / (1 << 20) as f64),
+    }
+}
+
+/// 1 KiB request, 1 KiB response, on one connection.
+async fn request_latency(addr: SocketAddr) -> Histogram<u64> {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let req = [7u8; 1024];
+    let mut resp = [0u8; 1024];
+    let mut hist = Histogram::new(3).unwrap();
+    for i in 0..22_000 {
+        let start = Instant::now();
+        tcp.write_all(&req).await.unwrap();
+        tcp.read_exact(&mut resp).await.unwrap();
+        if i >= 2_000 {
+            hist.record(start.elapsed().as_nanos() as u64).unwrap();
+        }
+    }
+    hist
+}
+
+/// New connections, one at a time: connect, 1-byte round trip, close.
+async fn connection_rate(addr: SocketAddr) -> (f64, Histogram<u64>) {
+    let mut hist = Histogram::new(3).unwrap();
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < secs() {
+        let t = Instant::now();
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        tcp.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        hist.record(t.elapsed().as_nanos() as u64).unwrap();
+        n += 1;
+    }
+    (n as f64 / start.elapsed().as_secs_f64(), hist)
+}
+
+/// Like the outbound proxy, but with a fresh mTLS handshake per connection.
+async fn fresh_handshake_proxy(
+    listener: TcpListener,
+    certs: CertManager,
+    hbone: SocketAddr,
+    target: SocketAddr,
+) {
+    let src = Identity::parse(CLIENT).unwrap();
+    let dst = Identity::parse(SERVER).unwrap();
+    while let Ok((mut tcp, _)) = listener.accept().await {
+        let (certs, src, dst) = (certs.clone(), src.clone(), dst.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let cert = certs.fetch(&src).await.unwrap();
+            let conn = Connection::establish(&cert, vec![dst], hbone, None, Timeouts::default())
+                .await
+                .unwrap();
+            let stream = conn.open(&ConnectRequest::new(target)).await.unwrap();
+            let (r, w) = tcp.split();
+            let _ = copy_bidirectional(r, w, stream).await;
+        });
+    }
+}
+
+async fn proxy_to(pool: &Pool, key: &PoolKey, target: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(outbound_proxy(listener, pool.clone(), key.clone(), target));
+    addr
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let ca = Arc::new(CertificateAuthority::self_signed(td, DEFAULT_LEAF_TTL).unwrap());
+    let certs = CertManager::new(Arc::new(InProcessCa::new(ca)));
+    let server = Server::new(Forward::default(), ServerOptions::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hbone_addr = listener.local_addr().unwrap();
+    tokio::spawn(server.serve(listener, certs.clone(), Identity::parse(SERVER).unwrap()));
+    let pool = Pool::new(certs.clone(), PoolConfig::default());
+    let key = PoolKey::new(
+        Identity::parse(CLIENT).unwrap(),
+        vec![Identity::parse(SERVER).unwrap()],
+        hbone_addr,
+        None,
+    );
+    let (sink, echo) = (sink().await, echo().await);
+    let (via_sink, via_echo) = (
+        proxy_to(&pool, &key, sink).await,
+        proxy_to(&pool, &key, echo).await,
+    );
+    let fresh = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let via_fresh = fresh.local_addr().unwrap();
+    tokio::spawn(fresh_handshake_proxy(
+        fresh,
+        certs.clone(),
+        hbone_addr,
+        echo,
+    ));
+
+    // Warm up: certificates issued, pooled connection open.
+    connection_rate_once(via_echo).await;
+
+    if std::env::var("HBONE_BENCH_ONLY").as_deref() == Ok("throughput") {
+        let tp = throughput(via_sink).await;
+        println!(
+            "HBONE single-stream throughput: {:.2} Gbit/s",
+            tp.gbit_per_s
+        );
+        return;
+    }
+    let direct_tp = throughput(sink).await;
+    let hbone_tp = throughput(via_sink).await;
+    let direct_lat = request_latency(echo).await;
+    let hbone_lat = request_latency(via_echo).await;
+    let (direct_rate, direct_conn) = connection_rate(echo).await;
+    let (pooled_rate, pooled_conn) = connection_rate(via_echo).await;
+    let (fresh_rate, fresh_conn) = connection_rate(via_fresh).await;
+
+    println!("| measurement | direct TCP | HBONE | HBONE / direct |");
+    println!("|---|---|---|---|");
+    println!(
+        "| single-stream throughput | {:.2} Gbit/s | {:.2} Gbit/s | {:.0}% |",
+        direct_tp.gbit_per_s,
+        hbone_tp.gbit_per_s,
+        100.0 * hbone_tp.gbit_per_s / direct_tp.gbit_per_s
+    );
+    println!(
+        "| heap allocations per MiB moved (whole process) | {:.2} | {:.2} | |",
+        direct_tp.allocations_per_mib, hbone_tp.allocations_per_mib
+    );
+    println!(
+        "| 1 KiB request/response p50 | {:.1} µs | {:.1} µs | +{:.1} µs |",
+        us(&direct_lat, 0.5),
+        us(&hbone_lat, 0.5),
+        us(&hbone_lat, 0.5) - us(&direct_lat, 0.5)
+    );
+    println!(
+        "| 1 KiB request/response p99 | {:.1} µs | {:.1} µs | +{:.1} µs |",
+        us(&direct_lat, 0.99),
+        us(&hbone_lat, 0.99),
+        us(&hbone_lat, 0.99) - us(&direct_lat, 0.99)
+    );
+    println!(
+        "| new connection, pooled HBONE connection | {:.0}/s, p50 {:.0} µs | {:.0}/s, p50 {:.0} µs | |",
+        direct_rate,
+        us(&direct_conn, 0.5),
+        pooled_rate,
+        us(&pooled_conn, 0.5)
+    );
+    println!(
+        "| new connection, fresh mTLS handshake | {:.0}/s, p50 {:.0} µs | {:.0}/s, p50 {:.0} µs | |",
+        direct_rate,
+        us(&direct_conn, 0.5),
+        fresh_rate,
+        us(&fresh_conn, 0.5)
+    );
+}
+
+async fn connection_rate_once(addr: SocketAddr) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    tcp.read_exact(&mut b).await.unwrap();
+}

@@ -17,7 +17,7 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("TLS handshake with {addr} failed: {source}")]
+    #[error("TLS handshake with {addr} failed: {}", tls_detail(.source))]
     Tls {
         addr: SocketAddr,
         #[source]
@@ -42,6 +42,19 @@ pub enum Error {
     Shared(std::sync::Arc<Error>),
 }
 
+/// The identity error inside a TLS handshake failure, if that was the cause.
+fn identity_error_of(source: &io::Error) -> Option<&PeerIdentityError> {
+    source
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(identity::tls::peer_identity_error)
+}
+
+/// rustls shows identity errors with `Debug`; show ours with their message.
+fn tls_detail(source: &io::Error) -> String {
+    identity_error_of(source).map_or_else(|| source.to_string(), ToString::to_string)
+}
+
 impl Error {
     /// If the handshake failed because the peer's identity was wrong, which
     /// identity was expected and which was presented.
@@ -51,10 +64,7 @@ impl Error {
             Error::Shared(inner) => return inner.peer_identity_error(),
             _ => return None,
         };
-        source
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .and_then(identity::tls::peer_identity_error)
+        identity_error_of(source)
     }
 
     /// A short, stable label for metrics and access logs.

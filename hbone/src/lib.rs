@@ -16,6 +16,8 @@ pub mod pool;
 pub mod server;
 mod settings;
 mod stream;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::Error;
 pub use headers::{Baggage, ConnectRequest, Forwarded, TraceParent};

@@ -3,14 +3,11 @@
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use hbone::copy::copy_bidirectional;
-use hbone::{
-    ConnectRequest, Error, H2Stream, Handler, InboundRequest, Pool, PoolConfig, PoolKey, Rejection,
-    Server, ServerOptions,
-};
+use hbone::testing::{Forward, attach};
+use hbone::{ConnectRequest, Error, Pool, PoolConfig, PoolKey, Server, ServerOptions};
 use identity::ca::DEFAULT_LEAF_TTL;
 use identity::testing::{TestRoot, unchecked_client};
 use identity::tls::PeerIdentityError;
@@ -23,21 +20,6 @@ const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/checkout";
 
 fn id(s: &str) -> Identity {
     Identity::parse(s).unwrap()
-}
-
-/// Connects each tunnel to its authority on loopback; records what it saw.
-#[derive(Default, Clone)]
-struct Forward {
-    seen: Arc<Mutex<Vec<InboundRequest>>>,
-}
-
-impl Handler for Forward {
-    async fn connect(&self, req: InboundRequest) -> Result<TcpStream, Rejection> {
-        self.seen.lock().unwrap().push(req.clone());
-        TcpStream::connect(req.authority)
-            .await
-            .map_err(|e| Rejection::unavailable(format!("connect {}: {e}", req.authority)))
-    }
 }
 
 struct Fixture {
@@ -88,16 +70,6 @@ impl Fixture {
     }
 }
 
-/// Gives the test an ordinary byte stream for a tunnel.
-fn attach(stream: H2Stream) -> DuplexStream {
-    let (app, proxy) = tokio::io::duplex(256 * 1024);
-    tokio::spawn(async move {
-        let (r, w) = tokio::io::split(proxy);
-        let _ = copy_bidirectional(r, w, stream).await;
-    });
-    app
-}
-
 fn mesh_ca() -> CertificateAuthority {
     TestRoot::new().ca("cluster.local", DEFAULT_LEAF_TTL)
 }
@@ -129,7 +101,7 @@ async fn echo_through_a_tunnel() {
     app.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"hello through hbone");
 
-    let seen = fx.handler.seen.lock().unwrap().clone();
+    let seen = fx.handler.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].authority, upstream);
     assert_eq!(
@@ -170,7 +142,7 @@ async fn wrong_server_identity_refuses_the_handshake() {
         }
         other => panic!("{other:?}: {err}"),
     }
-    assert!(fx.handler.seen.lock().unwrap().is_empty());
+    assert!(fx.handler.seen().is_empty());
     assert_eq!(fx.pool.connection_count(), 0);
 }
 
@@ -212,10 +184,7 @@ async fn client_from_another_trust_domain_is_refused() {
     let config = unchecked_client(Some(root.leaf(&["spiffe://other.local/ns/shop/sa/cart"])));
     let result = raw_attempt(fx.hbone_addr, config, upstream).await;
     assert!(result.is_err(), "refused, got {result:?}");
-    assert!(
-        fx.handler.seen.lock().unwrap().is_empty(),
-        "no tunnel was opened"
-    );
+    assert!(fx.handler.seen().is_empty(), "no tunnel was opened");
 }
 
 #[tokio::test]
@@ -228,7 +197,7 @@ async fn client_without_a_certificate_is_refused() {
         err.contains("CertificateRequired") || err.contains("certificate"),
         "{err}"
     );
-    assert!(fx.handler.seen.lock().unwrap().is_empty());
+    assert!(fx.handler.seen().is_empty());
 }
 
 #[tokio::test]
@@ -242,7 +211,7 @@ async fn authority_ip_other_than_the_connected_ip_gets_400() {
         "{err}"
     );
     assert_eq!(err.reason(), "rejected_bad_request");
-    assert!(fx.handler.seen.lock().unwrap().is_empty());
+    assert!(fx.handler.seen().is_empty());
 
     // The connection stays usable for well-formed requests.
     let mut app = fx.tunnel(upstream).await.unwrap();
@@ -385,7 +354,7 @@ async fn thousand_concurrent_streams_share_pooled_connections() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(fx.handler.seen.lock().unwrap().len(), STREAMS);
+    assert_eq!(fx.handler.seen().len(), STREAMS);
     // 100 streams per connection: exactly ten handshakes for 1,000 streams.
     assert_eq!(fx.pool.connections_for(&fx.key()), STREAMS / 100);
 }

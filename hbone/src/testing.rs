@@ -1,0 +1,71 @@
+//! Test and benchmark support (feature `testing`): a handler that forwards
+//! every tunnel to its authority on loopback, and a minimal outbound proxy
+//! that turns accepted TCP connections into tunnels, as ztunnel's outbound
+//! listener does.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::io::DuplexStream;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::copy::copy_bidirectional;
+use crate::{ConnectRequest, H2Stream, Handler, InboundRequest, Pool, PoolKey, Rejection};
+
+/// Connects each tunnel to its authority; records every request it saw.
+#[derive(Debug, Default, Clone)]
+pub struct Forward {
+    seen: Arc<Mutex<Vec<InboundRequest>>>,
+}
+
+impl Forward {
+    /// The requests handled so far.
+    pub fn seen(&self) -> Vec<InboundRequest> {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Handler for Forward {
+    async fn connect(&self, req: InboundRequest) -> Result<TcpStream, Rejection> {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(req.clone());
+        let tcp = TcpStream::connect(req.authority)
+            .await
+            .map_err(|e| Rejection::unavailable(format!("connect {}: {e}", req.authority)))?;
+        tcp.set_nodelay(true)
+            .map_err(|e| Rejection::unavailable(e.to_string()))?;
+        Ok(tcp)
+    }
+}
+
+/// Gives a test an ordinary in-memory byte stream for a tunnel.
+pub fn attach(stream: H2Stream) -> DuplexStream {
+    let (app, proxy) = tokio::io::duplex(256 * 1024);
+    tokio::spawn(async move {
+        let (r, w) = tokio::io::split(proxy);
+        let _ = copy_bidirectional(r, w, stream).await;
+    });
+    app
+}
+
+/// Accepts TCP on `listener` and tunnels each connection to `target`
+/// through `pool` with `key`, until the task is dropped.
+pub async fn outbound_proxy(listener: TcpListener, pool: Pool, key: PoolKey, target: SocketAddr) {
+    let key = Arc::new(key);
+    while let Ok((mut tcp, _)) = listener.accept().await {
+        let pool = pool.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            if let Ok(stream) = pool.connect(&key, &ConnectRequest::new(target)).await {
+                let (r, w) = tcp.split();
+                let _ = copy_bidirectional(r, w, stream).await;
+            }
+        });
+    }
+}

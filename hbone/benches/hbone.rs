@@ -11,11 +11,13 @@
 #![allow(clippy::unwrap_used)] // A benchmark: a panic is the failure report.
 #![allow(unsafe_code)] // The counting allocator below.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tikv_jemallocator::Jemalloc;
 
 use hbone::client::{Connection, Timeouts};
 use hbone::copy::copy_bidirectional;
@@ -27,7 +29,9 @@ use identity::{CertManager, CertificateAuthority, Identity, InProcessCa, TrustDo
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Counts heap allocations, to show the copy path does not allocate per chunk.
+/// Counts heap allocations around jemalloc, the allocator the data-plane
+/// binaries use (ADR 0004): glibc malloc hands big buffers back to the
+/// kernel and page-faults them in again, which costs a third of throughput.
 struct CountingAlloc;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
@@ -38,16 +42,16 @@ unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
+        unsafe { Jemalloc.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { Jemalloc.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        unsafe { Jemalloc.realloc(ptr, layout, new_size) }
     }
 }
 
@@ -125,6 +129,27 @@ async fn throughput(addr: SocketAddr) -> Throughput {
     Throughput {
         gbit_per_s: sent as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
         allocations_per_mib: allocs as f64 / (sent as f64 / (1 << 20) as f64),
+    }
+}
+
+/// Bytes written straight into a tunnel (no application socket on the
+/// client side), delivered by the HBONE server to the sink.
+async fn tunnel_throughput(pool: &Pool, key: &PoolKey, sink: SocketAddr) -> Throughput {
+    let total = (secs().as_secs_f64() * 1e9) as u64;
+    let stream = pool.connect(key, &ConnectRequest::new(sink)).await.unwrap();
+    let mut reply = Vec::new();
+    let allocs_before = ALLOCATIONS.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let source = tokio::io::repeat(0x5a).take(total);
+    copy_bidirectional(source, &mut reply, stream)
+        .await
+        .unwrap();
+    let elapsed = start.elapsed();
+    let allocs = ALLOCATIONS.load(Ordering::Relaxed) - allocs_before;
+    assert_eq!(reply, total.to_be_bytes(), "every byte arrived");
+    Throughput {
+        gbit_per_s: total as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
+        allocations_per_mib: allocs as f64 / (total as f64 / (1 << 20) as f64),
     }
 }
 
@@ -232,15 +257,31 @@ async fn main() {
     // Warm up: certificates issued, pooled connection open.
     connection_rate_once(via_echo).await;
 
-    if std::env::var("HBONE_BENCH_ONLY").as_deref() == Ok("throughput") {
-        let tp = throughput(via_sink).await;
-        println!(
-            "HBONE single-stream throughput: {:.2} Gbit/s",
-            tp.gbit_per_s
-        );
-        return;
+    // Single measurements, for profiling.
+    match std::env::var("HBONE_BENCH_ONLY").as_deref() {
+        Ok("throughput") => {
+            let tp = throughput(via_sink).await;
+            println!("HBONE throughput: {:.2} Gbit/s", tp.gbit_per_s);
+            return;
+        }
+        Ok("tunnel") => {
+            let tp = tunnel_throughput(&pool, &key, sink).await;
+            println!("HBONE tunnel-only throughput: {:.2} Gbit/s", tp.gbit_per_s);
+            return;
+        }
+        Ok("latency") => {
+            let h = request_latency(via_echo).await;
+            println!(
+                "HBONE 1 KiB p50 {:.1} µs p99 {:.1} µs",
+                us(&h, 0.5),
+                us(&h, 0.99)
+            );
+            return;
+        }
+        _ => {}
     }
     let direct_tp = throughput(sink).await;
+    let tunnel_tp = tunnel_throughput(&pool, &key, sink).await;
     let hbone_tp = throughput(via_sink).await;
     let direct_lat = request_latency(echo).await;
     let hbone_lat = request_latency(via_echo).await;
@@ -251,14 +292,20 @@ async fn main() {
     println!("| measurement | direct TCP | HBONE | HBONE / direct |");
     println!("|---|---|---|---|");
     println!(
-        "| single-stream throughput | {:.2} Gbit/s | {:.2} Gbit/s | {:.0}% |",
+        "| single-stream throughput, app → proxy → HBONE → upstream | {:.2} Gbit/s | {:.2} Gbit/s | {:.0}% |",
         direct_tp.gbit_per_s,
         hbone_tp.gbit_per_s,
         100.0 * hbone_tp.gbit_per_s / direct_tp.gbit_per_s
     );
     println!(
-        "| heap allocations per MiB moved (whole process) | {:.2} | {:.2} | |",
-        direct_tp.allocations_per_mib, hbone_tp.allocations_per_mib
+        "| single-stream throughput, tunnel only (no client-side socket) | {:.2} Gbit/s | {:.2} Gbit/s | {:.0}% |",
+        direct_tp.gbit_per_s,
+        tunnel_tp.gbit_per_s,
+        100.0 * tunnel_tp.gbit_per_s / direct_tp.gbit_per_s
+    );
+    println!(
+        "| heap allocations per MiB moved (whole process) | {:.2} | {:.2} (tunnel only {:.2}) | |",
+        direct_tp.allocations_per_mib, hbone_tp.allocations_per_mib, tunnel_tp.allocations_per_mib
     );
     println!(
         "| 1 KiB request/response p50 | {:.1} µs | {:.1} µs | +{:.1} µs |",

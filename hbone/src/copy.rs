@@ -3,9 +3,9 @@
 //! Backpressure is end to end: data is read from the socket only into a
 //! bounded buffer and sent only as the peer's HTTP/2 window admits it, and
 //! received data is acknowledged to the peer (window released) only after it
-//! has been written to the socket. Buffers are reused: a read goes into the
-//! spare capacity of one `BytesMut`, whose allocation is reclaimed once h2
-//! has written the previous chunk, and grow for bulk transfers.
+//! has been written to the socket. Buffers are reused: reads alternate
+//! between two `BytesMut`s whose allocations are reclaimed once h2 has
+//! written the chunks cut from them, and grow for bulk transfers.
 
 use std::future::poll_fn;
 use std::io;
@@ -20,7 +20,9 @@ use crate::H2Stream;
 /// First read buffer: small, so that idle or chatty tunnels stay cheap.
 const INITIAL_BUFFER: usize = 16 * 1024;
 /// Largest read buffer, reached after consecutive full reads (bulk transfer).
-const MAX_BUFFER: usize = 256 * 1024;
+pub(crate) const MAX_BUFFER: usize = 256 * 1024;
+/// Read buffers per direction (see `socket_to_stream`).
+const RING: usize = 3;
 
 /// Bytes moved by a tunnel, in each direction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -95,23 +97,38 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
     send: &mut SendStream<Bytes>,
     sent: &AtomicU64,
 ) -> io::Result<()> {
-    let mut buf = BytesMut::with_capacity(INITIAL_BUFFER);
+    // Buffers in turn: while h2 still holds chunks cut from one, reads go into
+    // the next, whose allocation `reserve` reclaims once its chunks have been
+    // written. h2 queues at most MAX_SEND_BUFFER (one full buffer) per stream
+    // and its writer holds one frame more, so by the time a buffer comes round
+    // again it is free: no allocation per read in steady state.
+    let mut bufs: [BytesMut; RING] = Default::default();
+    bufs[0].reserve(INITIAL_BUFFER);
+    let mut current = 0;
     let mut target = INITIAL_BUFFER;
     loop {
-        // Reclaims the previous allocation when h2 has released every chunk of it.
-        buf.reserve(target);
-        let spare = buf.capacity() - buf.len();
-        let n = reader.read_buf(&mut buf).await?;
+        if spare(&bufs[current]) < target {
+            current = (current + 1) % RING;
+            bufs[current].reserve(target);
+        }
+        let buf = &mut bufs[current];
+        let room = spare(buf);
+        let n = reader.read_buf(buf).await?;
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
             return Ok(());
         }
-        if n == spare && target < MAX_BUFFER {
+        if n == room && target < MAX_BUFFER {
+            // A full read: bulk transfer, read more per call.
             target *= 2;
         }
         sent.fetch_add(n as u64, Relaxed);
         send_chunk(send, buf.split().freeze()).await?;
     }
+}
+
+fn spare(buf: &BytesMut) -> usize {
+    buf.capacity() - buf.len()
 }
 
 /// Sends `chunk` as the peer's window admits it.

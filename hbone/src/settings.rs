@@ -14,9 +14,10 @@ pub(crate) const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 pub(crate) const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// Streams a server accepts per connection.
 pub(crate) const SERVER_MAX_STREAMS: u32 = 200;
-/// Data h2 may queue per stream beyond what the peer's window admits; the copy
-/// loop waits for capacity, so this bounds memory per stream.
-pub(crate) const MAX_SEND_BUFFER: usize = 4 * 1024 * 1024;
+/// Data h2 may queue per stream. The copy loop waits for this capacity, so it
+/// bounds memory per stream; equal to one read buffer so that the copy loop's
+/// buffers are free again when their turn comes (see `copy`).
+pub(crate) const MAX_SEND_BUFFER: usize = crate::copy::MAX_BUFFER;
 
 /// A PING is sent this often on every connection...
 pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(10);

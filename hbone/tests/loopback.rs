@@ -417,3 +417,102 @@ async fn idle_connections_are_released() {
     assert_eq!(fx.pool.connection_count(), 1);
     let _ = fx.certs.certificates();
 }
+
+/// Denies every tunnel, as an authorization policy would.
+struct DenyAll;
+
+impl hbone::Handler for DenyAll {
+    async fn connect(&self, req: hbone::InboundRequest) -> Result<TcpStream, hbone::Rejection> {
+        Err(hbone::Rejection::denied(format!(
+            "no policy allows {}",
+            req.peer_identity
+        )))
+    }
+}
+
+#[tokio::test]
+async fn denied_tunnel_gets_401() {
+    let ca: Arc<dyn CaClient> = Arc::new(InProcessCa::new(Arc::new(mesh_ca())));
+    let certs = CertManager::new(ca);
+    let server = Server::new(DenyAll, ServerOptions::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server.serve(listener, certs.clone(), id(SERVER)));
+    let pool = Pool::new(certs, PoolConfig::default());
+    let key = PoolKey::new(id(CLIENT), vec![id(SERVER)], addr, None);
+    let upstream = echo_server().await;
+    let err = pool
+        .connect(&key, &ConnectRequest::new(upstream))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Status { status, .. } if status == http::StatusCode::UNAUTHORIZED),
+        "{err}"
+    );
+    assert_eq!(err.reason(), "rejected_unauthorized");
+}
+
+/// The leaf certificate an HBONE server presents to a new connection.
+async fn presented_leaf(addr: SocketAddr, root: &TestRoot) -> Vec<u8> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let config = unchecked_client(Some(root.leaf(&[CLIENT])));
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(identity::tls::server_name(addr.ip()), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn rotated_certificate_is_used_by_new_connections_without_restart() {
+    let root = TestRoot::new();
+    // 4 s certificates: renewed about 2 s after issue.
+    let fx = Fixture::new(root.ca("cluster.local", Duration::from_secs(4))).await;
+    let first = presented_leaf(fx.hbone_addr, &root).await;
+    let issued = fx.certs.fetch(&id(SERVER)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while Arc::ptr_eq(&fx.certs.fetch(&id(SERVER)).await.unwrap(), &issued) {
+        assert!(tokio::time::Instant::now() < deadline, "never rotated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = presented_leaf(fx.hbone_addr, &root).await;
+    assert_ne!(
+        first, second,
+        "the same server now presents the renewed certificate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_stops_the_client_instead_of_buffering() {
+    let fx = Fixture::new(mesh_ca()).await;
+    // Accepts and never reads.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (hold_tx, hold_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (_tcp, _) = listener.accept().await.unwrap();
+        let _ = hold_rx.await;
+    });
+    let mut app = fx.tunnel(upstream).await.unwrap();
+    let chunk = vec![1u8; 64 * 1024];
+    let mut accepted = 0usize;
+    // Write until a write makes no progress for 2 s (or 256 MiB went in).
+    while accepted < 256 << 20 {
+        match tokio::time::timeout(Duration::from_secs(2), app.write_all(&chunk)).await {
+            Ok(result) => {
+                result.unwrap();
+                accepted += chunk.len();
+            }
+            Err(_) => break,
+        }
+    }
+    eprintln!("accepted {} KiB before the tunnel stalled", accepted >> 10);
+    // Stream window (4 MiB) + h2 send buffer + copy buffers + socket buffers:
+    // bounded, far below what an unbounded queue would take in.
+    assert!(
+        accepted < 64 << 20,
+        "{} MiB accepted with nobody reading",
+        accepted >> 20
+    );
+    drop(hold_tx);
+}

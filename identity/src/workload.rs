@@ -101,7 +101,7 @@ impl WorkloadCert {
             identity.trust_domain().clone(),
         )
         .map_err(|e| InvalidCertError::Key(e.to_string()))?;
-        let (expires_at, refresh_at) = deadlines(validity.0, validity.1);
+        let (expires_at, refresh_at) = deadlines(validity.1);
         Ok(Self {
             identity,
             certified_key,
@@ -168,16 +168,17 @@ impl WorkloadCert {
 
 /// Converts wall-clock validity into deadlines on the runtime clock once, on
 /// receipt, so that scheduling follows `tokio::time` (and tests can pause it).
-fn deadlines(not_before: SystemTime, not_after: SystemTime) -> (Instant, Instant) {
-    let wall_now = SystemTime::now();
+/// Renewal is due at half of the lifetime left at receipt (not counted from
+/// `not_before`, which is backdated) and never sooner than
+/// [`MIN_REFRESH`], so a very short-lived certificate cannot make the
+/// manager hammer the CA.
+fn deadlines(not_after: SystemTime) -> (Instant, Instant) {
     let now = Instant::now();
-    let remaining = not_after.duration_since(wall_now).unwrap_or(Duration::ZERO);
-    let lifetime = not_after
-        .duration_since(not_before)
+    let remaining = not_after
+        .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
-    let half_life_at = not_before + lifetime / 2;
-    let to_refresh = half_life_at
-        .duration_since(wall_now)
-        .unwrap_or(Duration::ZERO);
-    (now + remaining, now + to_refresh)
+    (now + remaining, now + (remaining / 2).max(MIN_REFRESH))
 }
+
+/// Shortest time between receiving a certificate and renewing it.
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);

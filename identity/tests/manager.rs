@@ -176,3 +176,24 @@ async fn forget_stops_rotation() {
         "no renewal after forget"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn short_lived_certificates_do_not_make_the_manager_hammer_the_ca() {
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let ca = CertificateAuthority::self_signed(td, Duration::from_millis(500)).unwrap();
+    let ca = Arc::new(TestCa {
+        inner: InProcessCa::new(Arc::new(ca)),
+        calls: AtomicUsize::new(0),
+        failing: AtomicBool::new(false),
+        delay: Duration::ZERO,
+    });
+    let manager = CertManager::new(ca.clone());
+    manager.fetch(&id("a")).await.unwrap();
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+    }
+    let calls = ca.calls.load(Ordering::SeqCst);
+    // At most one renewal per identity::workload::MIN_REFRESH (1 s).
+    assert!((2..=12).contains(&calls), "{calls} CA calls in 10 s");
+}

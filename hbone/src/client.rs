@@ -15,13 +15,14 @@ use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
 use crate::headers::ConnectRequest;
-use crate::{Error, H2Stream, keepalive, settings};
+use crate::{Error, H2Stream, Keepalive, settings};
 
-/// Time limits for establishing a connection.
+/// Time limits for establishing and keeping a connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub connect: Duration,
     pub handshake: Duration,
+    pub keepalive: Keepalive,
 }
 
 impl Default for Timeouts {
@@ -29,6 +30,7 @@ impl Default for Timeouts {
         Self {
             connect: Duration::from_secs(10),
             handshake: Duration::from_secs(10),
+            keepalive: Keepalive::default(),
         }
     }
 }
@@ -90,7 +92,7 @@ impl Connection {
                             tracing::debug!(%error, "connection ended with an error");
                         }
                     }
-                    failure = keepalive::run(ping_pong) => {
+                    failure = timeouts.keepalive.run(ping_pong) => {
                         tracing::warn!(?failure, "keepalive failed, dropping connection");
                     }
                 }

@@ -21,6 +21,7 @@ pub mod testing;
 
 pub use error::Error;
 pub use headers::{Baggage, ConnectRequest, Forwarded, TraceParent};
+pub use keepalive::Keepalive;
 pub use pool::{Pool, PoolConfig, PoolKey};
 pub use server::{Handler, InboundRequest, Rejection, Server, ServerOptions};
 pub use settings::HBONE_PORT;

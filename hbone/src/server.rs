@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::copy::copy_bidirectional;
 use crate::headers::Metadata;
-use crate::{Error, H2Stream, keepalive, settings};
+use crate::{Error, H2Stream, Keepalive, settings};
 
 /// A CONNECT that passed the protocol checks, for the handler to decide on.
 #[derive(Debug, Clone)]
@@ -88,6 +88,7 @@ pub struct ServerOptions {
     pub handshake_timeout: Duration,
     /// How long open tunnels may take to finish after a drain starts.
     pub drain_timeout: Duration,
+    pub keepalive: Keepalive,
 }
 
 impl Default for ServerOptions {
@@ -96,6 +97,7 @@ impl Default for ServerOptions {
             require_authority_ip_match: true,
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            keepalive: Keepalive::default(),
         }
     }
 }
@@ -195,7 +197,7 @@ impl<H: Handler> Server<H> {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let mut conn = settings::server_builder().handshake(io).await?;
-        let keepalive = keepalive::run(conn.ping_pong());
+        let keepalive = self.options.keepalive.run(conn.ping_pong());
         tokio::pin!(keepalive);
         let drain_deadline = tokio::time::sleep(Duration::MAX / 4);
         tokio::pin!(drain_deadline);

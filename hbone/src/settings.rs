@@ -1,8 +1,6 @@
 //! HTTP/2 settings shared by both ends, matching those observed from Istio's
 //! ztunnel so that flow control behaves the same across implementations.
 
-use std::time::Duration;
-
 /// The port HBONE servers listen on.
 pub const HBONE_PORT: u16 = 15008;
 
@@ -18,11 +16,6 @@ pub(crate) const SERVER_MAX_STREAMS: u32 = 200;
 /// bounds memory per stream; equal to one read buffer so that the copy loop's
 /// buffers are free again when their turn comes (see `copy`).
 pub(crate) const MAX_SEND_BUFFER: usize = crate::copy::MAX_BUFFER;
-
-/// A PING is sent this often on every connection...
-pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(10);
-/// ...and the connection is dropped if the PONG takes longer than this.
-pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub(crate) fn client_builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();

@@ -516,3 +516,46 @@ async fn a_stalled_upstream_stops_the_client_instead_of_buffering() {
     );
     drop(hold_tx);
 }
+
+#[tokio::test]
+async fn keepalive_drops_a_connection_whose_peer_went_silent() {
+    let ca: Arc<dyn CaClient> = Arc::new(InProcessCa::new(Arc::new(mesh_ca())));
+    let certs = CertManager::new(ca);
+    // A server that completes TLS and the HTTP/2 preface, then never polls
+    // the connection again: PINGs go unanswered, like a frozen peer.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_cert = certs.fetch(&id(SERVER)).await.unwrap();
+    let (frozen_tx, frozen_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(server_cert.server_config().clone())
+            .accept(tcp)
+            .await
+            .unwrap();
+        let _frozen: h2::server::Connection<_, bytes::Bytes> =
+            h2::server::handshake(tls).await.unwrap();
+        let _ = frozen_rx.await;
+    });
+    let timeouts = hbone::client::Timeouts {
+        keepalive: hbone::Keepalive {
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(300),
+        },
+        ..Default::default()
+    };
+    let cert = certs.fetch(&id(CLIENT)).await.unwrap();
+    let conn = hbone::client::Connection::establish(&cert, vec![id(SERVER)], addr, None, timeouts)
+        .await
+        .unwrap();
+    assert!(!conn.is_closed());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !conn.is_closed() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "silent peer never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(frozen_tx);
+}

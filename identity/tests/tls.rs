@@ -204,6 +204,19 @@ fn certificates_with_zero_or_several_uri_sans_are_rejected_by_both_sides() {
 }
 
 #[test]
+fn server_accepts_a_client_that_offers_no_alpn() {
+    let root = root();
+    let ca = root.ca("cluster.local", DEFAULT_LEAF_TTL);
+    let server = workload(&ca, CHECKOUT);
+    let mut client = (*raw_client(Some(root.leaf(&[CART])))).clone();
+    client.alpn_protocols.clear();
+    let (c, s) = handshake(Arc::new(client), server.server_config().clone());
+    let (c, s) = (c.unwrap(), s.unwrap());
+    assert_eq!(c.alpn_protocol(), None);
+    assert_eq!(tls::peer_identity(&s).unwrap().to_string(), CART);
+}
+
+#[test]
 fn server_requires_a_client_certificate() {
     let ca = root().ca("cluster.local", DEFAULT_LEAF_TTL);
     let server = workload(&ca, CHECKOUT);

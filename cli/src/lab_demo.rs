@@ -1,0 +1,240 @@
+//! `ambit lab demo`: brings up the default lab, drives real traffic between
+//! pods on different nodes, and reports what each step proved.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, ensure};
+use lab::{Lab, LabOptions, LabSpec};
+use serde::Deserialize;
+
+use crate::lab_cmd::{DEFAULT_LAB, print_status};
+
+const CLIENT: &str = "demo/sleep-0";
+const OUTSIDER: &str = "legacy/sleep-0";
+
+/// The part of `ambit-echo`'s reply the demo checks.
+#[derive(Debug, Deserialize)]
+struct EchoReply {
+    pod: String,
+    node: String,
+    peer: String,
+}
+
+/// The part of `ambit-load --json` the demo checks.
+#[derive(Debug, Deserialize)]
+struct LoadReport {
+    requests: u64,
+    errors: u64,
+    status: BTreeMap<u16, u64>,
+    backends: BTreeMap<String, u64>,
+}
+
+fn exec(lab: &Lab, pod: &str, argv: &[&str]) -> anyhow::Result<String> {
+    let out = lab.exec_captured(pod, argv)?;
+    ensure!(
+        out.status.success(),
+        "`{}` in {pod} failed ({}): {}",
+        argv.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn curl(lab: &Lab, pod: &str, url: &str) -> anyhow::Result<EchoReply> {
+    let body = exec(lab, pod, &["curl", "-sS", "--max-time", "5", url])?;
+    serde_json::from_str(&body).with_context(|| format!("unexpected reply from {url}: {body}"))
+}
+
+fn load(lab: &Lab, pod: &str, args: &[&str]) -> anyhow::Result<LoadReport> {
+    let mut argv = vec!["ambit-load", "--json"];
+    argv.extend_from_slice(args);
+    let out = lab.exec_captured(pod, &argv)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).with_context(|| format!("unexpected ambit-load output: {text}"))
+}
+
+struct Steps {
+    failed: usize,
+}
+
+impl Steps {
+    fn check(&mut self, title: &str, result: anyhow::Result<String>) {
+        match result {
+            Ok(detail) => println!("  ✓ {title}\n      {detail}"),
+            Err(e) => {
+                self.failed += 1;
+                println!("  ✗ {title}\n      {e:#}");
+            }
+        }
+    }
+}
+
+/// Runs the demo; `Ok(false)` if a step failed.
+pub(crate) fn run(opts: &LabOptions) -> anyhow::Result<bool> {
+    if Lab::open(DEFAULT_LAB, opts).is_ok() {
+        println!("replacing the running lab {DEFAULT_LAB:?}");
+        Lab::down(DEFAULT_LAB, opts)?;
+    }
+    println!("bringing up lab {DEFAULT_LAB:?}: 2 nodes, 5 pods, 1 service…");
+    let lab = Lab::up(LabSpec::default(), opts)?;
+    print_status(&lab);
+    let plan = lab.plan();
+    let client = plan.pod(CLIENT).context("default lab has demo/sleep-0")?;
+    let client_node = &plan.nodes[client.node].name;
+    let target = plan
+        .pods
+        .iter()
+        .find(|p| p.name.starts_with("echo-") && p.node != client.node)
+        .context("default lab has an echo pod on another node")?;
+    let echo = &plan.services[0];
+    let vip = echo.cluster_ip;
+
+    println!("\nDEMO");
+    let mut steps = Steps { failed: 0 };
+    steps.check(
+        &format!(
+            "pod to pod across nodes: {CLIENT} ({client_node}) → {} ({})",
+            target.key(),
+            plan.nodes[target.node].name
+        ),
+        (|| {
+            let reply = curl(&lab, CLIENT, &format!("http://{}:8080/", target.ip))?;
+            ensure!(
+                reply.pod == target.name,
+                "answered by {} instead of {}",
+                reply.pod,
+                target.name
+            );
+            let seen_ip = reply.peer.rsplit_once(':').map(|(ip, _)| ip).unwrap_or("");
+            ensure!(
+                seen_ip == client.ip.to_string(),
+                "server saw {} instead of {}",
+                reply.peer,
+                client.ip
+            );
+            Ok(format!(
+                "answered by {} on {}; it saw the client as {} (no NAT)",
+                reply.pod, reply.node, reply.peer
+            ))
+        })(),
+    );
+    steps.check(
+        &format!(
+            "pod to Service VIP {vip}:80 spreads over all {} endpoints",
+            echo.endpoints.len()
+        ),
+        (|| {
+            let r = load(
+                &lab,
+                CLIENT,
+                &[
+                    &format!("http://{vip}/"),
+                    "-n",
+                    "60",
+                    "-c",
+                    "3",
+                    "--new-connections",
+                ],
+            )?;
+            ensure!(
+                r.errors == 0 && r.status.get(&200) == Some(&r.requests),
+                "statuses {:?}, {} errors",
+                r.status,
+                r.errors
+            );
+            ensure!(
+                r.backends.len() == echo.endpoints.len(),
+                "only {:?} answered",
+                r.backends
+            );
+            Ok(format!(
+                "{} requests, all 200, answered by {:?}",
+                r.requests, r.backends
+            ))
+        })(),
+    );
+    steps.check(
+        "service names resolve in pods (short, namespaced and fully qualified)",
+        (|| {
+            let mut seen = Vec::new();
+            for name in ["echo", "echo.demo", "echo.demo.svc.cluster.local"] {
+                let reply = curl(&lab, CLIENT, &format!("http://{name}/"))?;
+                seen.push(format!("{name} → {}", reply.pod));
+            }
+            Ok(seen.join(", "))
+        })(),
+    );
+    steps.check(
+        "HTTP/2 through the Service",
+        (|| {
+            let r = load(
+                &lab,
+                CLIENT,
+                &["http://echo.demo/", "-n", "100", "-c", "4", "--http2"],
+            )?;
+            ensure!(
+                r.errors == 0 && r.status.get(&200) == Some(&100),
+                "statuses {:?}, {} errors",
+                r.status,
+                r.errors
+            );
+            Ok("100 requests over h2c, all 200".into())
+        })(),
+    );
+    steps.check(
+        "raw TCP echo through the Service (port 9000)",
+        (|| {
+            let out = exec(
+                &lab,
+                CLIENT,
+                &[
+                    "sh",
+                    "-c",
+                    "printf 'ping from the lab' | nc -q 1 -w 3 echo.demo 9000",
+                ],
+            )?;
+            ensure!(out == "ping from the lab", "echoed {out:?}");
+            Ok(format!("echoed {out:?}"))
+        })(),
+    );
+    steps.check(
+        &format!("a pod in another namespace ({OUTSIDER}) reaches echo.demo"),
+        (|| {
+            let reply = curl(&lab, OUTSIDER, "http://echo.demo.svc.cluster.local/")?;
+            Ok(format!("answered by {}", reply.pod))
+        })(),
+    );
+    let crashed: Vec<String> = lab
+        .pod_status()
+        .into_iter()
+        .filter(|p| !p.running)
+        .map(|p| p.key)
+        .collect();
+    steps.check(
+        "every pod process is still running",
+        if crashed.is_empty() {
+            Ok("all pods running".into())
+        } else {
+            Err(anyhow::anyhow!("crashed: {crashed:?}"))
+        },
+    );
+
+    println!();
+    if steps.failed > 0 {
+        println!(
+            "{} step(s) failed; logs in {}",
+            steps.failed,
+            lab.log_path("")
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        return Ok(false);
+    }
+    println!("All steps held. The lab is still up: try");
+    println!("  ambit lab exec {CLIENT} -- curl -s echo.demo");
+    println!("  ambit lab status");
+    println!("  ambit lab down");
+    Ok(true)
+}

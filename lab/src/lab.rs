@@ -1,0 +1,323 @@
+//! Bringing a lab up and down, and operating on a running one.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Output};
+use std::time::{Duration, Instant};
+
+use crate::error::LabError;
+use crate::plan::{ECHO_HTTP_PORT, ECHO_TCP_PORT, Plan, PodPlan};
+use crate::process::{self, Placement};
+use crate::spec::{App, LabSpec};
+use crate::{cgroup, host, k8s, net};
+
+/// Where running labs keep their state, one directory per lab.
+pub const STATE_ROOT: &str = "/run/ambit-lab";
+
+/// How a lab finds its binaries and keeps its state.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Directory holding `ambit-echo` and the other Ambit binaries.
+    pub bin_dir: PathBuf,
+    pub state_root: PathBuf,
+}
+
+impl LabOptions {
+    pub fn new(bin_dir: PathBuf) -> Self {
+        Self {
+            bin_dir,
+            state_root: PathBuf::from(STATE_ROOT),
+        }
+    }
+}
+
+/// A running lab.
+#[derive(Debug)]
+pub struct Lab {
+    plan: Plan,
+    state: PathBuf,
+    bin_dir: PathBuf,
+}
+
+/// What `status` reports of one pod.
+#[derive(Debug, Clone)]
+pub struct PodStatus {
+    pub key: String,
+    pub ip: std::net::Ipv4Addr,
+    pub node: String,
+    pub identity: String,
+    /// Traffic capture by ztunnel (not yet part of the lab).
+    pub captured: bool,
+    pub app: App,
+    pub running: bool,
+}
+
+const SPEC_FILE: &str = "lab.yaml";
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl Lab {
+    /// Creates the lab described by `spec`. On failure, whatever was created
+    /// is removed again before the error is returned.
+    pub fn up(spec: LabSpec, opts: &LabOptions) -> Result<Lab, LabError> {
+        host::preflight()?;
+        spec.validate()?;
+        let state = opts.state_root.join(&spec.name);
+        if state.join(SPEC_FILE).exists() || !net::leftovers(&spec.name)?.is_empty() {
+            return Err(LabError::AlreadyRunning {
+                name: spec.name.clone(),
+                state,
+            });
+        }
+        check_ranges_free(&spec, &opts.state_root)?;
+        for dir in [&state, &state.join("logs")] {
+            std::fs::create_dir_all(dir)
+                .map_err(LabError::io(format!("create {}", dir.display())))?;
+        }
+        // Written first: from here on `down` can find and remove everything.
+        let spec_path = state.join(SPEC_FILE);
+        std::fs::write(&spec_path, spec.to_yaml())
+            .map_err(LabError::io(format!("write {}", spec_path.display())))?;
+        let lab = Lab {
+            plan: Plan::new(&spec),
+            state,
+            bin_dir: opts.bin_dir.clone(),
+        };
+        if let Err(e) = lab.build() {
+            let _ = Lab::down(&spec.name, opts);
+            return Err(e);
+        }
+        Ok(lab)
+    }
+
+    fn build(&self) -> Result<(), LabError> {
+        net::create(&self.plan)?;
+        k8s::write_all(&self.cluster_dir(), &k8s::manifests(&self.plan))?;
+        for node in &self.plan.nodes {
+            cgroup::create(&node.cgroup)?;
+        }
+        for pod in &self.plan.pods {
+            cgroup::create(&pod.cgroup)?;
+            self.start_app(pod)?;
+        }
+        self.wait_ready()
+    }
+
+    fn start_app(&self, pod: &PodPlan) -> Result<(), LabError> {
+        let echo = self.bin_dir.join("ambit-echo");
+        let echo = echo.to_string_lossy();
+        let (http, tcp) = (ECHO_HTTP_PORT.to_string(), ECHO_TCP_PORT.to_string());
+        let argv: Vec<&str> = match pod.app {
+            App::Echo => vec![&echo, "--http-port", &http, "--tcp-port", &tcp],
+            App::Sleep => vec!["sleep", "infinity"],
+        };
+        let log = self.log_path(&pod.key());
+        process::spawn_detached(&self.placement(pod), &argv, &log)
+    }
+
+    fn wait_ready(&self) -> Result<(), LabError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for pod in self.plan.pods.iter().filter(|p| p.app == App::Echo) {
+            let port = ECHO_HTTP_PORT.to_string();
+            loop {
+                let probe =
+                    self.exec_captured(&pod.key(), &["nc", "-z", "-w", "1", "127.0.0.1", &port])?;
+                if probe.status.success() {
+                    break;
+                }
+                if Instant::now() > deadline || !cgroup::populated(&pod.cgroup) {
+                    return Err(LabError::Command {
+                        command: format!("ambit-echo in {}", pod.key()),
+                        stderr: format!(
+                            "not listening on {port} after {}s; see {}",
+                            READY_TIMEOUT.as_secs(),
+                            self.log_path(&pod.key()).display()
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the running lab `name`.
+    pub fn open(name: &str, opts: &LabOptions) -> Result<Lab, LabError> {
+        let state = opts.state_root.join(name);
+        let spec_path = state.join(SPEC_FILE);
+        let text = std::fs::read_to_string(&spec_path).map_err(|_| LabError::NotRunning {
+            name: name.to_string(),
+            state: state.clone(),
+        })?;
+        let spec = LabSpec::from_yaml(&text)?;
+        Ok(Lab {
+            plan: Plan::new(&spec),
+            state,
+            bin_dir: opts.bin_dir.clone(),
+        })
+    }
+
+    /// Removes lab `name` entirely: processes, cgroups, namespaces, hosts
+    /// files, state. Idempotent, and works on the remains of a crashed `up`.
+    pub fn down(name: &str, opts: &LabOptions) -> Result<(), LabError> {
+        host::preflight()?;
+        let root = PathBuf::from(crate::plan::CGROUP_ROOT);
+        cgroup::kill_and_remove(&root.join(name))?;
+        // The shared parent goes with the last lab; another lab keeps it busy.
+        let _ = std::fs::remove_dir(&root);
+        net::remove(name)?;
+        let state = opts.state_root.join(name);
+        match std::fs::remove_dir_all(&state) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LabError::Io {
+                what: format!("remove {}", state.display()),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn name(&self) -> &str {
+        &self.plan.spec.name
+    }
+
+    /// Directory of the cluster's Kubernetes objects.
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.state.join("cluster")
+    }
+
+    /// Log file of a component (`namespace/pod` for pods).
+    pub fn log_path(&self, component: &str) -> PathBuf {
+        self.state
+            .join("logs")
+            .join(format!("{}.log", component.replace('/', ".")))
+    }
+
+    fn pod(&self, key: &str) -> Result<&PodPlan, LabError> {
+        self.plan.pod(key).ok_or_else(|| LabError::NoSuchPod {
+            key: key.to_string(),
+            lab: self.name().to_string(),
+        })
+    }
+
+    fn placement<'a>(&'a self, pod: &'a PodPlan) -> Placement<'a> {
+        let mut path = OsString::from(&self.bin_dir);
+        if let Some(system) = std::env::var_os("PATH") {
+            path.push(":");
+            path.push(system);
+        }
+        Placement {
+            netns: &pod.netns,
+            cgroup: &pod.cgroup,
+            env: vec![
+                ("PATH".into(), path),
+                ("POD_NAME".into(), pod.name.clone().into()),
+                ("POD_NAMESPACE".into(), pod.namespace.clone().into()),
+                (
+                    "NODE_NAME".into(),
+                    self.plan.nodes[pod.node].name.clone().into(),
+                ),
+            ],
+        }
+    }
+
+    /// Runs a command in a pod with the caller's terminal.
+    pub fn exec(&self, pod: &str, argv: &[&str]) -> Result<ExitStatus, LabError> {
+        let pod = self.pod(pod)?;
+        process::run_foreground(&self.placement(pod), argv)
+    }
+
+    /// Runs a command in a pod and captures its output.
+    pub fn exec_captured(&self, pod: &str, argv: &[&str]) -> Result<Output, LabError> {
+        let pod = self.pod(pod)?;
+        process::run_captured(&self.placement(pod), argv)
+    }
+
+    /// Every pod with its state.
+    pub fn pod_status(&self) -> Vec<PodStatus> {
+        self.plan
+            .pods
+            .iter()
+            .map(|p| PodStatus {
+                key: p.key(),
+                ip: p.ip,
+                node: self.plan.nodes[p.node].name.clone(),
+                identity: format!(
+                    "spiffe://cluster.local/ns/{}/sa/{}",
+                    p.namespace, p.service_account
+                ),
+                captured: false,
+                app: p.app,
+                running: cgroup::populated(&p.cgroup),
+            })
+            .collect()
+    }
+
+    /// Adds or replaces the objects of a YAML file in the cluster.
+    pub fn apply(&self, file: &Path) -> Result<Vec<String>, LabError> {
+        let objects = read_objects(file)?;
+        k8s::write_all(&self.cluster_dir(), &objects)?;
+        Ok(objects.into_iter().map(|o| o.file).collect())
+    }
+
+    /// Removes the objects of a YAML file from the cluster.
+    pub fn delete(&self, file: &Path) -> Result<Vec<String>, LabError> {
+        let mut removed = Vec::new();
+        for obj in read_objects(file)? {
+            let path = self.cluster_dir().join(&obj.file);
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed.push(obj.file),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(LabError::Io {
+                        what: format!("remove {}", path.display()),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn read_objects(file: &Path) -> Result<Vec<k8s::Manifest>, LabError> {
+    let text =
+        std::fs::read_to_string(file).map_err(LabError::io(format!("read {}", file.display())))?;
+    k8s::parse_objects(&file.display().to_string(), &text)
+}
+
+/// Refuses a lab whose address ranges overlap those of another running lab:
+/// the labs would be isolated from each other, but the same address meaning
+/// two things makes every later command ambiguous.
+fn check_ranges_free(spec: &LabSpec, root: &Path) -> Result<(), LabError> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join(SPEC_FILE)) else {
+            continue;
+        };
+        let Ok(other) = serde_yaml::from_str::<LabSpec>(&text) else {
+            continue;
+        };
+        if other.name == spec.name {
+            continue;
+        }
+        for mine in spec.network.ranges() {
+            if let Some(theirs) = other
+                .network
+                .ranges()
+                .into_iter()
+                .find(|r| r.overlaps(&mine))
+            {
+                return Err(LabError::RangeInUse {
+                    range: format!("{mine} (overlaps {theirs})"),
+                    other: other.name,
+                });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! Starting processes inside a pod (or node): in its network namespace, in
+//! its cgroup from the first instruction, with its hosts file, detached from
+//! the caller and logging to the lab's state directory.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+
+use crate::error::LabError;
+
+/// Joins the cgroup, then becomes the command inside the namespace. `ip
+/// netns exec` also bind-mounts `/etc/netns/<ns>/hosts` over `/etc/hosts`.
+const ENTER: &str = r#"cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" || exit 125; exec ip netns exec "$ns" "$@""#;
+
+/// Where a process runs and what it sees.
+#[derive(Debug, Clone)]
+pub struct Placement<'a> {
+    pub netns: &'a str,
+    pub cgroup: &'a Path,
+    pub env: Vec<(String, OsString)>,
+}
+
+fn enter_command(place: &Placement<'_>, argv: &[&str]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(ENTER)
+        .arg("sh")
+        .arg(place.cgroup)
+        .arg(place.netns)
+        .args(argv)
+        .envs(place.env.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
+/// Starts `argv` in the background, detached (its own session, reparented
+/// away from the caller), with output appended to `log`.
+pub fn spawn_detached(place: &Placement<'_>, argv: &[&str], log: &Path) -> Result<(), LabError> {
+    let open_log = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(LabError::io(format!("open log {}", log.display())))
+    };
+    let inner = enter_command(place, argv);
+    // `setsid -f` forks: the process is not our child, so it neither becomes
+    // a zombie of a long-lived caller (tests) nor dies with the caller.
+    let mut cmd = Command::new("setsid");
+    cmd.arg("-f")
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .envs(place.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(open_log()?)
+        .stderr(open_log()?);
+    let status = cmd
+        .status()
+        .map_err(LabError::io(format!("start {}", argv.join(" "))))?;
+    if !status.success() {
+        return Err(LabError::Command {
+            command: argv.join(" "),
+            stderr: format!("could not be started in {} ({status})", place.netns),
+        });
+    }
+    Ok(())
+}
+
+/// Runs `argv` in the foreground with the caller's terminal.
+pub fn run_foreground(place: &Placement<'_>, argv: &[&str]) -> Result<ExitStatus, LabError> {
+    enter_command(place, argv)
+        .status()
+        .map_err(LabError::io(format!("run {}", argv.join(" "))))
+}
+
+/// Runs `argv` and captures its output (for the demo and tests).
+pub fn run_captured(
+    place: &Placement<'_>,
+    argv: &[&str],
+) -> Result<std::process::Output, LabError> {
+    enter_command(place, argv)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(LabError::io(format!("run {}", argv.join(" "))))
+}

@@ -1,0 +1,63 @@
+//! `ambit-load`: the lab's load client.
+
+use std::time::Duration;
+
+use clap::Parser;
+use workloads::load::{self, LoadConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ambit-load",
+    version,
+    about = "HTTP load client reporting statuses, backends and latency"
+)]
+struct Args {
+    /// e.g. `http://echo.demo/`
+    url: http::Uri,
+    /// Number of requests (default 1 unless --duration is given).
+    #[arg(short = 'n', long)]
+    requests: Option<u64>,
+    /// Run for this many seconds.
+    #[arg(short = 'd', long)]
+    duration: Option<f64>,
+    #[arg(short = 'c', long, default_value_t = 1)]
+    concurrency: usize,
+    /// HTTP/2 with prior knowledge instead of HTTP/1.1.
+    #[arg(long)]
+    http2: bool,
+    /// Open a new connection for every request.
+    #[arg(long)]
+    new_connections: bool,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    let report = load::run(LoadConfig {
+        url: args.url,
+        requests: args.requests,
+        duration: args.duration.map(Duration::from_secs_f64),
+        concurrency: args.concurrency,
+        http2: args.http2,
+        new_connections: args.new_connections,
+        timeout: Duration::from_secs_f64(args.timeout),
+    })
+    .await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    // Failed requests make the run fail, so scripts can rely on the exit code.
+    if report.errors > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! Sample workloads for `ambit lab` and the end-to-end tests: `ambit-echo`
+//! (HTTP/1.1 + HTTP/2 echo with a TCP echo port) and `ambit-load` (a load
+//! client with status, backend and latency reports).
+
+pub mod echo;
+pub mod load;

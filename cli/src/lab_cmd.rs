@@ -117,7 +117,7 @@ pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<()> {
             print!("{text}");
         }
         LabCommand::Demo { down } => {
-            let ok = lab_demo::run(&opts)?;
+            let ok = lab_demo::run(&opts, down)?;
             if down {
                 Lab::down(DEFAULT_LAB, &opts)?;
             }

@@ -70,8 +70,9 @@ impl Steps {
     }
 }
 
-/// Runs the demo; `Ok(false)` if a step failed.
-pub(crate) fn run(opts: &LabOptions) -> anyhow::Result<bool> {
+/// Runs the demo; `Ok(false)` if a step failed. With `will_remove` the lab
+/// is removed by the caller afterwards, so no hints to explore it are shown.
+pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> {
     if Lab::open(DEFAULT_LAB, opts).is_ok() {
         println!("replacing the running lab {DEFAULT_LAB:?}");
         Lab::down(DEFAULT_LAB, opts)?;
@@ -183,6 +184,34 @@ pub(crate) fn run(opts: &LabOptions) -> anyhow::Result<bool> {
         })(),
     );
     steps.check(
+        "gRPC through the Service (port 9090)",
+        (|| {
+            let r = load(
+                &lab,
+                CLIENT,
+                &[
+                    "http://echo.demo:9090",
+                    "--grpc",
+                    "-n",
+                    "30",
+                    "-c",
+                    "3",
+                    "--new-connections",
+                ],
+            )?;
+            ensure!(
+                r.errors == 0 && r.status.get(&0) == Some(&30),
+                "gRPC codes {:?}, {} errors",
+                r.status,
+                r.errors
+            );
+            Ok(format!(
+                "30 Echo calls, all OK, answered by {:?}",
+                r.backends
+            ))
+        })(),
+    );
+    steps.check(
         "raw TCP echo through the Service (port 9000)",
         (|| {
             let out = exec(
@@ -231,6 +260,10 @@ pub(crate) fn run(opts: &LabOptions) -> anyhow::Result<bool> {
                 .unwrap_or_default()
         );
         return Ok(false);
+    }
+    if will_remove {
+        println!("All steps held.");
+        return Ok(true);
     }
     println!("All steps held. The lab is still up: try");
     println!("  ambit lab exec {CLIENT} -- curl -s echo.demo");

@@ -38,6 +38,47 @@ fn cross_node_pod_to_pod_tcp_and_http() {
         ],
     );
     assert_eq!(echoed, "tcp-bytes");
+    let grpc = t.exec(
+        "app/sleep-0",
+        &[
+            "ambit-load",
+            &format!("http://{}:9090", server.ip),
+            "--grpc",
+            "-n",
+            "5",
+            "--json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(&grpc).unwrap();
+    assert_eq!(report["status"]["0"], 5, "{grpc}");
+    assert_eq!(report["backends"][&server.name], 5, "{grpc}");
+    // Ordinary tools work in pods too: iperf3 across nodes.
+    let server_pod = format!("app/{}", server.name);
+    t.exec(
+        &server_pod,
+        &["iperf3", "--server", "--one-off", "--daemon"],
+    );
+    let ip = server.ip.to_string();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let out = loop {
+        let out = t
+            .lab
+            .exec_captured("app/sleep-0", &["iperf3", "-c", &ip, "-t", "1", "--json"])
+            .unwrap();
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100)); // the daemon is still starting
+    };
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(
+        bps > 0.0,
+        "iperf3 measured nothing: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]

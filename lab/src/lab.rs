@@ -6,7 +6,7 @@ use std::process::{ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 use crate::error::LabError;
-use crate::plan::{ECHO_HTTP_PORT, ECHO_TCP_PORT, Plan, PodPlan};
+use crate::plan::{ECHO_GRPC_PORT, ECHO_HTTP_PORT, ECHO_TCP_PORT, Plan, PodPlan};
 use crate::process::{self, Placement};
 use crate::spec::{App, LabSpec};
 use crate::{cgroup, host, k8s, net};
@@ -105,9 +105,21 @@ impl Lab {
     fn start_app(&self, pod: &PodPlan) -> Result<(), LabError> {
         let echo = self.bin_dir.join("ambit-echo");
         let echo = echo.to_string_lossy();
-        let (http, tcp) = (ECHO_HTTP_PORT.to_string(), ECHO_TCP_PORT.to_string());
+        let (http, tcp, grpc) = (
+            ECHO_HTTP_PORT.to_string(),
+            ECHO_TCP_PORT.to_string(),
+            ECHO_GRPC_PORT.to_string(),
+        );
         let argv: Vec<&str> = match pod.app {
-            App::Echo => vec![&echo, "--http-port", &http, "--tcp-port", &tcp],
+            App::Echo => vec![
+                &echo,
+                "--http-port",
+                &http,
+                "--tcp-port",
+                &tcp,
+                "--grpc-port",
+                &grpc,
+            ],
             App::Sleep => vec!["sleep", "infinity"],
         };
         let log = self.log_path(&pod.key());

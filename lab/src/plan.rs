@@ -16,6 +16,8 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/ambit-lab";
 pub const ECHO_HTTP_PORT: u16 = 8080;
 /// Port of the echo app's TCP echo listener.
 pub const ECHO_TCP_PORT: u16 = 9000;
+/// Port of the echo app's gRPC listener.
+pub const ECHO_GRPC_PORT: u16 = 9090;
 
 #[derive(Debug, Clone)]
 pub struct Plan {

@@ -62,7 +62,8 @@ pub struct NamespaceSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum App {
-    /// `ambit-echo`: HTTP/1.1 + HTTP/2 echo on 8080, TCP echo on 9000.
+    /// `ambit-echo`: HTTP/1.1 + HTTP/2 echo on 8080, TCP echo on 9000,
+    /// gRPC echo on 9090.
     Echo,
     /// Nothing but a sleeping process: a client to `exec` into.
     Sleep,
@@ -148,6 +149,11 @@ impl Default for LabSpec {
             ServicePortSpec {
                 name: "tcp-echo".into(),
                 port: 9000,
+                target_port: None,
+            },
+            ServicePortSpec {
+                name: "grpc".into(),
+                port: 9090,
                 target_port: None,
             },
         ];

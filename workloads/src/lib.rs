@@ -3,4 +3,5 @@
 //! client with status, backend and latency reports).
 
 pub mod echo;
+pub mod grpc;
 pub mod load;

@@ -1,5 +1,5 @@
 //! The load client: N requests or T seconds at a given concurrency, over
-//! HTTP/1.1 or HTTP/2 (cleartext, prior knowledge); reports status codes,
+//! HTTP/1.1, HTTP/2 (cleartext, prior knowledge) or gRPC; reports status codes,
 //! which pods answered, and latency percentiles.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
+use tonic::transport::Channel;
+
 use crate::echo::POD_HEADER;
+use crate::grpc::proto::EchoRequest;
+use crate::grpc::proto::echo_client::EchoClient;
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -27,6 +31,9 @@ pub struct LoadConfig {
     pub duration: Option<Duration>,
     pub concurrency: usize,
     pub http2: bool,
+    /// Call `ambit.echo.v1.Echo/Echo` instead of HTTP GET; `status` then
+    /// counts gRPC status codes (0 is OK).
+    pub grpc: bool,
     /// A new connection per request (HTTP/1.1), so that each one is load
     /// balanced on its own.
     pub new_connections: bool,
@@ -67,6 +74,49 @@ struct Tally {
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
+/// What requests go out on: shared by the workers.
+#[derive(Clone)]
+enum Transport {
+    Http(HttpClient),
+    /// One multiplexed channel; `None` with `new_connections`.
+    Grpc(Option<EchoClient<Channel>>),
+}
+
+impl Transport {
+    async fn new(cfg: &LoadConfig) -> Result<Self, String> {
+        if !cfg.grpc {
+            return Ok(Transport::Http(client(cfg)));
+        }
+        if cfg.new_connections {
+            return Ok(Transport::Grpc(None));
+        }
+        Ok(Transport::Grpc(Some(grpc_connect(cfg).await?)))
+    }
+}
+
+async fn grpc_connect(cfg: &LoadConfig) -> Result<EchoClient<Channel>, String> {
+    let endpoint = Channel::builder(cfg.url.clone())
+        .connect_timeout(cfg.timeout)
+        .tcp_nodelay(true);
+    let channel = tokio::time::timeout(cfg.timeout, endpoint.connect())
+        .await
+        .map_err(|_| format!("connect timed out after {:?}", cfg.timeout))?
+        .map_err(|e| format!("connect {}: {}", cfg.url, chain(&e)))?;
+    Ok(EchoClient::new(channel))
+}
+
+/// An error with its causes, `a: b: c`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 fn client(cfg: &LoadConfig) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -79,9 +129,9 @@ fn client(cfg: &LoadConfig) -> HttpClient {
     builder.build(connector)
 }
 
-/// Runs the load and reports.
-pub async fn run(cfg: LoadConfig) -> Report {
-    let client = client(&cfg);
+/// Runs the load and reports; fails only if a gRPC channel cannot be opened.
+pub async fn run(cfg: LoadConfig) -> Result<Report, String> {
+    let client = Transport::new(&cfg).await?;
     let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let start = Instant::now();
@@ -120,7 +170,7 @@ pub async fn run(cfg: LoadConfig) -> Report {
     let elapsed = start.elapsed().as_secs_f64();
     let tally = std::mem::take(&mut *tally.lock().unwrap_or_else(PoisonError::into_inner));
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    Report {
+    Ok(Report {
         requests: hist.len(),
         errors: tally.errors,
         duration_s: elapsed,
@@ -134,10 +184,33 @@ pub async fn run(cfg: LoadConfig) -> Report {
             max: hist.max() as f64 / 1000.0,
         },
         error_samples: tally.error_samples,
-    }
+    })
 }
 
 async fn one_request(
+    client: &Transport,
+    cfg: &LoadConfig,
+) -> Result<(u16, Option<String>), String> {
+    match client {
+        Transport::Http(http) => http_request(http, cfg).await,
+        Transport::Grpc(channel) => {
+            let mut client = match channel {
+                Some(c) => c.clone(),
+                None => grpc_connect(cfg).await?,
+            };
+            let call = client.echo(EchoRequest {
+                message: "ambit-load".into(),
+            });
+            match tokio::time::timeout(cfg.timeout, call).await {
+                Err(_) => Err(format!("timed out after {:?}", cfg.timeout)),
+                Ok(Ok(resp)) => Ok((0, Some(resp.into_inner().pod))),
+                Ok(Err(status)) => Ok((status.code() as u16, None)),
+            }
+        }
+    }
+}
+
+async fn http_request(
     client: &HttpClient,
     cfg: &LoadConfig,
 ) -> Result<(u16, Option<String>), String> {

@@ -25,6 +25,9 @@ struct Args {
     /// HTTP/2 with prior knowledge instead of HTTP/1.1.
     #[arg(long)]
     http2: bool,
+    /// Call the gRPC echo service (`ambit.echo.v1.Echo`) instead of HTTP GET.
+    #[arg(long, conflicts_with = "http2")]
+    grpc: bool,
     /// Open a new connection for every request.
     #[arg(long)]
     new_connections: bool,
@@ -36,8 +39,15 @@ struct Args {
     json: bool,
 }
 
+fn main() {
+    if let Err(error) = run() {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     let report = load::run(LoadConfig {
@@ -46,10 +56,12 @@ async fn main() -> anyhow::Result<()> {
         duration: args.duration.map(Duration::from_secs_f64),
         concurrency: args.concurrency,
         http2: args.http2,
+        grpc: args.grpc,
         new_connections: args.new_connections,
         timeout: Duration::from_secs_f64(args.timeout),
     })
-    .await;
+    .await
+    .map_err(anyhow::Error::msg)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

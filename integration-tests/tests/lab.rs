@@ -232,3 +232,20 @@ fn down_cleans_up_after_up_was_killed_half_way() {
     assert_eq!(leftovers(name), Vec::<String>::new());
     std::fs::remove_file(file).unwrap();
 }
+
+#[test]
+fn without_root_the_lab_says_so() {
+    if !require_root("without_root_the_lab_says_so") {
+        return;
+    }
+    // Drop to an unprivileged user to see what a user without sudo sees.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin_dir().join("ambit"))
+        .args(["lab", "up"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("needs root"), "{stderr}");
+}

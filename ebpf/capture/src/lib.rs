@@ -1,0 +1,245 @@
+//! Loads Ambit's eBPF capture programs (built from `ebpf/capture-programs`
+//! and embedded at build time) and attaches them to pods' cgroups, and reads
+//! back the original destination of each captured connection. Used by
+//! ztunnel's node agent.
+//!
+//! Outbound capture: a pod's TCP connects to anything but loopback and its
+//! own address go to ztunnel's `127.0.0.1:15001` listener in the pod's
+//! network namespace; [`Capture::original_destination`] answers where they
+//! were going, keyed by the namespace and the client address ztunnel sees.
+
+use std::fs::File;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId;
+use aya::programs::sock_ops::SockOpsLinkId;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::{Ebpf, EbpfError, include_bytes_aligned};
+use capture_common::{ClientKey, OrigDst, PodConfig};
+
+pub mod netns;
+
+pub use capture_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+
+/// The programs' object, built by this crate's build script.
+static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture-programs"));
+
+const CONNECT4: &str = "redirect_connect4";
+const SOCKOPS: &str = "track_established";
+
+/// Why capture could not be set up, naming what is missing.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "loading eBPF programs needs CAP_BPF and CAP_NET_ADMIN (or root): {0}; run ztunnel as root or grant them"
+    )]
+    Privilege(String),
+    #[error("the kernel refused eBPF program {program}: {detail}")]
+    Rejected {
+        program: &'static str,
+        detail: String,
+    },
+    #[error("cgroup v2 directory {} cannot be used: {source}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("attaching {program} to {}: {detail}", cgroup.display())]
+    Attach {
+        program: &'static str,
+        cgroup: PathBuf,
+        detail: String,
+    },
+    #[error("eBPF map {map}: {detail}")]
+    Map { map: &'static str, detail: String },
+}
+
+/// The loaded programs and their maps.
+#[derive(Debug)]
+pub struct Capture {
+    bpf: Ebpf,
+}
+
+/// Links of one captured pod; give it back to [`Capture::release`].
+#[derive(Debug)]
+pub struct PodCapture {
+    cgroup: PathBuf,
+    cgroup_id: u64,
+    connect4: CgroupSockAddrLinkId,
+    sockops: SockOpsLinkId,
+}
+
+impl PodCapture {
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+}
+
+fn rejected(program: &'static str, e: impl std::fmt::Display) -> CaptureError {
+    let detail = format!("{e:#}");
+    if detail.contains("EPERM") || detail.contains("Operation not permitted") {
+        CaptureError::Privilege(detail)
+    } else {
+        CaptureError::Rejected { program, detail }
+    }
+}
+
+impl Capture {
+    /// Loads the programs into the kernel (they act only once attached).
+    pub fn load() -> Result<Self, CaptureError> {
+        let mut bpf = Ebpf::load(OBJECT).map_err(|e| match e {
+            EbpfError::MapError(ref m) if m.to_string().contains("Operation not permitted") => {
+                CaptureError::Privilege(m.to_string())
+            }
+            other => rejected("object", other),
+        })?;
+        let connect4: &mut CgroupSockAddr = program(&mut bpf, CONNECT4)?;
+        connect4
+            .load()
+            .map_err(|e| rejected(CONNECT4, verifier_detail(e)))?;
+        let sockops: &mut SockOps = program(&mut bpf, SOCKOPS)?;
+        sockops
+            .load()
+            .map_err(|e| rejected(SOCKOPS, verifier_detail(e)))?;
+        Ok(Self { bpf })
+    }
+
+    /// Starts capturing the pod whose processes live in `cgroup`.
+    pub fn capture(&mut self, cgroup: &Path, pod_ip: Ipv4Addr) -> Result<PodCapture, CaptureError> {
+        let cgroup_err = |source| CaptureError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        };
+        let dir = File::open(cgroup).map_err(cgroup_err)?;
+        let cgroup_id = dir.metadata().map_err(cgroup_err)?.ino();
+        // Known before the first connect is redirected.
+        self.pods()?
+            .insert(
+                cgroup_id,
+                PodConfig {
+                    ip: u32::from_ne_bytes(pod_ip.octets()),
+                    enabled: 1,
+                },
+                0,
+            )
+            .map_err(|e| CaptureError::Map {
+                map: "PODS",
+                detail: e.to_string(),
+            })?;
+        let attach_err = |program: &'static str| {
+            move |e: aya::programs::ProgramError| CaptureError::Attach {
+                program,
+                cgroup: cgroup.to_path_buf(),
+                detail: e.to_string(),
+            }
+        };
+        let connect4: &mut CgroupSockAddr = program(&mut self.bpf, CONNECT4)?;
+        let connect4 = connect4
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(attach_err(CONNECT4))?;
+        let sockops: &mut SockOps = program(&mut self.bpf, SOCKOPS)?;
+        let sockops = sockops
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(attach_err(SOCKOPS))?;
+        Ok(PodCapture {
+            cgroup: cgroup.to_path_buf(),
+            cgroup_id,
+            connect4,
+            sockops,
+        })
+    }
+
+    /// Stops capturing a pod: its new connections go direct again.
+    pub fn release(&mut self, pod: PodCapture) -> Result<(), CaptureError> {
+        let connect4: &mut CgroupSockAddr = program(&mut self.bpf, CONNECT4)?;
+        let _ = connect4.detach(pod.connect4);
+        let sockops: &mut SockOps = program(&mut self.bpf, SOCKOPS)?;
+        let _ = sockops.detach(pod.sockops);
+        let _ = self.pods()?.remove(&pod.cgroup_id);
+        Ok(())
+    }
+
+    /// Where a captured connection was going: `netns_cookie` of the pod's
+    /// namespace and `client`, the peer address of the accepted socket on
+    /// 15001. Each record is handed out once.
+    pub fn original_destination(
+        &mut self,
+        netns_cookie: u64,
+        client: SocketAddrV4,
+    ) -> Result<Option<SocketAddrV4>, CaptureError> {
+        let key = ClientKey {
+            netns_cookie,
+            ip: u32::from_ne_bytes(client.ip().octets()),
+            port: client.port(),
+            _pad: 0,
+        };
+        let map_err = |e: aya::maps::MapError| CaptureError::Map {
+            map: "ORIG_DST",
+            detail: e.to_string(),
+        };
+        let mut map: BpfHashMap<&mut MapData, ClientKey, OrigDst> = BpfHashMap::try_from(
+            self.bpf
+                .map_mut("ORIG_DST")
+                .ok_or_else(|| missing_map("ORIG_DST"))?,
+        )
+        .map_err(map_err)?;
+        let orig = match map.get(&key, 0) {
+            Ok(orig) => orig,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err(e)),
+        };
+        let _ = map.remove(&key);
+        Ok(Some(SocketAddrV4::new(
+            Ipv4Addr::from(orig.ip.to_ne_bytes()),
+            u16::from_be(orig.port),
+        )))
+    }
+
+    fn pods(&mut self) -> Result<BpfHashMap<&mut MapData, u64, PodConfig>, CaptureError> {
+        BpfHashMap::try_from(
+            self.bpf
+                .map_mut("PODS")
+                .ok_or_else(|| missing_map("PODS"))?,
+        )
+        .map_err(|e| CaptureError::Map {
+            map: "PODS",
+            detail: e.to_string(),
+        })
+    }
+}
+
+fn missing_map(map: &'static str) -> CaptureError {
+    CaptureError::Map {
+        map,
+        detail: "not in the object".into(),
+    }
+}
+
+fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = bpf.program_mut(name).ok_or(CaptureError::Rejected {
+        program: name,
+        detail: "not in the object".into(),
+    })?;
+    prog.try_into().map_err(|e| rejected(name, e))
+}
+
+/// The verifier's log, when the kernel rejected a program.
+fn verifier_detail(e: aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            format!("{io_error}; verifier log:\n{verifier_log}")
+        }
+        other => other.to_string(),
+    }
+}

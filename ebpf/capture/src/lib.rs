@@ -14,10 +14,13 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use std::os::fd::AsRawFd;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, SockMap};
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId;
 use aya::programs::sock_ops::SockOpsLinkId;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::programs::tc::SchedClassifierLinkId;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType};
 use aya::{Ebpf, EbpfError, include_bytes_aligned};
 use capture_common::{ClientKey, OrigDst, PodConfig};
 
@@ -30,6 +33,9 @@ static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture
 
 const CONNECT4: &str = "redirect_connect4";
 const SOCKOPS: &str = "track_established";
+const INBOUND: &str = "inbound_assign";
+/// Slots in the kernel's table of inbound listeners (one per captured pod).
+const MAX_PODS: u32 = 4096;
 
 /// Why capture could not be set up, naming what is missing.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +69,22 @@ pub enum CaptureError {
 #[derive(Debug)]
 pub struct Capture {
     bpf: Ebpf,
+    free_slots: Vec<u32>,
+}
+
+/// What capture needs to know of a pod.
+#[derive(Debug)]
+pub struct Pod<'a, L: AsRawFd> {
+    /// The pod's cgroup v2 directory (outbound programs attach here).
+    pub cgroup: &'a Path,
+    /// The pod's network namespace file, e.g. `/var/run/netns/<name>`.
+    pub netns: &'a Path,
+    /// Interface carrying the pod's traffic inside its namespace.
+    pub interface: &'a str,
+    pub ip: Ipv4Addr,
+    /// ztunnel's 15006 listener in the pod's namespace: new inbound
+    /// connections are assigned to it.
+    pub inbound_listener: &'a L,
 }
 
 /// Links of one captured pod; give it back to [`Capture::release`].
@@ -70,8 +92,11 @@ pub struct Capture {
 pub struct PodCapture {
     cgroup: PathBuf,
     cgroup_id: u64,
+    ip: Ipv4Addr,
+    slot: u32,
     connect4: CgroupSockAddrLinkId,
     sockops: SockOpsLinkId,
+    inbound: SchedClassifierLinkId,
 }
 
 impl PodCapture {
@@ -106,38 +131,73 @@ impl Capture {
         sockops
             .load()
             .map_err(|e| rejected(SOCKOPS, verifier_detail(e)))?;
-        Ok(Self { bpf })
+        let inbound: &mut SchedClassifier = program(&mut bpf, INBOUND)?;
+        inbound
+            .load()
+            .map_err(|e| rejected(INBOUND, verifier_detail(e)))?;
+        Ok(Self {
+            bpf,
+            free_slots: (0..MAX_PODS).rev().collect(),
+        })
     }
 
-    /// Starts capturing the pod whose processes live in `cgroup`.
-    pub fn capture(&mut self, cgroup: &Path, pod_ip: Ipv4Addr) -> Result<PodCapture, CaptureError> {
+    /// Starts capturing a pod: inbound first (so no new connection reaches
+    /// the application around ztunnel), then outbound.
+    pub fn capture<L: AsRawFd>(&mut self, pod: &Pod<'_, L>) -> Result<PodCapture, CaptureError> {
         let cgroup_err = |source| CaptureError::Cgroup {
-            path: cgroup.to_path_buf(),
+            path: pod.cgroup.to_path_buf(),
             source,
         };
-        let dir = File::open(cgroup).map_err(cgroup_err)?;
+        let dir = File::open(pod.cgroup).map_err(cgroup_err)?;
         let cgroup_id = dir.metadata().map_err(cgroup_err)?.ino();
-        // Known before the first connect is redirected.
-        self.pods()?
-            .insert(
-                cgroup_id,
-                PodConfig {
-                    ip: u32::from_ne_bytes(pod_ip.octets()),
-                    enabled: 1,
-                },
-                0,
-            )
-            .map_err(|e| CaptureError::Map {
-                map: "PODS",
-                detail: e.to_string(),
-            })?;
-        let attach_err = |program: &'static str| {
-            move |e: aya::programs::ProgramError| CaptureError::Attach {
-                program,
-                cgroup: cgroup.to_path_buf(),
+        let slot = self.free_slots.pop().ok_or(CaptureError::Map {
+            map: "INBOUND",
+            detail: format!("all {MAX_PODS} pod slots are in use"),
+        })?;
+        let ip = u32::from_ne_bytes(pod.ip.octets());
+        let map_err = |map: &'static str| {
+            move |e: aya::maps::MapError| CaptureError::Map {
+                map,
                 detail: e.to_string(),
             }
         };
+        let mut listeners: SockMap<&mut MapData> = SockMap::try_from(
+            self.bpf
+                .map_mut("INBOUND")
+                .ok_or_else(|| missing_map("INBOUND"))?,
+        )
+        .map_err(map_err("INBOUND"))?;
+        listeners
+            .set(slot, pod.inbound_listener, 0)
+            .map_err(map_err("INBOUND"))?;
+        let mut slots: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
+            self.bpf
+                .map_mut("INBOUND_SLOTS")
+                .ok_or_else(|| missing_map("INBOUND_SLOTS"))?,
+        )
+        .map_err(map_err("INBOUND_SLOTS"))?;
+        slots
+            .insert(ip, slot, 0)
+            .map_err(map_err("INBOUND_SLOTS"))?;
+        self.pods()?
+            .insert(cgroup_id, PodConfig { ip, enabled: 1 }, 0)
+            .map_err(map_err("PODS"))?;
+        let attach_err = |program: &'static str| {
+            move |e: aya::programs::ProgramError| CaptureError::Attach {
+                program,
+                cgroup: pod.cgroup.to_path_buf(),
+                detail: e.to_string(),
+            }
+        };
+        let inbound: &mut SchedClassifier = program(&mut self.bpf, INBOUND)?;
+        let inbound = netns::run_in(pod.netns, || {
+            inbound.attach(pod.interface, TcAttachType::Ingress)
+        })
+        .map_err(|source| CaptureError::Cgroup {
+            path: pod.netns.to_path_buf(),
+            source,
+        })?
+        .map_err(attach_err(INBOUND))?;
         let connect4: &mut CgroupSockAddr = program(&mut self.bpf, CONNECT4)?;
         let connect4 = connect4
             .attach(&dir, CgroupAttachMode::Single)
@@ -147,10 +207,13 @@ impl Capture {
             .attach(&dir, CgroupAttachMode::Single)
             .map_err(attach_err(SOCKOPS))?;
         Ok(PodCapture {
-            cgroup: cgroup.to_path_buf(),
+            cgroup: pod.cgroup.to_path_buf(),
             cgroup_id,
+            ip: pod.ip,
+            slot,
             connect4,
             sockops,
+            inbound,
         })
     }
 
@@ -160,7 +223,20 @@ impl Capture {
         let _ = connect4.detach(pod.connect4);
         let sockops: &mut SockOps = program(&mut self.bpf, SOCKOPS)?;
         let _ = sockops.detach(pod.sockops);
+        let inbound: &mut SchedClassifier = program(&mut self.bpf, INBOUND)?;
+        let _ = inbound.detach(pod.inbound);
         let _ = self.pods()?.remove(&pod.cgroup_id);
+        if let Some(map) = self.bpf.map_mut("INBOUND_SLOTS")
+            && let Ok(mut slots) = BpfHashMap::<&mut MapData, u32, u32>::try_from(map)
+        {
+            let _ = slots.remove(&u32::from_ne_bytes(pod.ip.octets()));
+        }
+        if let Some(map) = self.bpf.map_mut("INBOUND")
+            && let Ok(mut listeners) = SockMap::<&mut MapData>::try_from(map)
+        {
+            let _ = listeners.clear_index(&pod.slot);
+        }
+        self.free_slots.push(pod.slot);
         Ok(())
     }
 

@@ -1,7 +1,8 @@
-//! Outbound capture on real pods: an unmodified client's connect is
-//! redirected to 15001 in its namespace, the original destination is
-//! recovered, and a plain passthrough delivers the answer. Needs root; under
-//! CI a missing root is a failure, elsewhere the test is skipped.
+//! Capture on real lab pods. Outbound: an unmodified client's connect is
+//! redirected to 15001 in its namespace, the original destination recovered,
+//! and a plain passthrough delivers the answer. Inbound: new connections to
+//! any port of a captured pod reach 15006, never the application directly.
+//! Needs root; under CI a missing root is a failure, elsewhere a skip.
 
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use capture::{Capture, OUTBOUND_PORT, netns};
+use capture::{Capture, INBOUND_PORT, OUTBOUND_PORT, Pod, PodCapture, netns};
 use lab::spec::{App, DeploymentSpec, NamespaceSpec, NetworkSpec};
 use lab::{Lab, LabOptions, LabSpec};
 
@@ -85,6 +86,25 @@ fn netns_path(name: &str) -> PathBuf {
     Path::new("/var/run/netns").join(name)
 }
 
+/// Captures a lab pod with a fresh 15006 listener in its namespace.
+fn capture_pod(capture: &mut Capture, pod: &lab::plan::PodPlan) -> (PodCapture, TcpListener) {
+    let ns = netns_path(&pod.netns);
+    let inbound = netns::run_in(&ns, || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, INBOUND_PORT)).unwrap()
+    })
+    .unwrap();
+    let captured = capture
+        .capture(&Pod {
+            cgroup: &pod.cgroup,
+            netns: &ns,
+            interface: "eth0",
+            ip: pod.ip,
+            inbound_listener: &inbound,
+        })
+        .unwrap();
+    (captured, inbound)
+}
+
 /// A plain passthrough on 15001 in the pod's namespace: accepts one
 /// connection, asks capture where it was going, connects there from inside
 /// the namespace, and copies. Reports the original destination.
@@ -146,7 +166,7 @@ fn captured_client_reaches_its_destination_through_15001() {
     let client = plan.pod("app/client-0").unwrap();
     let echo = plan.pod("app/echo-0").unwrap();
     let mut capture = Capture::load().unwrap();
-    let pod = capture.capture(&client.cgroup, client.ip).unwrap();
+    let (pod, _inbound) = capture_pod(&mut capture, client);
     let seen = passthrough(capture, &netns_path(&client.netns));
 
     let body = curl(&lab, "app/client-0", &format!("http://{}:8080/", echo.ip)).unwrap();
@@ -174,7 +194,7 @@ fn uncaptured_pod_is_untouched_and_release_restores_direct_traffic() {
     let echo = plan.pod("app/echo-0").unwrap();
     let url = format!("http://{}:8080/", echo.ip);
     let mut capture = Capture::load().unwrap();
-    let pod = capture.capture(&client.cgroup, client.ip).unwrap();
+    let (pod, _inbound) = capture_pod(&mut capture, client);
 
     // Captured with nothing on 15001: refused, never sent around ztunnel.
     let err = curl(&lab, "app/client-0", &url).unwrap_err();
@@ -194,6 +214,67 @@ fn uncaptured_pod_is_untouched_and_release_restores_direct_traffic() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    capture.release(pod).unwrap();
+    curl(&lab, "app/client-0", &url).expect("direct again after release");
+}
+
+#[test]
+fn inbound_to_any_port_goes_through_15006_even_where_the_app_listens() {
+    if !root_or_skip("inbound_to_any_port_goes_through_15006_even_where_the_app_listens") {
+        return;
+    }
+    let (lab, _down) = small_lab("cap-in", 3);
+    let plan = lab.plan();
+    let echo = plan.pod("app/echo-0").unwrap().clone();
+    let client = plan.pod("app/client-0").unwrap();
+    let url = format!("http://{}:8080/", echo.ip);
+    // Before capture the app sees the client itself.
+    let direct: serde_json::Value =
+        serde_json::from_str(&curl(&lab, "app/client-0", &url).unwrap()).unwrap();
+    assert!(
+        direct["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&client.ip.to_string())
+    );
+
+    let mut capture = Capture::load().unwrap();
+    let (pod, inbound) = capture_pod(&mut capture, &echo);
+    let ns = netns_path(&echo.netns);
+    let (tx, rx) = mpsc::channel();
+    let proxy = std::thread::spawn(move || {
+        let (conn, _) = inbound.accept().unwrap();
+        // The accepted socket keeps the address the client dialled.
+        let SocketAddr::V4(orig) = conn.local_addr().unwrap() else {
+            panic!("IPv4 only")
+        };
+        tx.send(orig).unwrap();
+        let app = netns::run_in(&ns, || {
+            TcpStream::connect((Ipv4Addr::LOCALHOST, orig.port())).unwrap()
+        })
+        .unwrap();
+        pipe(conn, app);
+        inbound
+    });
+    let body = curl(&lab, "app/client-0", &url).unwrap();
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        SocketAddrV4::new(echo.ip, 8080)
+    );
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        reply["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "the app was reached only through the proxy: {reply}"
+    );
+    // ztunnel gone (listener closed): new connections fail, none reach the app.
+    drop(proxy.join().unwrap());
+    let err = lab
+        .exec_captured("app/client-0", &["curl", "-sS", "--max-time", "2", &url])
+        .unwrap();
+    assert!(
+        !err.status.success(),
+        "a captured pod without ztunnel must not be reachable"
+    );
     capture.release(pod).unwrap();
     curl(&lab, "app/client-0", &url).expect("direct again after release");
 }

@@ -1,7 +1,13 @@
 //! ztunnel: the per-node Ambit data plane (a DaemonSet in Kubernetes, one
-//! process per node in `ambit lab`). It captures meshed pods' TCP traffic
-//! with eBPF, tunnels it over HBONE with each pod's SPIFFE identity,
-//! enforces L4 policy and exports node-level telemetry.
+//! process per node in `ambit lab`). Its node agent captures meshed pods'
+//! TCP traffic with eBPF (the `capture` crate) and serves it from listeners
+//! it creates inside each pod's network namespace.
 //!
-//! The proxy is built on the `identity` and `hbone` crates; capture,
-//! configuration and policy land with the capture and L4 data plane work.
+//! Today captured traffic is forwarded as plain TCP; HBONE with each pod's
+//! identity, policy and telemetry build on this (see `docs/architecture.md`).
+
+pub mod agent;
+pub mod app;
+pub mod enroll;
+pub mod metrics;
+pub mod netns;

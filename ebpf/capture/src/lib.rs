@@ -34,6 +34,8 @@ static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture
 const CONNECT4: &str = "redirect_connect4";
 const SOCKOPS: &str = "track_established";
 const INBOUND: &str = "inbound_assign";
+/// Programs a loaded [`Capture`] holds in the kernel.
+pub const PROGRAMS: usize = 3;
 /// Slots in the kernel's table of inbound listeners (one per captured pod).
 const MAX_PODS: u32 = 4096;
 

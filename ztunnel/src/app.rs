@@ -1,0 +1,70 @@
+//! Wiring: one function builds the whole ztunnel, binds every listener and
+//! returns their addresses and a shutdown handle, so tests run the real app
+//! in-process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent::NodeAgent;
+use crate::{enroll, metrics};
+
+/// ztunnel's configuration, read once at start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: String,
+    /// Pods to capture, as written by `ambit lab`; re-read on change.
+    pub pods_file: Option<PathBuf>,
+    /// Unix socket for enrollment requests (CNI plugin, pod watcher).
+    pub enroll_socket: Option<PathBuf>,
+    pub metrics_addr: SocketAddr,
+}
+
+/// A running ztunnel.
+#[derive(Debug)]
+pub struct App {
+    pub agent: Arc<NodeAgent>,
+    pub metrics_addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Loads capture, binds the listeners and starts serving.
+pub async fn build(config: Config) -> anyhow::Result<App> {
+    let agent = NodeAgent::new()?;
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let metrics = TcpListener::bind(config.metrics_addr).await?;
+    let metrics_addr = metrics.local_addr()?;
+    tasks.spawn(metrics::serve(agent.clone(), metrics, stop.clone()));
+    if let Some(path) = &config.enroll_socket {
+        // A stale socket from a previous run would make bind fail.
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        tasks.spawn(enroll::serve_socket(agent.clone(), listener, stop.clone()));
+    }
+    if let Some(path) = config.pods_file.clone() {
+        tasks.spawn(enroll::watch_pods_file(agent.clone(), path, stop.clone()));
+    }
+    tracing::info!(?config, %metrics_addr, "ztunnel started");
+    Ok(App {
+        agent,
+        metrics_addr,
+        stop,
+        tasks,
+    })
+}
+
+impl App {
+    /// Stops enrolling, releases every pod and waits for connections to end.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.agent.shutdown().await;
+    }
+}

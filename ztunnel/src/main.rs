@@ -1,0 +1,59 @@
+//! The `ztunnel` binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use ztunnel::app::{self, Config};
+
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "ztunnel", version, about = "Ambit node proxy")]
+struct Args {
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// JSON file listing the pods to capture (written by `ambit lab`).
+    #[arg(long)]
+    pods: Option<PathBuf>,
+    /// Unix socket accepting enrollment requests.
+    #[arg(long)]
+    enroll_socket: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    metrics: SocketAddr,
+}
+
+fn main() {
+    if let Err(error) = run() {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+#[tokio::main]
+async fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let app = app::build(Config {
+        node: args.node,
+        pods_file: args.pods,
+        enroll_socket: args.enroll_socket,
+        metrics_addr: args.metrics,
+    })
+    .await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    app.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! Prometheus text for the agent's counters on the metrics port.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::NodeAgent;
+
+/// Renders the agent's state in the Prometheus text format.
+pub fn render(agent: &NodeAgent) -> String {
+    let s = agent.stats();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    metric(
+        "ambit_ztunnel_captured_pods",
+        "gauge",
+        "Pods whose traffic this node captures.",
+        s.captured_pods.load(Ordering::Relaxed),
+    );
+    metric(
+        "ambit_ztunnel_capture_attach_failures_total",
+        "counter",
+        "Pods that could not be captured.",
+        s.attach_failures.load(Ordering::Relaxed),
+    );
+    metric(
+        "ambit_ztunnel_ebpf_programs_loaded",
+        "gauge",
+        "eBPF capture programs loaded in the kernel.",
+        capture::PROGRAMS as u64,
+    );
+    metric(
+        "ambit_ztunnel_outbound_connections_total",
+        "counter",
+        "Captured outbound connections.",
+        s.outbound_connections.load(Ordering::Relaxed),
+    );
+    metric(
+        "ambit_ztunnel_inbound_connections_total",
+        "counter",
+        "Captured inbound connections.",
+        s.inbound_connections.load(Ordering::Relaxed),
+    );
+    metric(
+        "ambit_ztunnel_connection_failures_total",
+        "counter",
+        "Captured connections that could not be forwarded.",
+        s.connection_failures.load(Ordering::Relaxed),
+    );
+    out
+}
+
+/// Serves `/metrics` (any path) until `stop`.
+pub async fn serve(agent: Arc<NodeAgent>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+            () = stop.cancelled() => return,
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_req| {
+                let body = render(&agent);
+                async move {
+                    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}

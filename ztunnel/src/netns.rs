@@ -1,0 +1,84 @@
+//! Sockets inside a pod's network namespace. A socket's namespace is fixed
+//! when it is created, so each enrolled pod has one thread that lives in its
+//! namespace and only creates sockets on request; the sockets are then used
+//! from the async runtime like any other.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::oneshot;
+
+enum Request {
+    Socket(oneshot::Sender<io::Result<TcpSocket>>),
+}
+
+/// Creates sockets in one pod's network namespace.
+#[derive(Debug, Clone)]
+pub struct PodSockets {
+    netns: PathBuf,
+    requests: mpsc::Sender<Request>,
+}
+
+impl PodSockets {
+    /// Starts the namespace's socket thread; it ends when every handle is dropped.
+    pub fn new(netns: &Path) -> io::Result<Self> {
+        let ns = std::fs::File::open(netns)?;
+        let (tx, rx) = mpsc::channel::<Request>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("netns-sockets".into())
+            .spawn(move || {
+                use std::os::fd::AsFd;
+                let entered = nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from);
+                let failed = entered.is_err();
+                let _ = ready_tx.send(entered);
+                if failed {
+                    return;
+                }
+                for Request::Socket(reply) in rx {
+                    let _ = reply.send(TcpSocket::new_v4());
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("netns socket thread died"))??;
+        Ok(Self {
+            netns: netns.to_path_buf(),
+            requests: tx,
+        })
+    }
+
+    pub fn netns(&self) -> &Path {
+        &self.netns
+    }
+
+    /// A new, unbound TCP socket in the pod's namespace.
+    pub async fn socket(&self) -> io::Result<TcpSocket> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Socket(tx))
+            .map_err(|_| io::Error::other("netns socket thread ended"))?;
+        rx.await
+            .map_err(|_| io::Error::other("netns socket thread ended"))?
+    }
+
+    /// Connects from inside the pod's namespace.
+    pub async fn connect(&self, to: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+        let socket = self.socket().await?;
+        let stream = socket.connect(to).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// Listens on `ip:port` inside the pod's namespace.
+    pub async fn listen(&self, ip: Ipv4Addr, port: u16) -> io::Result<TcpListener> {
+        let socket = self.socket().await?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(SocketAddr::new(ip.into(), port))?;
+        socket.listen(1024)
+    }
+}

@@ -1,0 +1,241 @@
+//! The node agent on real lab pods: enrollment over the Unix socket and the
+//! pods file, captured outbound and inbound traffic served by ztunnel, and
+//! release. Needs root; under CI a missing root is a failure.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lab::spec::{App, DeploymentSpec, NamespaceSpec, NetworkSpec};
+use lab::{Lab, LabOptions, LabSpec};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use ztunnel::agent::PodInfo;
+use ztunnel::app::{self, Config};
+use ztunnel::enroll::{Reply, Request};
+
+fn root_or_skip(test: &str) -> bool {
+    if lab::is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root and CI is set"
+    );
+    eprintln!("skipping {test}: needs root");
+    false
+}
+
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    assert!(
+        dir.join("ambit-echo").exists(),
+        "build the workspace first (scripts/test does)"
+    );
+    dir
+}
+
+struct Down(String, LabOptions);
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = Lab::down(&self.0, &self.1);
+    }
+}
+
+fn lab(name: &str, slot: u8) -> (Lab, Down) {
+    let opts = LabOptions::new(bin_dir());
+    let _ = Lab::down(name, &opts);
+    let deployment = |name: &str, app| DeploymentSpec {
+        name: name.into(),
+        namespace: "app".into(),
+        replicas: 1,
+        service_account: None,
+        app,
+        labels: BTreeMap::new(),
+    };
+    let spec = LabSpec {
+        name: name.into(),
+        network: NetworkSpec {
+            node_cidr: format!("172.29.{slot}.0/24").parse().unwrap(),
+            pod_cidr: format!("10.{}.0.0/16", 170 + slot).parse().unwrap(),
+            service_cidr: format!("10.{}.0.0/16", 240 + slot).parse().unwrap(),
+        },
+        nodes: vec!["n1".into(), "n2".into()],
+        namespaces: vec![NamespaceSpec {
+            name: "app".into(),
+            labels: BTreeMap::new(),
+        }],
+        deployments: vec![
+            deployment("echo", App::Echo),
+            deployment("client", App::Sleep),
+        ],
+        services: vec![],
+    };
+    (Lab::up(spec, &opts).unwrap(), Down(name.into(), opts))
+}
+
+fn info(lab: &Lab, key: &str) -> PodInfo {
+    let p = lab.plan().pod(key).unwrap();
+    PodInfo {
+        uid: p.uid.clone(),
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        ip: p.ip,
+        netns: Path::new("/var/run/netns").join(&p.netns),
+        cgroup: p.cgroup.clone(),
+        identity: format!(
+            "spiffe://cluster.local/ns/{}/sa/{}",
+            p.namespace, p.service_account
+        ),
+    }
+}
+
+async fn curl(lab: &Lab, pod: &str, url: &str) -> Result<serde_json::Value, String> {
+    let out = lab
+        .exec_captured(pod, &["curl", "-sS", "--max-time", "5", url])
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+async fn request(socket: &Path, req: &Request) -> Reply {
+    let conn = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (read, mut write) = conn.into_split();
+    let mut line = serde_json::to_vec(req).unwrap();
+    line.push(b'\n');
+    write.write_all(&line).await.unwrap();
+    let mut reply = String::new();
+    BufReader::new(read).read_line(&mut reply).await.unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
+async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut text)
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic() {
+    if !root_or_skip("enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic") {
+        return;
+    }
+    let (lab, _down) = lab("zt-agent", 1);
+    let socket = std::env::temp_dir().join(format!("ztunnel-test-{}.sock", std::process::id()));
+    let app = app::build(Config {
+        node: "n1".into(),
+        pods_file: None,
+        enroll_socket: Some(socket.clone()),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    let echo = info(&lab, "app/echo-0");
+    let client = info(&lab, "app/client-0");
+    let url = format!("http://{}:8080/", echo.ip);
+
+    for pod in [&client, &echo] {
+        let reply = request(&socket, &Request::Add(pod.clone())).await;
+        assert_eq!(
+            reply,
+            Reply {
+                ok: true,
+                error: None
+            }
+        );
+    }
+    assert_eq!(
+        metric(app.metrics_addr, "ambit_ztunnel_captured_pods").await,
+        2
+    );
+    // Both ends captured: client → 15001 → ztunnel → echo's 15006 → ztunnel → app.
+    let reply = curl(&lab, "app/client-0", &url).await.unwrap();
+    assert_eq!(reply["pod"], "echo-0");
+    assert!(
+        reply["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{reply}"
+    );
+    assert!(metric(app.metrics_addr, "ambit_ztunnel_outbound_connections_total").await >= 1);
+    assert!(metric(app.metrics_addr, "ambit_ztunnel_inbound_connections_total").await >= 1);
+
+    // A bad request is answered with the reason, and nothing changes.
+    let mut broken = client.clone();
+    broken.uid = "other".into();
+    broken.netns = "/var/run/netns/does-not-exist".into();
+    let reply = request(&socket, &Request::Add(broken)).await;
+    assert!(
+        !reply.ok && reply.error.as_deref().unwrap().contains("does-not-exist"),
+        "{reply:?}"
+    );
+
+    for pod in [&client, &echo] {
+        request(&socket, &Request::Remove(pod.uid.clone())).await;
+    }
+    assert_eq!(
+        metric(app.metrics_addr, "ambit_ztunnel_captured_pods").await,
+        0
+    );
+    let reply = curl(&lab, "app/client-0", &url).await.unwrap();
+    assert!(
+        reply["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&client.ip.to_string()),
+        "direct again: {reply}"
+    );
+    app.shutdown().await;
+    let _ = std::fs::remove_file(socket);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_file_changes_are_applied() {
+    if !root_or_skip("pods_file_changes_are_applied") {
+        return;
+    }
+    let (lab, _down) = lab("zt-file", 2);
+    let file = std::env::temp_dir().join(format!("ztunnel-pods-{}.json", std::process::id()));
+    std::fs::write(&file, "[]").unwrap();
+    let app = app::build(Config {
+        node: "n1".into(),
+        pods_file: Some(file.clone()),
+        enroll_socket: None,
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    let wait_for = |n: u64| async move {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric(app.metrics_addr, "ambit_ztunnel_captured_pods").await != n {
+            assert!(Instant::now() < deadline, "never reached {n} captured pods");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let pods = vec![info(&lab, "app/echo-0"), info(&lab, "app/client-0")];
+    std::fs::write(&file, serde_json::to_string(&pods).unwrap()).unwrap();
+    wait_for(2).await;
+    assert_eq!(app.agent.pod_keys(), ["app/client-0", "app/echo-0"]);
+    // An invalid file keeps the last good set.
+    std::fs::write(&file, "{ not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(app.agent.pod_keys().len(), 2);
+    std::fs::write(&file, serde_json::to_string(&pods[..1]).unwrap()).unwrap();
+    wait_for(1).await;
+    assert_eq!(app.agent.pod_keys(), ["app/echo-0"]);
+    app.shutdown().await;
+    let _ = std::fs::remove_file(file);
+}

@@ -151,6 +151,22 @@ pub(crate) fn print_status(lab: &Lab) {
             pod.identity
         );
     }
+    println!("\nZTUNNELS");
+    if plan.pods.iter().any(|p| p.meshed) {
+        for node in &plan.nodes {
+            let state = if lab.ztunnel_running(&node.name) {
+                "running"
+            } else {
+                "CRASHED"
+            };
+            let captured = lab
+                .ztunnel_metric(&node.name, "ambit_ztunnel_captured_pods")
+                .map_or("?".to_string(), |n| n.to_string());
+            println!("  {:<12} {:<8} captured pods {captured}", node.name, state);
+        }
+    } else {
+        println!("  none (no namespace is labelled ambit.dev/dataplane-mode=ambient)");
+    }
     println!("\nSERVICES");
     for svc in &plan.services {
         let ports: Vec<String> = svc

@@ -46,6 +46,11 @@ fn curl(lab: &Lab, pod: &str, url: &str) -> anyhow::Result<EchoReply> {
     serde_json::from_str(&body).with_context(|| format!("unexpected reply from {url}: {body}"))
 }
 
+fn metric(lab: &Lab, node: &str, name: &str) -> anyhow::Result<u64> {
+    lab.ztunnel_metric(node, name)
+        .with_context(|| format!("ztunnel on {node} did not report {name}"))
+}
+
 fn load(lab: &Lab, pod: &str, args: &[&str]) -> anyhow::Result<LoadReport> {
     let mut argv = vec!["ambit-load", "--json"];
     argv.extend_from_slice(args);
@@ -107,16 +112,23 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
                 reply.pod,
                 target.name
             );
-            let seen_ip = reply.peer.rsplit_once(':').map(|(ip, _)| ip).unwrap_or("");
-            ensure!(
-                seen_ip == client.ip.to_string(),
-                "server saw {} instead of {}",
-                reply.peer,
-                client.ip
-            );
+            Ok(format!("answered by {} on {}", reply.pod, reply.node))
+        })(),
+    );
+    let target_node = plan.nodes[target.node].name.clone();
+    steps.check(
+        "meshed pods' connections are captured by their node's ztunnel, both ways",
+        (|| {
+            let out_before = metric(&lab, client_node, "ambit_ztunnel_outbound_connections_total")?;
+            let in_before = metric(&lab, &target_node, "ambit_ztunnel_inbound_connections_total")?;
+            let reply = curl(&lab, CLIENT, &format!("http://{}:8080/", target.ip))?;
+            let outbound = metric(&lab, client_node, "ambit_ztunnel_outbound_connections_total")? - out_before;
+            let inbound = metric(&lab, &target_node, "ambit_ztunnel_inbound_connections_total")? - in_before;
+            ensure!(outbound >= 1 && inbound >= 1, "outbound +{outbound} on {client_node}, inbound +{inbound} on {target_node}");
+            ensure!(reply.peer.starts_with("127.0.0.1:"), "the app was reached around ztunnel: it saw {}", reply.peer);
             Ok(format!(
-                "answered by {} on {}; it saw the client as {} (no NAT)",
-                reply.pod, reply.node, reply.peer
+                "ztunnel on {client_node} took the connection out (+{outbound}), ztunnel on {target_node} delivered it (+{inbound}); the app saw {}",
+                reply.peer
             ))
         })(),
     );
@@ -228,22 +240,39 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
         })(),
     );
     steps.check(
-        &format!("a pod in another namespace ({OUTSIDER}) reaches echo.demo"),
+        &format!("an unmeshed pod ({OUTSIDER}) is not captured, and still reaches echo.demo"),
         (|| {
+            let node = &plan.nodes[plan.pod(OUTSIDER).context("legacy pod")?.node].name;
+            let before = metric(&lab, node, "ambit_ztunnel_outbound_connections_total")?;
             let reply = curl(&lab, OUTSIDER, "http://echo.demo.svc.cluster.local/")?;
-            Ok(format!("answered by {}", reply.pod))
+            let after = metric(&lab, node, "ambit_ztunnel_outbound_connections_total")?;
+            ensure!(
+                after == before,
+                "ztunnel on {node} took {} of its connections",
+                after - before
+            );
+            Ok(format!(
+                "answered by {}; ztunnel on {node} saw none of its connections",
+                reply.pod
+            ))
         })(),
     );
-    let crashed: Vec<String> = lab
+    let mut crashed: Vec<String> = lab
         .pod_status()
         .into_iter()
         .filter(|p| !p.running)
         .map(|p| p.key)
         .collect();
+    crashed.extend(
+        plan.nodes
+            .iter()
+            .filter(|n| !lab.ztunnel_running(&n.name))
+            .map(|n| format!("ztunnel on {}", n.name)),
+    );
     steps.check(
-        "every pod process is still running",
+        "every pod and ztunnel process is still running",
         if crashed.is_empty() {
-            Ok("all pods running".into())
+            Ok("all running".into())
         } else {
             Err(anyhow::anyhow!("crashed: {crashed:?}"))
         },

@@ -43,7 +43,16 @@ pub fn bin_dir() -> &'static Path {
             .to_path_buf();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "cli", "-p", "workloads"]);
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "cli",
+            "-p",
+            "workloads",
+            "-p",
+            "ztunnel",
+        ]);
         if dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::LabError;
 use crate::plan::{ECHO_GRPC_PORT, ECHO_HTTP_PORT, ECHO_TCP_PORT, Plan, PodPlan};
-use crate::process::{self, Placement};
+use crate::process::{self, Placement, Role};
 use crate::spec::{App, LabSpec};
 use crate::{cgroup, host, k8s, net};
 
@@ -46,13 +46,15 @@ pub struct PodStatus {
     pub ip: std::net::Ipv4Addr,
     pub node: String,
     pub identity: String,
-    /// Traffic capture by ztunnel (not yet part of the lab).
+    /// Meshed and its node's ztunnel is running.
     pub captured: bool,
     pub app: App,
     pub running: bool,
 }
 
 const SPEC_FILE: &str = "lab.yaml";
+/// Where each node's ztunnel serves metrics, inside the node's namespace.
+const ZTUNNEL_METRICS: &str = "127.0.0.1:15020";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Lab {
@@ -99,7 +101,137 @@ impl Lab {
             cgroup::create(&pod.cgroup)?;
             self.start_app(pod)?;
         }
-        self.wait_ready()
+        self.wait_ready()?;
+        if self.plan.pods.iter().any(|p| p.meshed) {
+            self.start_ztunnels()?;
+        }
+        Ok(())
+    }
+
+    /// One ztunnel per node, in the node's namespace, capturing the node's
+    /// meshed pods listed in its pods file.
+    fn start_ztunnels(&self) -> Result<(), LabError> {
+        let dir = self.state.join("ztunnel");
+        std::fs::create_dir_all(&dir).map_err(LabError::io(format!("create {}", dir.display())))?;
+        let bin = self.bin_dir.join("ztunnel");
+        for node in &self.plan.nodes {
+            let pods: Vec<serde_json::Value> = self
+                .plan
+                .pods
+                .iter()
+                .filter(|p| p.node == node.index && p.meshed)
+                .map(|p| {
+                    serde_json::json!({
+                        "uid": p.uid,
+                        "name": p.name,
+                        "namespace": p.namespace,
+                        "ip": p.ip,
+                        "netns": Path::new("/var/run/netns").join(&p.netns),
+                        "cgroup": p.cgroup,
+                        "identity": pod_identity(p),
+                    })
+                })
+                .collect();
+            let file = dir.join(format!("{}.json", node.name));
+            let json = serde_json::to_string_pretty(&pods).expect("JSON values serialize");
+            std::fs::write(&file, json)
+                .map_err(LabError::io(format!("write {}", file.display())))?;
+            let cgroup = node.cgroup.join("ztunnel");
+            cgroup::create(&cgroup)?;
+            let place = Placement {
+                role: Role::Node,
+                netns: &node.netns,
+                cgroup: &cgroup,
+                env: vec![("NODE_NAME".into(), node.name.clone().into())],
+            };
+            let file = file.to_string_lossy();
+            let argv = [
+                &*bin.to_string_lossy(),
+                "--pods",
+                &file,
+                "--metrics",
+                ZTUNNEL_METRICS,
+            ];
+            process::spawn_detached(
+                &place,
+                &argv,
+                &self.log_path(&format!("ztunnel/{}", node.name)),
+            )?;
+        }
+        self.wait_captured()
+    }
+
+    /// Waits until every node's ztunnel reports its pods captured.
+    fn wait_captured(&self) -> Result<(), LabError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for node in &self.plan.nodes {
+            let want = self
+                .plan
+                .pods
+                .iter()
+                .filter(|p| p.node == node.index && p.meshed)
+                .count();
+            loop {
+                if self.ztunnel_metric(&node.name, "ambit_ztunnel_captured_pods")
+                    == Some(want as u64)
+                {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(LabError::Command {
+                        command: format!("ztunnel on {}", node.name),
+                        stderr: format!(
+                            "did not capture its {want} pods within {}s; see {}",
+                            READY_TIMEOUT.as_secs(),
+                            self.log_path(&format!("ztunnel/{}", node.name)).display()
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a command in a node's network namespace (as a node component).
+    pub fn node_exec_captured(&self, node: &str, argv: &[&str]) -> Result<Output, LabError> {
+        let node = self
+            .plan
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .ok_or_else(|| LabError::Spec {
+                reason: format!("no node {node:?} in lab {:?}", self.name()),
+            })?;
+        let cgroup = node.cgroup.join("exec");
+        cgroup::create(&cgroup)?;
+        let place = Placement {
+            role: Role::Node,
+            netns: &node.netns,
+            cgroup: &cgroup,
+            env: Vec::new(),
+        };
+        process::run_captured(&place, argv)
+    }
+
+    /// A value from a node's ztunnel metrics, if it answers.
+    pub fn ztunnel_metric(&self, node: &str, name: &str) -> Option<u64> {
+        let url = format!("http://{ZTUNNEL_METRICS}/metrics");
+        let out = self
+            .node_exec_captured(node, &["curl", "-s", "--max-time", "2", &url])
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// Whether a node's ztunnel process is alive.
+    pub fn ztunnel_running(&self, node: &str) -> bool {
+        self.plan
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .is_some_and(|n| cgroup::populated(&n.cgroup.join("ztunnel")))
     }
 
     fn start_app(&self, pod: &PodPlan) -> Result<(), LabError> {
@@ -221,6 +353,7 @@ impl Lab {
             path.push(system);
         }
         Placement {
+            role: Role::Pod,
             netns: &pod.netns,
             cgroup: &pod.cgroup,
             env: vec![
@@ -256,11 +389,8 @@ impl Lab {
                 key: p.key(),
                 ip: p.ip,
                 node: self.plan.nodes[p.node].name.clone(),
-                identity: format!(
-                    "spiffe://cluster.local/ns/{}/sa/{}",
-                    p.namespace, p.service_account
-                ),
-                captured: false,
+                identity: pod_identity(p),
+                captured: p.meshed && self.ztunnel_running(&self.plan.nodes[p.node].name),
                 app: p.app,
                 running: cgroup::populated(&p.cgroup),
             })
@@ -292,6 +422,13 @@ impl Lab {
         }
         Ok(removed)
     }
+}
+
+fn pod_identity(pod: &PodPlan) -> String {
+    format!(
+        "spiffe://cluster.local/ns/{}/sa/{}",
+        pod.namespace, pod.service_account
+    )
 }
 
 fn read_objects(file: &Path) -> Result<Vec<k8s::Manifest>, LabError> {

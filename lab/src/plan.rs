@@ -55,6 +55,9 @@ pub struct PodPlan {
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub app: App,
+    /// In the mesh: its namespace is labelled `ambit.dev/dataplane-mode:
+    /// ambient` and the pod does not opt out with `none`.
+    pub meshed: bool,
     pub netns: String,
     /// The node-side end of the pod's veth pair (the pod side is `eth0`).
     pub host_veth: String,
@@ -151,6 +154,7 @@ impl Plan {
                     namespace: d.namespace.clone(),
                     node,
                     service_account: d.service_account().to_string(),
+                    meshed: meshed(spec, &d.namespace, &d.pod_labels()),
                     labels: d.pod_labels(),
                     app: d.app,
                 });
@@ -209,6 +213,17 @@ impl Plan {
     }
 }
 
+/// The label that puts a namespace (or, set to `none`, takes a pod) in or
+/// out of the mesh.
+pub const DATAPLANE_MODE: &str = "ambit.dev/dataplane-mode";
+
+fn meshed(spec: &LabSpec, namespace: &str, pod_labels: &BTreeMap<String, String>) -> bool {
+    let ns_ambient = spec.namespaces.iter().any(|n| {
+        n.name == namespace && n.labels.get(DATAPLANE_MODE).is_some_and(|v| v == "ambient")
+    });
+    ns_ambient && pod_labels.get(DATAPLANE_MODE).is_none_or(|v| v != "none")
+}
+
 /// A stable UID per pod, so that regenerated YAML does not churn.
 fn pod_uid(lab: &str, namespace: &str, name: &str) -> String {
     // FNV-1a over the identifying names, spread into the UUID layout.
@@ -264,6 +279,11 @@ mod tests {
             ("demo/sleep-0".into(), 1, Ipv4Addr::new(10, 244, 1, 3))
         );
         assert_eq!(placement[4].0, "legacy/sleep-0");
+        assert!(
+            plan.pods[..4].iter().all(|p| p.meshed),
+            "demo is labelled ambient"
+        );
+        assert!(!plan.pods[4].meshed, "legacy is not");
         let echo = &plan.services[0];
         assert_eq!(echo.cluster_ip, Ipv4Addr::new(10, 96, 0, 10));
         assert_eq!(

@@ -9,12 +9,27 @@ use std::process::{Command, ExitStatus, Stdio};
 use crate::error::LabError;
 
 /// Joins the cgroup, then becomes the command inside the namespace. `ip
-/// netns exec` also bind-mounts `/etc/netns/<ns>/hosts` over `/etc/hosts`.
-const ENTER: &str = r#"cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" || exit 125; exec ip netns exec "$ns" "$@""#;
+/// netns exec` also bind-mounts `/etc/netns/<ns>/hosts` over `/etc/hosts`
+/// (how pods resolve service names).
+const ENTER_POD: &str = r#"cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" || exit 125; exec ip netns exec "$ns" "$@""#;
+/// For node components: `ip netns exec` remounts /sys, which hides the
+/// cgroup and BPF filesystems ztunnel needs, so only the network namespace
+/// is entered.
+const ENTER_NODE: &str = r#"cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" || exit 125; exec nsenter --net="/var/run/netns/$ns" "$@""#;
+
+/// What kind of process is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An application in a pod: sees the pod's hosts file.
+    Pod,
+    /// A node component (ztunnel): sees the host's filesystems.
+    Node,
+}
 
 /// Where a process runs and what it sees.
 #[derive(Debug, Clone)]
 pub struct Placement<'a> {
+    pub role: Role,
     pub netns: &'a str,
     pub cgroup: &'a Path,
     pub env: Vec<(String, OsString)>,
@@ -22,8 +37,12 @@ pub struct Placement<'a> {
 
 fn enter_command(place: &Placement<'_>, argv: &[&str]) -> Command {
     let mut cmd = Command::new("sh");
+    let script = match place.role {
+        Role::Pod => ENTER_POD,
+        Role::Node => ENTER_NODE,
+    };
     cmd.arg("-c")
-        .arg(ENTER)
+        .arg(script)
         .arg("sh")
         .arg(place.cgroup)
         .arg(place.netns)

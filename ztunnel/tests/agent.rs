@@ -4,76 +4,22 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lab::spec::{App, DeploymentSpec, NamespaceSpec, NetworkSpec};
-use lab::{Lab, LabOptions, LabSpec};
+use integration_tests::{TestLab, require_root, spec};
+use lab::Lab;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use ztunnel::agent::PodInfo;
 use ztunnel::app::{self, Config};
 use ztunnel::enroll::{Reply, Request};
 
-fn root_or_skip(test: &str) -> bool {
-    if lab::is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root and CI is set"
-    );
-    eprintln!("skipping {test}: needs root");
-    false
-}
-
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    assert!(
-        dir.join("ambit-echo").exists(),
-        "build the workspace first (scripts/test does)"
-    );
-    dir
-}
-
-struct Down(String, LabOptions);
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Lab::down(&self.0, &self.1);
-    }
-}
-
-fn lab(name: &str, slot: u8) -> (Lab, Down) {
-    let opts = LabOptions::new(bin_dir());
-    let _ = Lab::down(name, &opts);
-    let deployment = |name: &str, app| DeploymentSpec {
-        name: name.into(),
-        namespace: "app".into(),
-        replicas: 1,
-        service_account: None,
-        app,
-        labels: BTreeMap::new(),
-    };
-    let spec = LabSpec {
-        name: name.into(),
-        network: NetworkSpec {
-            node_cidr: format!("172.29.{slot}.0/24").parse().unwrap(),
-            pod_cidr: format!("10.{}.0.0/16", 170 + slot).parse().unwrap(),
-            service_cidr: format!("10.{}.0.0/16", 240 + slot).parse().unwrap(),
-        },
-        nodes: vec!["n1".into(), "n2".into()],
-        namespaces: vec![NamespaceSpec {
-            name: "app".into(),
-            labels: BTreeMap::new(),
-        }],
-        deployments: vec![
-            deployment("echo", App::Echo),
-            deployment("client", App::Sleep),
-        ],
-        services: vec![],
-    };
-    (Lab::up(spec, &opts).unwrap(), Down(name.into(), opts))
+/// A two-node lab with an echo server and a client, not meshed (the test
+/// enrolls pods itself), in ranges no other test uses.
+fn lab(name: &str, slot: u8) -> TestLab {
+    let mut spec = spec(name, slot, 2, 1);
+    spec.services.clear();
+    TestLab::up(spec)
 }
 
 fn info(lab: &Lab, key: &str) -> PodInfo {
@@ -132,10 +78,11 @@ async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic() {
-    if !root_or_skip("enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic") {
+    if !require_root("enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic") {
         return;
     }
-    let (lab, _down) = lab("zt-agent", 1);
+    let t = lab("zt-agent", 31);
+    let lab = &t.lab;
     let socket = std::env::temp_dir().join(format!("ztunnel-test-{}.sock", std::process::id()));
     let app = app::build(Config {
         node: "n1".into(),
@@ -145,8 +92,8 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
     })
     .await
     .unwrap();
-    let echo = info(&lab, "app/echo-0");
-    let client = info(&lab, "app/client-0");
+    let echo = info(lab, "app/echo-0");
+    let client = info(lab, "app/sleep-0");
     let url = format!("http://{}:8080/", echo.ip);
 
     for pod in [&client, &echo] {
@@ -164,7 +111,7 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
         2
     );
     // Both ends captured: client → 15001 → ztunnel → echo's 15006 → ztunnel → app.
-    let reply = curl(&lab, "app/client-0", &url).await.unwrap();
+    let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
     assert_eq!(reply["pod"], "echo-0");
     assert!(
         reply["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
@@ -190,7 +137,7 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
         metric(app.metrics_addr, "ambit_ztunnel_captured_pods").await,
         0
     );
-    let reply = curl(&lab, "app/client-0", &url).await.unwrap();
+    let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
     assert!(
         reply["peer"]
             .as_str()
@@ -204,10 +151,11 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_file_changes_are_applied() {
-    if !root_or_skip("pods_file_changes_are_applied") {
+    if !require_root("pods_file_changes_are_applied") {
         return;
     }
-    let (lab, _down) = lab("zt-file", 2);
+    let t = lab("zt-file", 32);
+    let lab = &t.lab;
     let file = std::env::temp_dir().join(format!("ztunnel-pods-{}.json", std::process::id()));
     std::fs::write(&file, "[]").unwrap();
     let app = app::build(Config {
@@ -225,10 +173,10 @@ async fn pods_file_changes_are_applied() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let pods = vec![info(&lab, "app/echo-0"), info(&lab, "app/client-0")];
+    let pods = vec![info(lab, "app/echo-0"), info(lab, "app/sleep-0")];
     std::fs::write(&file, serde_json::to_string(&pods).unwrap()).unwrap();
     wait_for(2).await;
-    assert_eq!(app.agent.pod_keys(), ["app/client-0", "app/echo-0"]);
+    assert_eq!(app.agent.pod_keys(), ["app/echo-0", "app/sleep-0"]);
     // An invalid file keeps the last good set.
     std::fs::write(&file, "{ not json").unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;

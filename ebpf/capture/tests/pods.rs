@@ -6,80 +6,24 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use capture::{Capture, INBOUND_PORT, OUTBOUND_PORT, Pod, PodCapture, netns};
-use lab::spec::{App, DeploymentSpec, NamespaceSpec, NetworkSpec};
-use lab::{Lab, LabOptions, LabSpec};
+use integration_tests::{TestLab, require_root, spec};
+use lab::Lab;
 
-fn root_or_skip(test: &str) -> bool {
-    if lab::is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root and CI is set"
-    );
-    eprintln!("skipping {test}: needs root");
-    false
-}
-
-fn bin_dir() -> PathBuf {
-    // target/<profile>/deps/<test> → target/<profile>; the echo server is
-    // built by the workspace test run (scripts/test builds it first).
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    assert!(
-        dir.join("ambit-echo").exists(),
-        "{} missing: build the workspace first (scripts/test does)",
-        dir.join("ambit-echo").display()
-    );
-    dir
-}
-
-struct Down(String, LabOptions);
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Lab::down(&self.0, &self.1);
-    }
-}
-
-fn small_lab(name: &str, slot: u8) -> (Lab, Down) {
-    let opts = LabOptions::new(bin_dir());
-    let _ = Lab::down(name, &opts);
-    let deployment = |name: &str, app| DeploymentSpec {
-        name: name.into(),
-        namespace: "app".into(),
-        replicas: 1,
-        service_account: None,
-        app,
-        labels: BTreeMap::new(),
-    };
-    let spec = LabSpec {
-        name: name.into(),
-        network: NetworkSpec {
-            node_cidr: format!("172.31.{slot}.0/24").parse().unwrap(),
-            pod_cidr: format!("10.{}.0.0/16", 150 + slot).parse().unwrap(),
-            service_cidr: format!("10.{}.0.0/16", 230 + slot).parse().unwrap(),
-        },
-        nodes: vec!["n1".into(), "n2".into()],
-        namespaces: vec![NamespaceSpec {
-            name: "app".into(),
-            labels: BTreeMap::new(),
-        }],
-        deployments: vec![
-            deployment("echo", App::Echo),
-            deployment("client", App::Sleep),
-            deployment("other", App::Sleep),
-        ],
-        services: vec![],
-    };
-    let lab = Lab::up(spec, &opts).unwrap();
-    (lab, Down(name.into(), opts))
+/// A two-node lab with an echo server, a client and another pod that is
+/// never captured, in ranges no other test uses.
+fn small_lab(name: &str, slot: u8) -> TestLab {
+    let mut spec = spec(name, slot, 2, 1);
+    spec.services.clear();
+    let mut other = spec.deployments[1].clone();
+    other.name = "other".into();
+    spec.deployments.push(other);
+    TestLab::up(spec)
 }
 
 fn netns_path(name: &str) -> PathBuf {
@@ -158,18 +102,19 @@ fn curl(lab: &Lab, pod: &str, url: &str) -> Result<String, String> {
 
 #[test]
 fn captured_client_reaches_its_destination_through_15001() {
-    if !root_or_skip("captured_client_reaches_its_destination_through_15001") {
+    if !require_root("captured_client_reaches_its_destination_through_15001") {
         return;
     }
-    let (lab, _down) = small_lab("cap-out", 1);
+    let t = small_lab("cap-out", 21);
+    let lab = &t.lab;
     let plan = lab.plan();
-    let client = plan.pod("app/client-0").unwrap();
+    let client = plan.pod("app/sleep-0").unwrap();
     let echo = plan.pod("app/echo-0").unwrap();
     let mut capture = Capture::load().unwrap();
     let (pod, _inbound) = capture_pod(&mut capture, client);
     let seen = passthrough(capture, &netns_path(&client.netns));
 
-    let body = curl(&lab, "app/client-0", &format!("http://{}:8080/", echo.ip)).unwrap();
+    let body = curl(lab, "app/sleep-0", &format!("http://{}:8080/", echo.ip)).unwrap();
     let orig = seen
         .recv_timeout(Duration::from_secs(5))
         .expect("connection captured");
@@ -185,28 +130,29 @@ fn captured_client_reaches_its_destination_through_15001() {
 
 #[test]
 fn uncaptured_pod_is_untouched_and_release_restores_direct_traffic() {
-    if !root_or_skip("uncaptured_pod_is_untouched_and_release_restores_direct_traffic") {
+    if !require_root("uncaptured_pod_is_untouched_and_release_restores_direct_traffic") {
         return;
     }
-    let (lab, _down) = small_lab("cap-rel", 2);
+    let t = small_lab("cap-rel", 22);
+    let lab = &t.lab;
     let plan = lab.plan();
-    let client = plan.pod("app/client-0").unwrap();
+    let client = plan.pod("app/sleep-0").unwrap();
     let echo = plan.pod("app/echo-0").unwrap();
     let url = format!("http://{}:8080/", echo.ip);
     let mut capture = Capture::load().unwrap();
     let (pod, _inbound) = capture_pod(&mut capture, client);
 
     // Captured with nothing on 15001: refused, never sent around ztunnel.
-    let err = curl(&lab, "app/client-0", &url).unwrap_err();
+    let err = curl(lab, "app/sleep-0", &url).unwrap_err();
     assert!(
         err.contains("Connection refused") || err.contains("Failed to connect"),
         "{err}"
     );
     // Another pod on the same node is not captured.
-    curl(&lab, "app/other-0", &url).unwrap();
+    curl(lab, "app/other-0", &url).unwrap();
     // Loopback inside the captured pod is not captured either.
     let out = lab
-        .exec_captured("app/client-0", &["sh", "-c", "nc -l -p 7777 -q 1 </dev/null & sleep 0.2; printf x | nc -q 1 127.0.0.1 7777; wait"])
+        .exec_captured("app/sleep-0", &["sh", "-c", "nc -l -p 7777 -q 1 </dev/null & sleep 0.2; printf x | nc -q 1 127.0.0.1 7777; wait"])
         .unwrap();
     assert!(
         out.status.success(),
@@ -215,22 +161,23 @@ fn uncaptured_pod_is_untouched_and_release_restores_direct_traffic() {
     );
 
     capture.release(pod).unwrap();
-    curl(&lab, "app/client-0", &url).expect("direct again after release");
+    curl(lab, "app/sleep-0", &url).expect("direct again after release");
 }
 
 #[test]
 fn inbound_to_any_port_goes_through_15006_even_where_the_app_listens() {
-    if !root_or_skip("inbound_to_any_port_goes_through_15006_even_where_the_app_listens") {
+    if !require_root("inbound_to_any_port_goes_through_15006_even_where_the_app_listens") {
         return;
     }
-    let (lab, _down) = small_lab("cap-in", 3);
+    let t = small_lab("cap-in", 23);
+    let lab = &t.lab;
     let plan = lab.plan();
     let echo = plan.pod("app/echo-0").unwrap().clone();
-    let client = plan.pod("app/client-0").unwrap();
+    let client = plan.pod("app/sleep-0").unwrap();
     let url = format!("http://{}:8080/", echo.ip);
     // Before capture the app sees the client itself.
     let direct: serde_json::Value =
-        serde_json::from_str(&curl(&lab, "app/client-0", &url).unwrap()).unwrap();
+        serde_json::from_str(&curl(lab, "app/sleep-0", &url).unwrap()).unwrap();
     assert!(
         direct["peer"]
             .as_str()
@@ -256,7 +203,7 @@ fn inbound_to_any_port_goes_through_15006_even_where_the_app_listens() {
         pipe(conn, app);
         inbound
     });
-    let body = curl(&lab, "app/client-0", &url).unwrap();
+    let body = curl(lab, "app/sleep-0", &url).unwrap();
     assert_eq!(
         rx.recv_timeout(Duration::from_secs(5)).unwrap(),
         SocketAddrV4::new(echo.ip, 8080)
@@ -269,12 +216,12 @@ fn inbound_to_any_port_goes_through_15006_even_where_the_app_listens() {
     // ztunnel gone (listener closed): new connections fail, none reach the app.
     drop(proxy.join().unwrap());
     let err = lab
-        .exec_captured("app/client-0", &["curl", "-sS", "--max-time", "2", &url])
+        .exec_captured("app/sleep-0", &["curl", "-sS", "--max-time", "2", &url])
         .unwrap();
     assert!(
         !err.status.success(),
         "a captured pod without ztunnel must not be reachable"
     );
     capture.release(pod).unwrap();
-    curl(&lab, "app/client-0", &url).expect("direct again after release");
+    curl(lab, "app/sleep-0", &url).expect("direct again after release");
 }

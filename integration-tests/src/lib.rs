@@ -187,6 +187,7 @@ pub fn leftovers(name: &str) -> Vec<String> {
     for path in [
         Path::new(lab::plan::CGROUP_ROOT).join(name),
         Path::new(lab::STATE_ROOT).join(name),
+        Path::new(lab::BPFFS).join("ambit-lab").join(name),
     ] {
         if path.exists() {
             found.push(path.display().to_string());

@@ -249,3 +249,66 @@ fn without_root_the_lab_says_so() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("needs root"), "{stderr}");
 }
+
+#[test]
+fn killed_ztunnel_fails_closed_and_down_removes_its_pins() {
+    if !require_root("killed_ztunnel_fails_closed_and_down_removes_its_pins") {
+        return;
+    }
+    let name = "it-mesh";
+    let mut mesh = spec(name, 8, 2, 2);
+    mesh.namespaces[0]
+        .labels
+        .insert(lab::plan::DATAPLANE_MODE.into(), "ambient".into());
+    let t = TestLab::up(mesh);
+    let plan = t.lab.plan();
+    let client = plan.pod("app/sleep-0").unwrap();
+    let node = plan.nodes[client.node].name.clone();
+    let url = format!("http://{}/", plan.services[0].cluster_ip);
+    assert!(
+        t.lab.pod_status().iter().all(|p| p.captured),
+        "meshed pods are captured"
+    );
+    let reply = t.curl("app/sleep-0", &url);
+    assert!(reply["pod"].as_str().unwrap().starts_with("echo-"));
+
+    // SIGKILL the client node's ztunnel: no clean-up code runs.
+    let ztunnel = plan.nodes[client.node].cgroup.join("ztunnel");
+    std::fs::write(ztunnel.join("cgroup.kill"), "1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.lab.ztunnel_running(&node) {
+        assert!(Instant::now() < deadline, "ztunnel still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = t
+        .lab
+        .exec_captured("app/sleep-0", &["curl", "-sS", "--max-time", "3", &url])
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a captured pod's connection bypassed the dead ztunnel"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refused") || err.contains("Failed to connect"),
+        "{err}"
+    );
+    let captured = t
+        .lab
+        .pod_status()
+        .into_iter()
+        .find(|p| p.key == "app/sleep-0")
+        .unwrap()
+        .captured;
+    assert!(
+        !captured,
+        "status no longer claims capture by a dead ztunnel"
+    );
+
+    drop(t);
+    assert_eq!(
+        leftovers(name),
+        Vec::<String>::new(),
+        "pins, namespaces and cgroups removed"
+    );
+}

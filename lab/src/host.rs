@@ -80,6 +80,22 @@ fn on_path(tool: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
 }
 
+/// Where node components pin eBPF maps and links.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts the BPF filesystem at /sys/fs/bpf if nothing is mounted there (as
+/// a Kubernetes node has it), so captures can outlive ztunnel processes.
+pub fn ensure_bpffs() -> Result<(), LabError> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(LabError::io("read /proc/self/mounts"))?;
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    run("mount", &["-t", "bpf", "bpf", BPFFS], None).map(|_| ())
+}
+
 /// Checks privileges, tools and kernel features before touching anything.
 pub fn preflight() -> Result<(), LabError> {
     if !is_root() {

@@ -103,6 +103,7 @@ impl Lab {
         }
         self.wait_ready()?;
         if self.plan.pods.iter().any(|p| p.meshed) {
+            host::ensure_bpffs()?;
             self.start_ztunnels()?;
         }
         Ok(())
@@ -145,12 +146,17 @@ impl Lab {
                 env: vec![("NODE_NAME".into(), node.name.clone().into())],
             };
             let file = file.to_string_lossy();
+            // Each node pins its own maps: slots and pods are per ztunnel.
+            let bpf_dir = self.bpf_dir().join(&node.name);
+            let bpf_dir = bpf_dir.to_string_lossy();
             let argv = [
                 &*bin.to_string_lossy(),
                 "--pods",
                 &file,
                 "--metrics",
                 ZTUNNEL_METRICS,
+                "--bpf-dir",
+                &bpf_dir,
             ];
             process::spawn_detached(
                 &place,
@@ -191,6 +197,11 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// The lab's directory of pinned eBPF maps and links, one per node.
+    pub fn bpf_dir(&self) -> PathBuf {
+        bpf_dir(self.name())
     }
 
     /// Runs a command in a node's network namespace (as a node component).
@@ -309,6 +320,13 @@ impl Lab {
         // The shared parent goes with the last lab; another lab keeps it busy.
         let _ = std::fs::remove_dir(&root);
         net::remove(name)?;
+        // Unlinking the pins detaches the programs and frees the maps.
+        let pins = bpf_dir(name);
+        if pins.exists() {
+            std::fs::remove_dir_all(&pins)
+                .map_err(LabError::io(format!("remove {}", pins.display())))?;
+        }
+        let _ = std::fs::remove_dir(pins.parent().expect("the pin directory has a parent"));
         let state = opts.state_root.join(name);
         match std::fs::remove_dir_all(&state) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LabError::Io {
@@ -422,6 +440,10 @@ impl Lab {
         }
         Ok(removed)
     }
+}
+
+fn bpf_dir(lab: &str) -> PathBuf {
+    Path::new(host::BPFFS).join("ambit-lab").join(lab)
 }
 
 fn pod_identity(pod: &PodPlan) -> String {

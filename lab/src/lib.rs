@@ -19,6 +19,6 @@ pub mod process;
 pub mod spec;
 
 pub use error::LabError;
-pub use host::{is_root, preflight};
+pub use host::{BPFFS, ensure_bpffs, is_root, preflight};
 pub use lab::{Lab, LabOptions, PodStatus, STATE_ROOT};
 pub use spec::LabSpec;

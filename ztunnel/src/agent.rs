@@ -98,11 +98,12 @@ impl std::fmt::Debug for NodeAgent {
 }
 
 impl NodeAgent {
-    /// Loads the capture programs; fails with the missing privilege or
+    /// Loads the capture programs, pinning maps and links under `bpf_dir`
+    /// (a restarted agent adopts them); fails with the missing privilege or
     /// kernel feature named.
-    pub fn new() -> Result<Arc<Self>, CaptureError> {
+    pub fn new(bpf_dir: &std::path::Path) -> Result<Arc<Self>, CaptureError> {
         Ok(Arc::new(Self {
-            capture: Mutex::new(Capture::load()?),
+            capture: Mutex::new(Capture::load(bpf_dir)?),
             pods: Mutex::new(HashMap::new()),
             stats: Arc::new(AgentStats::default()),
             tasks: TaskTracker::new(),
@@ -245,11 +246,12 @@ impl NodeAgent {
         tracing::info!(pod = %pod.info.key(), "pod released");
     }
 
-    /// Releases every pod and waits for open connections to end.
+    /// Stops serving and waits for open connections to end. Capture stays
+    /// pinned: until a new agent adopts the pods, their connections fail
+    /// rather than bypass the mesh. Pods leave the mesh only by `remove`.
     pub async fn shutdown(&self) {
-        let uids: Vec<String> = self.lock_pods().keys().cloned().collect();
-        for uid in uids {
-            self.remove(&uid);
+        for pod in self.lock_pods().values() {
+            pod.stop.cancel();
         }
         self.tasks.close();
         self.tasks.wait().await;

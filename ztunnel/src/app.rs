@@ -22,6 +22,8 @@ pub struct Config {
     /// Unix socket for enrollment requests (CNI plugin, pod watcher).
     pub enroll_socket: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
+    /// BPF filesystem directory for this node's pinned maps and links.
+    pub bpf_dir: PathBuf,
 }
 
 /// A running ztunnel.
@@ -35,7 +37,7 @@ pub struct App {
 
 /// Loads capture, binds the listeners and starts serving.
 pub async fn build(config: Config) -> anyhow::Result<App> {
-    let agent = NodeAgent::new()?;
+    let agent = NodeAgent::new(&config.bpf_dir)?;
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let metrics = TcpListener::bind(config.metrics_addr).await?;
@@ -60,7 +62,8 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
 }
 
 impl App {
-    /// Stops enrolling, releases every pod and waits for connections to end.
+    /// Stops enrolling and serving and waits for connections to end; pods
+    /// stay captured (fail closed) until a new ztunnel adopts them.
     pub async fn shutdown(self) {
         self.stop.cancel();
         self.tasks.close();

@@ -23,6 +23,9 @@ struct Args {
     enroll_socket: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:15020")]
     metrics: SocketAddr,
+    /// BPF filesystem directory for pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/ambit")]
+    bpf_dir: PathBuf,
 }
 
 fn main() {
@@ -46,6 +49,7 @@ async fn run() -> anyhow::Result<()> {
         pods_file: args.pods,
         enroll_socket: args.enroll_socket,
         metrics_addr: args.metrics,
+        bpf_dir: args.bpf_dir,
     })
     .await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

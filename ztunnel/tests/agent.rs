@@ -14,6 +14,42 @@ use ztunnel::agent::PodInfo;
 use ztunnel::app::{self, Config};
 use ztunnel::enroll::{Reply, Request};
 
+/// A pin directory of the test's own, removed on drop.
+struct Pins(std::path::PathBuf);
+
+impl Pins {
+    fn new(name: &str) -> Pins {
+        lab::ensure_bpffs().unwrap();
+        let dir = Path::new(lab::BPFFS).join("ambit-test").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        Pins(dir)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        // The shared parent goes with the last test using it.
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+fn config(
+    pins: &Pins,
+    pods_file: Option<std::path::PathBuf>,
+    socket: Option<std::path::PathBuf>,
+) -> Config {
+    Config {
+        node: "n1".into(),
+        pods_file,
+        enroll_socket: socket,
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        bpf_dir: pins.0.clone(),
+    }
+}
+
 /// A two-node lab with an echo server and a client, not meshed (the test
 /// enrolls pods itself), in ranges no other test uses.
 fn lab(name: &str, slot: u8) -> TestLab {
@@ -84,14 +120,10 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
     let t = lab("zt-agent", 31);
     let lab = &t.lab;
     let socket = std::env::temp_dir().join(format!("ztunnel-test-{}.sock", std::process::id()));
-    let app = app::build(Config {
-        node: "n1".into(),
-        pods_file: None,
-        enroll_socket: Some(socket.clone()),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-    })
-    .await
-    .unwrap();
+    let pins = Pins::new("zt-agent");
+    let app = app::build(config(&pins, None, Some(socket.clone())))
+        .await
+        .unwrap();
     let echo = info(lab, "app/echo-0");
     let client = info(lab, "app/sleep-0");
     let url = format!("http://{}:8080/", echo.ip);
@@ -158,14 +190,10 @@ async fn pods_file_changes_are_applied() {
     let lab = &t.lab;
     let file = std::env::temp_dir().join(format!("ztunnel-pods-{}.json", std::process::id()));
     std::fs::write(&file, "[]").unwrap();
-    let app = app::build(Config {
-        node: "n1".into(),
-        pods_file: Some(file.clone()),
-        enroll_socket: None,
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-    })
-    .await
-    .unwrap();
+    let pins = Pins::new("zt-file");
+    let app = app::build(config(&pins, Some(file.clone()), None))
+        .await
+        .unwrap();
     let wait_for = |n: u64| async move {
         let deadline = Instant::now() + Duration::from_secs(5);
         while metric(app.metrics_addr, "ambit_ztunnel_captured_pods").await != n {
@@ -185,5 +213,79 @@ async fn pods_file_changes_are_applied() {
     wait_for(1).await;
     assert_eq!(app.agent.pod_keys(), ["app/echo-0"]);
     app.shutdown().await;
+    let _ = std::fs::remove_file(file);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_ztunnel_captured_pods_fail_closed_and_a_restart_adopts_them() {
+    if !require_root("without_ztunnel_captured_pods_fail_closed_and_a_restart_adopts_them") {
+        return;
+    }
+    let t = lab("zt-restart", 33);
+    let lab = &t.lab;
+    let pins = Pins::new("zt-restart");
+    let file = std::env::temp_dir().join(format!("ztunnel-restart-{}.json", std::process::id()));
+    let pods = vec![info(lab, "app/echo-0"), info(lab, "app/sleep-0")];
+    std::fs::write(&file, serde_json::to_string(&pods).unwrap()).unwrap();
+    let url = format!("http://{}:8080/", pods[0].ip);
+    let captured = |app: &app::App| {
+        let addr = app.metrics_addr;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while metric(addr, "ambit_ztunnel_captured_pods").await != 2 {
+                assert!(Instant::now() < deadline, "pods not captured");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let first = app::build(config(&pins, Some(file.clone()), None))
+        .await
+        .unwrap();
+    captured(&first).await;
+    curl(lab, "app/sleep-0", &url).await.unwrap();
+
+    // ztunnel goes away: capture stays pinned, nothing bypasses the mesh.
+    first.shutdown().await;
+    let err = curl(lab, "app/sleep-0", &url).await.unwrap_err();
+    assert!(
+        err.contains("refused") || err.contains("Failed to connect"),
+        "{err}"
+    );
+
+    // A new ztunnel adopts the pinned capture and traffic flows again.
+    let second = app::build(config(&pins, Some(file.clone()), None))
+        .await
+        .unwrap();
+    captured(&second).await;
+    let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
+    assert!(
+        reply["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{reply}"
+    );
+    assert!(
+        metric(
+            second.metrics_addr,
+            "ambit_ztunnel_outbound_connections_total"
+        )
+        .await
+            >= 1
+    );
+
+    // Leaving the mesh (empty pods file) releases the pins: direct again.
+    std::fs::write(&file, "[]").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(second.metrics_addr, "ambit_ztunnel_captured_pods").await != 0 {
+        assert!(Instant::now() < deadline, "pods not released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
+    assert!(
+        reply["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&pods[1].ip.to_string()),
+        "{reply}"
+    );
+    second.shutdown().await;
     let _ = std::fs::remove_file(file);
 }

@@ -31,23 +31,23 @@ use capture_common::{ClientKey, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, OrigDst
 
 /// Captured pods, by cgroup id.
 #[map]
-static PODS: HashMap<u64, PodConfig> = HashMap::with_max_entries(4096, 0);
+static PODS: HashMap<u64, PodConfig> = HashMap::pinned(4096, 0);
 
 /// Original destinations by socket cookie, between connect and established.
 #[map]
-static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
 
 /// Original destinations by the client end ztunnel sees on 15001.
 #[map]
-static ORIG_DST: LruHashMap<ClientKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+static ORIG_DST: LruHashMap<ClientKey, OrigDst> = LruHashMap::pinned(65536, 0);
 
 /// Captured pods' inbound listener slot (in `INBOUND`), by pod IP.
 #[map]
-static INBOUND_SLOTS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+static INBOUND_SLOTS: HashMap<u32, u32> = HashMap::pinned(4096, 0);
 
 /// ztunnel's 15006 listeners, one per captured pod.
 #[map]
-static INBOUND: SockMap = SockMap::with_max_entries(4096, 0);
+static INBOUND: SockMap = SockMap::pinned(4096, 0);
 
 const ALLOW: i32 = 1;
 const SOCK_STREAM: u32 = 1;

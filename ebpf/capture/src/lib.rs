@@ -17,11 +17,9 @@ use std::path::{Path, PathBuf};
 use std::os::fd::AsRawFd;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, SockMap};
-use aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId;
-use aya::programs::sock_ops::SockOpsLinkId;
-use aya::programs::tc::SchedClassifierLinkId;
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType};
-use aya::{Ebpf, EbpfError, include_bytes_aligned};
+use aya::{Ebpf, EbpfError, EbpfLoader, include_bytes_aligned};
 use capture_common::{ClientKey, OrigDst, PodConfig};
 
 pub mod netns;
@@ -65,12 +63,26 @@ pub enum CaptureError {
     },
     #[error("eBPF map {map}: {detail}")]
     Map { map: &'static str, detail: String },
+    #[error(
+        "{} is not a BPF filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) so capture survives a ztunnel restart",
+        path.display()
+    )]
+    NoBpffs { path: PathBuf },
+    #[error("pinning in {}: {detail}", path.display())]
+    Pin { path: PathBuf, detail: String },
 }
 
 /// The loaded programs and their maps.
+///
+/// Maps and per-pod links are pinned under a directory of a BPF filesystem,
+/// so capture outlives the process: if ztunnel dies, captured pods keep
+/// being redirected to listeners that no longer exist, and their
+/// connections fail instead of bypassing the mesh. A restarted ztunnel with
+/// the same directory adopts the pinned links and maps.
 #[derive(Debug)]
 pub struct Capture {
     bpf: Ebpf,
+    pin_dir: PathBuf,
     free_slots: Vec<u32>,
 }
 
@@ -89,17 +101,19 @@ pub struct Pod<'a, L: AsRawFd> {
     pub inbound_listener: &'a L,
 }
 
-/// Links of one captured pod; give it back to [`Capture::release`].
+/// One captured pod; give it back to [`Capture::release`].
 #[derive(Debug)]
 pub struct PodCapture {
     cgroup: PathBuf,
     cgroup_id: u64,
     ip: Ipv4Addr,
     slot: u32,
-    connect4: CgroupSockAddrLinkId,
-    sockops: SockOpsLinkId,
-    inbound: SchedClassifierLinkId,
+    /// Where the pod's links are pinned.
+    links: PathBuf,
 }
+
+/// Pinned link files of one pod.
+const LINKS: [&str; 3] = ["inbound", "connect4", "sockops"];
 
 impl PodCapture {
     pub fn cgroup(&self) -> &Path {
@@ -117,14 +131,23 @@ fn rejected(program: &'static str, e: impl std::fmt::Display) -> CaptureError {
 }
 
 impl Capture {
-    /// Loads the programs into the kernel (they act only once attached).
-    pub fn load() -> Result<Self, CaptureError> {
-        let mut bpf = Ebpf::load(OBJECT).map_err(|e| match e {
-            EbpfError::MapError(ref m) if m.to_string().contains("Operation not permitted") => {
-                CaptureError::Privilege(m.to_string())
-            }
-            other => rejected("object", other),
+    /// Loads the programs into the kernel (they act only once attached),
+    /// reusing maps pinned in `pin_dir` by an earlier run.
+    pub fn load(pin_dir: &Path) -> Result<Self, CaptureError> {
+        check_bpffs(pin_dir)?;
+        std::fs::create_dir_all(pin_dir.join("pods")).map_err(|e| CaptureError::Pin {
+            path: pin_dir.to_path_buf(),
+            detail: e.to_string(),
         })?;
+        let mut bpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)
+            .map_err(|e| match e {
+                EbpfError::MapError(ref m) if m.to_string().contains("Operation not permitted") => {
+                    CaptureError::Privilege(m.to_string())
+                }
+                other => rejected("object", other),
+            })?;
         let connect4: &mut CgroupSockAddr = program(&mut bpf, CONNECT4)?;
         connect4
             .load()
@@ -137,14 +160,37 @@ impl Capture {
         inbound
             .load()
             .map_err(|e| rejected(INBOUND, verifier_detail(e)))?;
-        Ok(Self {
+        let mut this = Self {
             bpf,
-            free_slots: (0..MAX_PODS).rev().collect(),
+            pin_dir: pin_dir.to_path_buf(),
+            free_slots: Vec::new(),
+        };
+        let used: Vec<u32> = this
+            .slots()?
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, slot)| slot)
+            .collect();
+        this.free_slots = (0..MAX_PODS).rev().filter(|s| !used.contains(s)).collect();
+        Ok(this)
+    }
+
+    fn slots(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>, CaptureError> {
+        BpfHashMap::try_from(
+            self.bpf
+                .map_mut("INBOUND_SLOTS")
+                .ok_or_else(|| missing_map("INBOUND_SLOTS"))?,
+        )
+        .map_err(|e| CaptureError::Map {
+            map: "INBOUND_SLOTS",
+            detail: e.to_string(),
         })
     }
 
     /// Starts capturing a pod: inbound first (so no new connection reaches
-    /// the application around ztunnel), then outbound.
+    /// the application around ztunnel), then outbound. A pod whose links are
+    /// already pinned (ztunnel restarted) keeps them; only its new listener
+    /// is registered.
     pub fn capture<L: AsRawFd>(&mut self, pod: &Pod<'_, L>) -> Result<PodCapture, CaptureError> {
         let cgroup_err = |source| CaptureError::Cgroup {
             path: pod.cgroup.to_path_buf(),
@@ -152,16 +198,19 @@ impl Capture {
         };
         let dir = File::open(pod.cgroup).map_err(cgroup_err)?;
         let cgroup_id = dir.metadata().map_err(cgroup_err)?.ino();
-        let slot = self.free_slots.pop().ok_or(CaptureError::Map {
-            map: "INBOUND",
-            detail: format!("all {MAX_PODS} pod slots are in use"),
-        })?;
         let ip = u32::from_ne_bytes(pod.ip.octets());
         let map_err = |map: &'static str| {
             move |e: aya::maps::MapError| CaptureError::Map {
                 map,
                 detail: e.to_string(),
             }
+        };
+        let slot = match self.slots()?.get(&ip, 0) {
+            Ok(slot) => slot,
+            Err(_) => self.free_slots.pop().ok_or(CaptureError::Map {
+                map: "INBOUND",
+                detail: format!("all {MAX_PODS} pod slots are in use"),
+            })?,
         };
         let mut listeners: SockMap<&mut MapData> = SockMap::try_from(
             self.bpf
@@ -172,18 +221,32 @@ impl Capture {
         listeners
             .set(slot, pod.inbound_listener, 0)
             .map_err(map_err("INBOUND"))?;
-        let mut slots: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
-            self.bpf
-                .map_mut("INBOUND_SLOTS")
-                .ok_or_else(|| missing_map("INBOUND_SLOTS"))?,
-        )
-        .map_err(map_err("INBOUND_SLOTS"))?;
-        slots
+        self.slots()?
             .insert(ip, slot, 0)
             .map_err(map_err("INBOUND_SLOTS"))?;
         self.pods()?
             .insert(cgroup_id, PodConfig { ip, enabled: 1 }, 0)
             .map_err(map_err("PODS"))?;
+        let links = self.pin_dir.join("pods").join(cgroup_id.to_string());
+        if !LINKS.iter().all(|l| links.join(l).exists()) {
+            self.attach(pod, &dir, &links)?;
+        }
+        Ok(PodCapture {
+            cgroup: pod.cgroup.to_path_buf(),
+            cgroup_id,
+            ip: pod.ip,
+            slot,
+            links,
+        })
+    }
+
+    /// Attaches the three programs for a pod and pins their links.
+    fn attach<L: AsRawFd>(
+        &mut self,
+        pod: &Pod<'_, L>,
+        dir: &File,
+        links: &Path,
+    ) -> Result<(), CaptureError> {
         let attach_err = |program: &'static str| {
             move |e: aya::programs::ProgramError| CaptureError::Attach {
                 program,
@@ -191,8 +254,15 @@ impl Capture {
                 detail: e.to_string(),
             }
         };
+        let pin_err = |e: &dyn std::fmt::Display| CaptureError::Pin {
+            path: links.to_path_buf(),
+            detail: e.to_string(),
+        };
+        // Remains of a half-done attach would make the pins below fail.
+        let _ = unpin_all(links);
+        std::fs::create_dir_all(links).map_err(|e| pin_err(&e))?;
         let inbound: &mut SchedClassifier = program(&mut self.bpf, INBOUND)?;
-        let inbound = netns::run_in(pod.netns, || {
+        let id = netns::run_in(pod.netns, || {
             inbound.attach(pod.interface, TcAttachType::Ingress)
         })
         .map_err(|source| CaptureError::Cgroup {
@@ -200,46 +270,48 @@ impl Capture {
             source,
         })?
         .map_err(attach_err(INBOUND))?;
+        let link: FdLink = inbound
+            .take_link(id)
+            .map_err(attach_err(INBOUND))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| pin_err(&e))?;
+        link.pin(links.join("inbound")).map_err(|e| pin_err(&e))?;
         let connect4: &mut CgroupSockAddr = program(&mut self.bpf, CONNECT4)?;
-        let connect4 = connect4
-            .attach(&dir, CgroupAttachMode::Single)
+        let id = connect4
+            .attach(dir, CgroupAttachMode::Single)
             .map_err(attach_err(CONNECT4))?;
+        let link: FdLink = connect4
+            .take_link(id)
+            .map_err(attach_err(CONNECT4))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| pin_err(&e))?;
+        link.pin(links.join("connect4")).map_err(|e| pin_err(&e))?;
         let sockops: &mut SockOps = program(&mut self.bpf, SOCKOPS)?;
-        let sockops = sockops
-            .attach(&dir, CgroupAttachMode::Single)
+        let id = sockops
+            .attach(dir, CgroupAttachMode::Single)
             .map_err(attach_err(SOCKOPS))?;
-        Ok(PodCapture {
-            cgroup: pod.cgroup.to_path_buf(),
-            cgroup_id,
-            ip: pod.ip,
-            slot,
-            connect4,
-            sockops,
-            inbound,
-        })
+        let link: FdLink = sockops
+            .take_link(id)
+            .map_err(attach_err(SOCKOPS))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| pin_err(&e))?;
+        link.pin(links.join("sockops")).map_err(|e| pin_err(&e))?;
+        Ok(())
     }
 
-    /// Stops capturing a pod: its new connections go direct again.
+    /// Stops capturing a pod: its links are unpinned (and so detached), its
+    /// new connections go direct again.
     pub fn release(&mut self, pod: PodCapture) -> Result<(), CaptureError> {
-        let connect4: &mut CgroupSockAddr = program(&mut self.bpf, CONNECT4)?;
-        let _ = connect4.detach(pod.connect4);
-        let sockops: &mut SockOps = program(&mut self.bpf, SOCKOPS)?;
-        let _ = sockops.detach(pod.sockops);
-        let inbound: &mut SchedClassifier = program(&mut self.bpf, INBOUND)?;
-        let _ = inbound.detach(pod.inbound);
+        let result = unpin_all(&pod.links);
         let _ = self.pods()?.remove(&pod.cgroup_id);
-        if let Some(map) = self.bpf.map_mut("INBOUND_SLOTS")
-            && let Ok(mut slots) = BpfHashMap::<&mut MapData, u32, u32>::try_from(map)
-        {
-            let _ = slots.remove(&u32::from_ne_bytes(pod.ip.octets()));
-        }
+        let _ = self.slots()?.remove(&u32::from_ne_bytes(pod.ip.octets()));
         if let Some(map) = self.bpf.map_mut("INBOUND")
             && let Ok(mut listeners) = SockMap::<&mut MapData>::try_from(map)
         {
             let _ = listeners.clear_index(&pod.slot);
         }
         self.free_slots.push(pod.slot);
-        Ok(())
+        result
     }
 
     /// Where a captured connection was going: `netns_cookie` of the pod's
@@ -289,6 +361,45 @@ impl Capture {
             detail: e.to_string(),
         })
     }
+}
+
+/// Unpins (and so detaches) a pod's links and removes their directory.
+fn unpin_all(links: &Path) -> Result<(), CaptureError> {
+    for name in LINKS {
+        let path = links.join(name);
+        if let Ok(pinned) = PinnedLink::from_pin(&path) {
+            // Dropping the FdLink after unpinning detaches the program.
+            let _ = pinned.unpin();
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    match std::fs::remove_dir(links) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(CaptureError::Pin {
+            path: links.to_path_buf(),
+            detail: e.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// BPF_FS_MAGIC from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Pins need a BPF filesystem at or above `dir`.
+fn check_bpffs(dir: &Path) -> Result<(), CaptureError> {
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(Path::new("/"));
+    }
+    let fs = nix::sys::statfs::statfs(probe).map_err(|_| CaptureError::NoBpffs {
+        path: dir.to_path_buf(),
+    })?;
+    if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        return Err(CaptureError::NoBpffs {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 fn missing_map(map: &'static str) -> CaptureError {

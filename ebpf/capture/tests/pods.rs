@@ -15,6 +15,28 @@ use capture::{Capture, INBOUND_PORT, OUTBOUND_PORT, Pod, PodCapture, netns};
 use integration_tests::{TestLab, require_root, spec};
 use lab::Lab;
 
+/// Capture with its pins in a directory of its own, removed on drop.
+struct TestCapture(Capture, PathBuf);
+
+impl TestCapture {
+    fn load(name: &str) -> TestCapture {
+        lab::ensure_bpffs().unwrap();
+        let dir = Path::new(lab::BPFFS).join("ambit-test").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        TestCapture(Capture::load(&dir).unwrap(), dir)
+    }
+}
+
+impl Drop for TestCapture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.1);
+        // The shared parent goes with the last test using it.
+        if let Some(parent) = self.1.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
 /// A two-node lab with an echo server, a client and another pod that is
 /// never captured, in ranges no other test uses.
 fn small_lab(name: &str, slot: u8) -> TestLab {
@@ -52,7 +74,7 @@ fn capture_pod(capture: &mut Capture, pod: &lab::plan::PodPlan) -> (PodCapture, 
 /// A plain passthrough on 15001 in the pod's namespace: accepts one
 /// connection, asks capture where it was going, connects there from inside
 /// the namespace, and copies. Reports the original destination.
-fn passthrough(capture: Capture, pod_netns: &Path) -> mpsc::Receiver<SocketAddrV4> {
+fn passthrough(capture: TestCapture, pod_netns: &Path) -> mpsc::Receiver<SocketAddrV4> {
     let ns = pod_netns.to_path_buf();
     let listener = netns::run_in(&ns, || {
         TcpListener::bind((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)).unwrap()
@@ -67,6 +89,7 @@ fn passthrough(capture: Capture, pod_netns: &Path) -> mpsc::Receiver<SocketAddrV
             panic!("IPv4 only")
         };
         let orig = capture
+            .0
             .original_destination(cookie, peer)
             .unwrap()
             .expect("recorded");
@@ -110,8 +133,8 @@ fn captured_client_reaches_its_destination_through_15001() {
     let plan = lab.plan();
     let client = plan.pod("app/sleep-0").unwrap();
     let echo = plan.pod("app/echo-0").unwrap();
-    let mut capture = Capture::load().unwrap();
-    let (pod, _inbound) = capture_pod(&mut capture, client);
+    let mut capture = TestCapture::load("cap-out");
+    let (pod, _inbound) = capture_pod(&mut capture.0, client);
     let seen = passthrough(capture, &netns_path(&client.netns));
 
     let body = curl(lab, "app/sleep-0", &format!("http://{}:8080/", echo.ip)).unwrap();
@@ -139,8 +162,8 @@ fn uncaptured_pod_is_untouched_and_release_restores_direct_traffic() {
     let client = plan.pod("app/sleep-0").unwrap();
     let echo = plan.pod("app/echo-0").unwrap();
     let url = format!("http://{}:8080/", echo.ip);
-    let mut capture = Capture::load().unwrap();
-    let (pod, _inbound) = capture_pod(&mut capture, client);
+    let mut capture = TestCapture::load("cap-rel");
+    let (pod, _inbound) = capture_pod(&mut capture.0, client);
 
     // Captured with nothing on 15001: refused, never sent around ztunnel.
     let err = curl(lab, "app/sleep-0", &url).unwrap_err();
@@ -160,7 +183,7 @@ fn uncaptured_pod_is_untouched_and_release_restores_direct_traffic() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    capture.release(pod).unwrap();
+    capture.0.release(pod).unwrap();
     curl(lab, "app/sleep-0", &url).expect("direct again after release");
 }
 
@@ -185,8 +208,8 @@ fn inbound_to_any_port_goes_through_15006_even_where_the_app_listens() {
             .starts_with(&client.ip.to_string())
     );
 
-    let mut capture = Capture::load().unwrap();
-    let (pod, inbound) = capture_pod(&mut capture, &echo);
+    let mut capture = TestCapture::load("cap-in");
+    let (pod, inbound) = capture_pod(&mut capture.0, &echo);
     let ns = netns_path(&echo.netns);
     let (tx, rx) = mpsc::channel();
     let proxy = std::thread::spawn(move || {
@@ -222,6 +245,6 @@ fn inbound_to_any_port_goes_through_15006_even_where_the_app_listens() {
         !err.status.success(),
         "a captured pod without ztunnel must not be reachable"
     );
-    capture.release(pod).unwrap();
+    capture.0.release(pod).unwrap();
     curl(lab, "app/sleep-0", &url).expect("direct again after release");
 }

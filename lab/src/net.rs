@@ -21,8 +21,7 @@ const HAIRPIN_MARK: &str = "0x4000";
 pub(crate) fn create(plan: &Plan) -> Result<(), LabError> {
     let net = &plan.net_netns;
     let node_prefix = plan.spec.network.node_cidr.prefix();
-    ip(&["netns", "add", net])?;
-    ip_in(net, &["link", "set", "lo", "up"])?;
+    new_netns(net)?;
     ip_in(net, &["link", "add", BRIDGE, "type", "bridge"])?;
     ip_in(
         net,
@@ -51,23 +50,8 @@ fn create_node(plan: &Plan, node: &NodePlan) -> Result<(), LabError> {
     let net = &plan.net_netns;
     let ns = &node.netns;
     let prefix = plan.spec.network.node_cidr.prefix();
-    ip(&["netns", "add", ns])?;
-    ip_in(ns, &["link", "set", "lo", "up"])?;
-    ip_in(
-        net,
-        &[
-            "link",
-            "add",
-            &node.uplink,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns,
-        ],
-    )?;
+    new_netns(ns)?;
+    veth_to_eth0(net, &node.uplink, ns)?;
     ip_in(net, &["link", "set", &node.uplink, "master", BRIDGE, "up"])?;
     ip_in(
         ns,
@@ -101,26 +85,26 @@ fn create_node(plan: &Plan, node: &NodePlan) -> Result<(), LabError> {
     Ok(())
 }
 
+/// A network namespace with its loopback up.
+fn new_netns(ns: &str) -> Result<(), LabError> {
+    ip(&["netns", "add", ns])?;
+    ip_in(ns, &["link", "set", "lo", "up"])?;
+    Ok(())
+}
+
+/// A veth pair from `host_if` in `host_ns` to `eth0` in `peer_ns`.
+fn veth_to_eth0(host_ns: &str, host_if: &str, peer_ns: &str) -> Result<(), LabError> {
+    let args = [
+        "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", peer_ns,
+    ];
+    ip_in(host_ns, &args).map(|_| ())
+}
+
 fn create_pod(node: &NodePlan, pod: &PodPlan) -> Result<(), LabError> {
     let (ns, host) = (&pod.netns, &node.netns);
     let gateway = node.pod_gateway.to_string();
-    ip(&["netns", "add", ns])?;
-    ip_in(ns, &["link", "set", "lo", "up"])?;
-    ip_in(
-        host,
-        &[
-            "link",
-            "add",
-            &pod.host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns,
-        ],
-    )?;
+    new_netns(ns)?;
+    veth_to_eth0(host, &pod.host_veth, ns)?;
     ip_in(
         host,
         &[

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use capture::{Capture, CaptureError, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, Pod, PodCapture};
+use capture::{
+    Capture, CaptureError, Exclusions, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, Pod, PodCapture,
+};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -103,10 +105,16 @@ impl std::fmt::Debug for NodeAgent {
 impl NodeAgent {
     /// Loads the capture programs, pinning maps and links under `bpf_dir`
     /// (a restarted agent adopts them); fails with the missing privilege or
-    /// kernel feature named.
-    pub fn new(bpf_dir: &std::path::Path) -> Result<Arc<Self>, CaptureError> {
+    /// kernel feature named. Outbound connects to `exclusions` are not
+    /// captured.
+    pub fn new(
+        bpf_dir: &std::path::Path,
+        exclusions: &Exclusions,
+    ) -> Result<Arc<Self>, CaptureError> {
+        let mut capture = Capture::load(bpf_dir)?;
+        capture.set_exclusions(exclusions)?;
         Ok(Arc::new(Self {
-            capture: Mutex::new(Capture::load(bpf_dir)?),
+            capture: Mutex::new(capture),
             pods: Mutex::new(HashMap::new()),
             stats: Arc::new(AgentStats::default()),
             tasks: TaskTracker::new(),
@@ -132,8 +140,10 @@ impl NodeAgent {
         self.capture.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Makes the set of enrolled pods equal to `pods`.
-    pub async fn reconcile(self: &Arc<Self>, pods: Vec<PodInfo>) {
+    /// Makes the set of enrolled pods equal to `pods`, and releases pins an
+    /// earlier run left for pods not among them. Returns the reasons of
+    /// pods that could not be captured.
+    pub async fn reconcile(self: &Arc<Self>, pods: Vec<PodInfo>) -> Vec<String> {
         let wanted: HashMap<String, PodInfo> =
             pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
         let stale: Vec<String> = self
@@ -145,6 +155,7 @@ impl NodeAgent {
         for uid in stale {
             self.remove(&uid);
         }
+        let mut failed = Vec::new();
         for (uid, pod) in wanted {
             if self.lock_pods().contains_key(&uid) {
                 continue;
@@ -152,8 +163,17 @@ impl NodeAgent {
             if let Err(error) = self.enroll(pod).await {
                 self.stats.attach_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%error, "pod not captured");
+                failed.push(error.to_string());
             }
         }
+        let pods = self.lock_pods();
+        let live: Vec<&PodCapture> = pods.values().map(|p| &p.capture).collect();
+        match self.lock_capture().prune(&live) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pods = n, "released capture of pods no longer in the mesh"),
+            Err(error) => tracing::warn!(%error, "releasing stale capture"),
+        }
+        failed
     }
 
     /// Creates the pod's listeners in its namespace, starts serving them and

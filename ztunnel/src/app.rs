@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use capture::Exclusions;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,6 +25,9 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// BPF filesystem directory for this node's pinned maps and links.
     pub bpf_dir: PathBuf,
+    /// Outbound destinations never captured (e.g. the API server, node
+    /// networks reached by host-network agents' peers).
+    pub exclusions: Exclusions,
 }
 
 /// A running ztunnel.
@@ -37,7 +41,7 @@ pub struct App {
 
 /// Loads capture, binds the listeners and starts serving.
 pub async fn build(config: Config) -> anyhow::Result<App> {
-    let agent = NodeAgent::new(&config.bpf_dir)?;
+    let agent = NodeAgent::new(&config.bpf_dir, &config.exclusions)?;
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let metrics = TcpListener::bind(config.metrics_addr).await?;

@@ -4,8 +4,10 @@
 //!   `ambit lab` writes for each node.
 //! - A Unix socket speaking newline-delimited JSON, for a chained CNI plugin
 //!   or a node-local pod watcher in Kubernetes (ADR 0007): a request is
-//!   `{"add": <PodInfo>}` or `{"remove": "<uid>"}`, the answer `{"ok": true}`
-//!   or `{"ok": false, "error": "<reason>"}`.
+//!   `{"add": <PodInfo>}`, `{"remove": "<uid>"}` or `{"snapshot": [<PodInfo>…]}`
+//!   (the whole set, e.g. after a restart: pods not in it are released, pins
+//!   left by an earlier run included), the answer `{"ok": true}` or
+//!   `{"ok": false, "error": "<reason>"}`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,6 +62,8 @@ fn read_pods(path: &Path) -> Result<Vec<PodInfo>, String> {
 pub enum Request {
     Add(PodInfo),
     Remove(String),
+    /// Every pod of the node that must be captured.
+    Snapshot(Vec<PodInfo>),
 }
 
 /// The answer to one request.
@@ -122,6 +126,13 @@ async fn handle(agent: &Arc<NodeAgent>, line: &str) -> Reply {
             Reply {
                 ok: true,
                 error: None,
+            }
+        }
+        Request::Snapshot(pods) => {
+            let failed = agent.reconcile(pods).await;
+            Reply {
+                ok: failed.is_empty(),
+                error: (!failed.is_empty()).then(|| failed.join("; ")),
             }
         }
     }

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use capture::Exclusions;
 use clap::Parser;
 use ztunnel::app::{self, Config};
 
@@ -26,6 +27,13 @@ struct Args {
     /// BPF filesystem directory for pinned maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/ambit")]
     bpf_dir: PathBuf,
+    /// IPv4 networks whose outbound connections are never captured
+    /// (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_cidr: Vec<ipnet::Ipv4Net>,
+    /// Destination ports whose outbound connections are never captured.
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_port: Vec<u16>,
 }
 
 fn main() {
@@ -50,6 +58,14 @@ async fn run() -> anyhow::Result<()> {
         enroll_socket: args.enroll_socket,
         metrics_addr: args.metrics,
         bpf_dir: args.bpf_dir,
+        exclusions: Exclusions {
+            nets: args
+                .exclude_outbound_cidr
+                .iter()
+                .map(|n| (n.network(), n.prefix_len()))
+                .collect(),
+            ports: args.exclude_outbound_port,
+        },
     })
     .await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

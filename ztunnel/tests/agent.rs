@@ -47,6 +47,7 @@ fn config(
         enroll_socket: socket,
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         bpf_dir: pins.0.clone(),
+        exclusions: Default::default(),
     }
 }
 
@@ -288,4 +289,64 @@ async fn without_ztunnel_captured_pods_fail_closed_and_a_restart_adopts_them() {
     );
     second.shutdown().await;
     let _ = std::fs::remove_file(file);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_releases_pods_that_left_while_ztunnel_was_down() {
+    if !require_root("a_snapshot_releases_pods_that_left_while_ztunnel_was_down") {
+        return;
+    }
+    let t = lab("zt-prune", 34);
+    let lab = &t.lab;
+    let pins = Pins::new("zt-prune");
+    let file = std::env::temp_dir().join(format!("ztunnel-prune-{}.json", std::process::id()));
+    let socket = std::env::temp_dir().join(format!("ztunnel-prune-{}.sock", std::process::id()));
+    let client = info(lab, "app/sleep-0");
+    let url = format!("http://{}:8080/", info(lab, "app/echo-0").ip);
+    std::fs::write(&file, serde_json::to_string(&[&client]).unwrap()).unwrap();
+    let first = app::build(config(&pins, Some(file.clone()), None))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(first.metrics_addr, "ambit_ztunnel_captured_pods").await != 1 {
+        assert!(Instant::now() < deadline, "pod not captured");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.shutdown().await;
+    let pinned = pins.0.join("pods");
+    assert_eq!(std::fs::read_dir(&pinned).unwrap().count(), 1);
+
+    // While no ztunnel runs, the pod leaves the mesh. The new ztunnel hears
+    // of it through the snapshot; until then the pod stays fail-closed.
+    let second = app::build(config(&pins, None, Some(socket.clone())))
+        .await
+        .unwrap();
+    curl(lab, "app/sleep-0", &url).await.unwrap_err();
+    let reply = request(&socket, &Request::Snapshot(vec![])).await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(
+        std::fs::read_dir(&pinned).unwrap().count(),
+        0,
+        "stale pins released"
+    );
+    let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
+    assert!(
+        reply["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", client.ip)),
+        "direct again: {reply}"
+    );
+
+    // A snapshot with a pod that cannot be captured says why.
+    let mut broken = client.clone();
+    broken.netns = "/var/run/netns/ambit-gone".into();
+    let reply = request(&socket, &Request::Snapshot(vec![broken])).await;
+    assert!(
+        !reply.ok && reply.error.as_deref().unwrap().contains("ambit-gone"),
+        "{reply:?}"
+    );
+    second.shutdown().await;
+    let _ = std::fs::remove_file(file);
+    let _ = std::fs::remove_file(socket);
 }

@@ -6,7 +6,8 @@
 //! 127.0.0.1:15001 listener in the pod's netns and remembers the original
 //! destination by socket cookie; `sockops` moves that record, once the
 //! connection is established and its source port known, to a key ztunnel can
-//! compute from the accepted socket's peer address.
+//! compute from the accepted socket's peer address. Destinations in the
+//! node's excluded networks or ports are left alone.
 //!
 //! Inbound: a TC program (TCX) on the pod's `eth0` ingress leaves established
 //! flows to their own sockets and assigns each new TCP connection to the pod
@@ -25,7 +26,8 @@ use aya_ebpf::helpers::generated::{
     bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
 };
 use aya_ebpf::macros::{cgroup_sock_addr, classifier, map, sock_ops};
-use aya_ebpf::maps::{HashMap, LruHashMap, SockMap};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{HashMap, LpmTrie, LruHashMap, SockMap};
 use aya_ebpf::programs::{SockAddrContext, SockOpsContext, TcContext};
 use capture_common::{ClientKey, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, OrigDst, PodConfig};
 
@@ -48,6 +50,15 @@ static INBOUND_SLOTS: HashMap<u32, u32> = HashMap::pinned(4096, 0);
 /// ztunnel's 15006 listeners, one per captured pod.
 #[map]
 static INBOUND: SockMap = SockMap::pinned(4096, 0);
+
+/// Destination networks outbound capture leaves alone (node-wide), keyed by
+/// network-order address bytes.
+#[map]
+static EXCLUDED_NETS: LpmTrie<u32, u8> = LpmTrie::pinned(256, 0);
+
+/// Destination ports (host order) outbound capture leaves alone.
+#[map]
+static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
 
 const ALLOW: i32 = 1;
 const SOCK_STREAM: u32 = 1;
@@ -72,6 +83,12 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     if pod.enabled == 0 || dst_ip == pod.ip {
+        return ALLOW;
+    }
+    let dst_port = u16::from_be(addr.user_port as u16);
+    if EXCLUDED_PORTS.get_ptr(&dst_port).is_some()
+        || EXCLUDED_NETS.get(Key::new(32, dst_ip)).is_some()
+    {
         return ALLOW;
     }
     // SAFETY: the context pointer is the one the kernel passed in.

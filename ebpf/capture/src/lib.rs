@@ -16,10 +16,11 @@ use std::path::{Path, PathBuf};
 
 use std::os::fd::AsRawFd;
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData, SockMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType};
-use aya::{Ebpf, EbpfError, EbpfLoader, include_bytes_aligned};
+use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use capture_common::{ClientKey, OrigDst, PodConfig};
 
 pub mod netns;
@@ -101,6 +102,18 @@ pub struct Pod<'a, L: AsRawFd> {
     pub inbound_listener: &'a L,
 }
 
+/// Destinations outbound capture leaves alone on the whole node: TCP
+/// connects to them go direct, as if the pod were not captured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exclusions {
+    /// IPv4 networks as (network address, prefix length).
+    pub nets: Vec<(Ipv4Addr, u8)>,
+    pub ports: Vec<u16>,
+}
+
+/// Entries each exclusion table holds (sized in `capture-programs`).
+pub const MAX_EXCLUSIONS: usize = 256;
+
 /// One captured pod; give it back to [`Capture::release`].
 #[derive(Debug)]
 pub struct PodCapture {
@@ -121,9 +134,21 @@ impl PodCapture {
     }
 }
 
-fn rejected(program: &'static str, e: impl std::fmt::Display) -> CaptureError {
-    let detail = format!("{e:#}");
-    if detail.contains("EPERM") || detail.contains("Operation not permitted") {
+/// Classifies a load failure: EPERM anywhere in the chain means a missing
+/// privilege, anything else a rejection; the detail carries the whole chain.
+fn rejected(program: &'static str, e: impl std::error::Error) -> CaptureError {
+    let mut detail = e.to_string();
+    let mut eperm = false;
+    let mut source = e.source();
+    while let Some(cause) = source {
+        detail.push_str(": ");
+        detail.push_str(&cause.to_string());
+        eperm |= cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM));
+        source = cause.source();
+    }
+    if eperm || detail.contains("Operation not permitted") {
         CaptureError::Privilege(detail)
     } else {
         CaptureError::Rejected { program, detail }
@@ -142,24 +167,12 @@ impl Capture {
         let mut bpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
-            .map_err(|e| match e {
-                EbpfError::MapError(ref m) if m.to_string().contains("Operation not permitted") => {
-                    CaptureError::Privilege(m.to_string())
-                }
-                other => rejected("object", other),
-            })?;
+            .map_err(|e| rejected("object", e))?;
         let connect4: &mut CgroupSockAddr = program(&mut bpf, CONNECT4)?;
-        connect4
-            .load()
-            .map_err(|e| rejected(CONNECT4, verifier_detail(e)))?;
+        connect4.load().map_err(|e| load_error(CONNECT4, e))?;
         let sockops: &mut SockOps = program(&mut bpf, SOCKOPS)?;
-        sockops
-            .load()
-            .map_err(|e| rejected(SOCKOPS, verifier_detail(e)))?;
-        let inbound: &mut SchedClassifier = program(&mut bpf, INBOUND)?;
-        inbound
-            .load()
-            .map_err(|e| rejected(INBOUND, verifier_detail(e)))?;
+        sockops.load().map_err(|e| load_error(SOCKOPS, e))?;
+        load_classifier(&mut bpf, INBOUND)?;
         let mut this = Self {
             bpf,
             pin_dir: pin_dir.to_path_buf(),
@@ -314,6 +327,132 @@ impl Capture {
         result
     }
 
+    /// Releases what an earlier run left pinned for pods that are not in
+    /// `live` (they left the mesh while no ztunnel was running): their links
+    /// are detached and their slots freed. Returns how many pods were
+    /// released.
+    pub fn prune(&mut self, live: &[&PodCapture]) -> Result<usize, CaptureError> {
+        let pods_dir = self.pin_dir.join("pods");
+        let entries = std::fs::read_dir(&pods_dir).map_err(|e| CaptureError::Pin {
+            path: pods_dir.clone(),
+            detail: e.to_string(),
+        })?;
+        let mut released = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            if live.iter().any(|p| p.cgroup_id == id) {
+                continue;
+            }
+            unpin_all(&entry.path())?;
+            released += 1;
+        }
+        let mut pods = self.pods()?;
+        let stale: Vec<u64> = pods
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !live.iter().any(|p| p.cgroup_id == *id))
+            .collect();
+        for id in stale {
+            let _ = pods.remove(&id);
+        }
+        let mut slots = self.slots()?;
+        let stale: Vec<(u32, u32)> = slots
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(ip, _)| {
+                !live
+                    .iter()
+                    .any(|p| u32::from_ne_bytes(p.ip.octets()) == *ip)
+            })
+            .collect();
+        for (ip, _) in &stale {
+            let _ = slots.remove(ip);
+        }
+        if let Some(map) = self.bpf.map_mut("INBOUND")
+            && let Ok(mut listeners) = SockMap::<&mut MapData>::try_from(map)
+        {
+            for (_, slot) in &stale {
+                let _ = listeners.clear_index(slot);
+            }
+        }
+        self.free_slots.extend(stale.iter().map(|(_, slot)| *slot));
+        Ok(released)
+    }
+
+    /// Replaces the node's outbound exclusions; connects already made are
+    /// not affected.
+    pub fn set_exclusions(&mut self, exclusions: &Exclusions) -> Result<(), CaptureError> {
+        for (map, len) in [
+            ("EXCLUDED_NETS", exclusions.nets.len()),
+            ("EXCLUDED_PORTS", exclusions.ports.len()),
+        ] {
+            if len > MAX_EXCLUSIONS {
+                return Err(CaptureError::Map {
+                    map,
+                    detail: format!("{len} entries, at most {MAX_EXCLUSIONS} fit"),
+                });
+            }
+        }
+        if let Some(&(net, prefix)) = exclusions.nets.iter().find(|(_, p)| *p > 32) {
+            return Err(CaptureError::Map {
+                map: "EXCLUDED_NETS",
+                detail: format!("{net}/{prefix}: an IPv4 prefix is at most 32 bits"),
+            });
+        }
+        let map_err = |map: &'static str| {
+            move |e: aya::maps::MapError| CaptureError::Map {
+                map,
+                detail: e.to_string(),
+            }
+        };
+        let mut nets: LpmTrie<&mut MapData, u32, u8> = LpmTrie::try_from(
+            self.bpf
+                .map_mut("EXCLUDED_NETS")
+                .ok_or_else(|| missing_map("EXCLUDED_NETS"))?,
+        )
+        .map_err(map_err("EXCLUDED_NETS"))?;
+        let wanted: Vec<(u32, u32)> = exclusions
+            .nets
+            .iter()
+            .map(|&(net, prefix)| {
+                let bits =
+                    net.to_bits() & u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                (u32::from(prefix), bits.to_be())
+            })
+            .collect();
+        let old: Vec<LpmKey<u32>> = nets.keys().filter_map(Result::ok).collect();
+        for key in old {
+            if !wanted.contains(&(key.prefix_len(), key.data())) {
+                nets.remove(&key).map_err(map_err("EXCLUDED_NETS"))?;
+            }
+        }
+        for &(prefix, data) in &wanted {
+            nets.insert(&LpmKey::new(prefix, data), 1, 0)
+                .map_err(map_err("EXCLUDED_NETS"))?;
+        }
+        let mut ports: BpfHashMap<&mut MapData, u16, u8> = BpfHashMap::try_from(
+            self.bpf
+                .map_mut("EXCLUDED_PORTS")
+                .ok_or_else(|| missing_map("EXCLUDED_PORTS"))?,
+        )
+        .map_err(map_err("EXCLUDED_PORTS"))?;
+        let old: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
+        for port in old {
+            if !exclusions.ports.contains(&port) {
+                ports.remove(&port).map_err(map_err("EXCLUDED_PORTS"))?;
+            }
+        }
+        for &port in &exclusions.ports {
+            ports
+                .insert(port, 1, 0)
+                .map_err(map_err("EXCLUDED_PORTS"))?;
+        }
+        Ok(())
+    }
+
     /// Where a captured connection was going: `netns_cookie` of the pod's
     /// namespace and `client`, the peer address of the accepted socket on
     /// 15001. Each record is handed out once.
@@ -420,15 +559,33 @@ where
     prog.try_into().map_err(|e| rejected(name, e))
 }
 
-/// The verifier's log, when the kernel rejected a program.
-fn verifier_detail(e: aya::programs::ProgramError) -> String {
+fn load_classifier(bpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError> {
+    let classifier: &mut SchedClassifier = program(bpf, name)?;
+    classifier.load().map_err(|e| load_error(name, e))
+}
+
+/// Loads a program the verifier refuses, through the same path as the
+/// capture programs, to test how a rejection is reported.
+#[cfg(feature = "testing")]
+pub fn load_verifier_probe() -> Result<(), CaptureError> {
+    static PROBE: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/verifier-probe"));
+    let mut bpf = EbpfLoader::new()
+        .load(PROBE)
+        .map_err(|e| rejected("object", e))?;
+    load_classifier(&mut bpf, "unchecked_read")
+}
+
+/// A program the kernel did not load: the verifier's log when it refused
+/// the program, the missing privilege when that was the reason.
+fn load_error(program: &'static str, e: aya::programs::ProgramError) -> CaptureError {
     match e {
         aya::programs::ProgramError::LoadError {
             io_error,
             verifier_log,
-        } => {
-            format!("{io_error}; verifier log:\n{verifier_log}")
-        }
-        other => other.to_string(),
+        } if io_error.raw_os_error() != Some(libc::EPERM) => CaptureError::Rejected {
+            program,
+            detail: format!("{io_error}; verifier log:\n{verifier_log}"),
+        },
+        other => rejected(program, other),
     }
 }

@@ -11,29 +11,32 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use capture::{Capture, INBOUND_PORT, OUTBOUND_PORT, Pod, PodCapture, netns};
+use capture::{Capture, Exclusions, INBOUND_PORT, OUTBOUND_PORT, Pod, PodCapture, netns};
 use integration_tests::{TestLab, require_root, spec};
 use lab::Lab;
 
-/// Capture with its pins in a directory of its own, removed on drop.
-struct TestCapture(Capture, PathBuf);
+/// A pin directory of the test's own, removed on drop.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        // The shared parent goes with the last test using it.
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+/// Capture with its pins in a directory of its own.
+struct TestCapture(Capture, Pins);
 
 impl TestCapture {
     fn load(name: &str) -> TestCapture {
         lab::ensure_bpffs().unwrap();
         let dir = Path::new(lab::BPFFS).join("ambit-test").join(name);
         let _ = std::fs::remove_dir_all(&dir);
-        TestCapture(Capture::load(&dir).unwrap(), dir)
-    }
-}
-
-impl Drop for TestCapture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.1);
-        // The shared parent goes with the last test using it.
-        if let Some(parent) = self.1.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
+        TestCapture(Capture::load(&dir).unwrap(), Pins(dir))
     }
 }
 
@@ -71,10 +74,11 @@ fn capture_pod(capture: &mut Capture, pod: &lab::plan::PodPlan) -> (PodCapture, 
     (captured, inbound)
 }
 
-/// A plain passthrough on 15001 in the pod's namespace: accepts one
-/// connection, asks capture where it was going, connects there from inside
-/// the namespace, and copies. Reports the original destination.
-fn passthrough(capture: TestCapture, pod_netns: &Path) -> mpsc::Receiver<SocketAddrV4> {
+/// A plain passthrough on 15001 in the pod's namespace: accepts
+/// connections, asks capture where each was going, connects there from
+/// inside the namespace, and copies. Reports each original destination.
+fn passthrough(capture: TestCapture, pod_netns: &Path) -> (mpsc::Receiver<SocketAddrV4>, Pins) {
+    let TestCapture(mut capture, pins) = capture;
     let ns = pod_netns.to_path_buf();
     let listener = netns::run_in(&ns, || {
         TcpListener::bind((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)).unwrap()
@@ -83,21 +87,23 @@ fn passthrough(capture: TestCapture, pod_netns: &Path) -> mpsc::Receiver<SocketA
     let cookie = netns::netns_cookie(&listener).unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut capture = capture;
-        let (client, peer) = listener.accept().unwrap();
-        let SocketAddr::V4(peer) = peer else {
-            panic!("IPv4 only")
-        };
-        let orig = capture
-            .0
-            .original_destination(cookie, peer)
-            .unwrap()
-            .expect("recorded");
-        tx.send(orig).unwrap();
-        let upstream = netns::run_in(&ns, || TcpStream::connect(orig).unwrap()).unwrap();
-        pipe(client, upstream);
+        for accepted in listener.incoming() {
+            let client = accepted.unwrap();
+            let SocketAddr::V4(peer) = client.peer_addr().unwrap() else {
+                panic!("IPv4 only")
+            };
+            let orig = capture
+                .original_destination(cookie, peer)
+                .unwrap()
+                .expect("recorded");
+            if tx.send(orig).is_err() {
+                return; // the test is over
+            }
+            let upstream = netns::run_in(&ns, || TcpStream::connect(orig).unwrap()).unwrap();
+            std::thread::spawn(move || pipe(client, upstream));
+        }
     });
-    rx
+    (rx, pins)
 }
 
 fn pipe(a: TcpStream, b: TcpStream) {
@@ -124,31 +130,159 @@ fn curl(lab: &Lab, pod: &str, url: &str) -> Result<String, String> {
 }
 
 #[test]
-fn captured_client_reaches_its_destination_through_15001() {
-    if !require_root("captured_client_reaches_its_destination_through_15001") {
+fn unmodified_clients_are_captured_with_their_original_destination() {
+    if !require_root("unmodified_clients_are_captured_with_their_original_destination") {
         return;
     }
-    let t = small_lab("cap-out", 21);
+    let mut spec = spec("cap-out", 21, 2, 1);
+    let mut other = spec.deployments[1].clone();
+    other.name = "other".into();
+    spec.deployments.push(other);
+    let t = TestLab::up(spec);
     let lab = &t.lab;
     let plan = lab.plan();
     let client = plan.pod("app/sleep-0").unwrap();
     let echo = plan.pod("app/echo-0").unwrap();
+    let vip = plan.services[0].cluster_ip;
     let mut capture = TestCapture::load("cap-out");
     let (pod, _inbound) = capture_pod(&mut capture.0, client);
-    let seen = passthrough(capture, &netns_path(&client.netns));
+    let (seen, _pins) = passthrough(capture, &netns_path(&client.netns));
+    let next = || {
+        seen.recv_timeout(Duration::from_secs(5))
+            .expect("connection captured")
+    };
 
+    // curl to the pod's IP.
     let body = curl(lab, "app/sleep-0", &format!("http://{}:8080/", echo.ip)).unwrap();
-    let orig = seen
-        .recv_timeout(Duration::from_secs(5))
-        .expect("connection captured");
-    assert_eq!(
-        orig,
-        SocketAddrV4::new(echo.ip, 8080),
-        "original destination"
-    );
+    assert_eq!(next(), SocketAddrV4::new(echo.ip, 8080));
     let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(reply["pod"], "echo-0", "the app still gets its answer");
+
+    // nc to the TCP echo port.
+    let out = lab
+        .exec_captured(
+            "app/sleep-0",
+            &[
+                "sh",
+                "-c",
+                &format!("printf ping | nc -q 2 {} 9000", echo.ip),
+            ],
+        )
+        .unwrap();
+    assert_eq!(next(), SocketAddrV4::new(echo.ip, 9000));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ping");
+
+    // A Rust client on tokio's TcpStream (ambit-load).
+    let load = integration_tests::bin_dir().join("ambit-load");
+    let out = lab
+        .exec_captured(
+            "app/sleep-0",
+            &[
+                load.to_str().unwrap(),
+                &format!("http://{}:8080/", echo.ip),
+                "--requests",
+                "1",
+                "--json",
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(next(), SocketAddrV4::new(echo.ip, 8080));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"]["200"], 1, "{report}");
+
+    // curl to the Service VIP: the original destination is the VIP.
+    let body = curl(lab, "app/sleep-0", &format!("http://{vip}/")).unwrap();
+    assert_eq!(next(), SocketAddrV4::new(vip, 80));
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["pod"], "echo-0");
+
+    // The uncaptured pod next to it is not seen by the passthrough.
+    curl(lab, "app/other-0", &format!("http://{}:8080/", echo.ip)).unwrap();
+    assert!(seen.recv_timeout(Duration::from_millis(300)).is_err());
     drop(pod);
+}
+
+#[test]
+fn excluded_networks_and_ports_go_direct() {
+    if !require_root("excluded_networks_and_ports_go_direct") {
+        return;
+    }
+    let t = small_lab("cap-excl", 24);
+    let lab = &t.lab;
+    let plan = lab.plan();
+    let client = plan.pod("app/sleep-0").unwrap();
+    let echo = plan.pod("app/echo-0").unwrap();
+    let url = format!("http://{}:8080/", echo.ip);
+    let mut capture = TestCapture::load("cap-excl");
+    let (pod, _inbound) = capture_pod(&mut capture.0, client);
+    let direct = |lab: &Lab| {
+        let reply: serde_json::Value =
+            serde_json::from_str(&curl(lab, "app/sleep-0", &url).unwrap()).unwrap();
+        assert!(
+            reply["peer"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{}:", client.ip)),
+            "{reply}"
+        );
+    };
+    // Captured with nothing on 15001: refused.
+    curl(lab, "app/sleep-0", &url).unwrap_err();
+
+    // The echo pod's network (a /24 around it) excluded: direct.
+    let net = Ipv4Addr::from_bits(echo.ip.to_bits() & 0xffff_ff00);
+    capture
+        .0
+        .set_exclusions(&Exclusions {
+            nets: vec![(Ipv4Addr::new(192, 0, 2, 0), 24), (net, 24)],
+            ports: vec![],
+        })
+        .unwrap();
+    direct(lab);
+
+    // Only the port excluded: direct on 8080, still captured on 9000.
+    capture
+        .0
+        .set_exclusions(&Exclusions {
+            nets: vec![],
+            ports: vec![8080],
+        })
+        .unwrap();
+    direct(lab);
+    let out = lab
+        .exec_captured(
+            "app/sleep-0",
+            &[
+                "sh",
+                "-c",
+                &format!("printf x | nc -w 2 -q 1 {} 9000", echo.ip),
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "port 9000 is still captured (refused), got {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Exclusions removed: captured again.
+    capture.0.set_exclusions(&Exclusions::default()).unwrap();
+    curl(lab, "app/sleep-0", &url).unwrap_err();
+    // A prefix longer than 32 bits is refused with the reason.
+    let err = capture
+        .0
+        .set_exclusions(&Exclusions {
+            nets: vec![(net, 33)],
+            ports: vec![],
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("/33"), "{err}");
+    capture.0.release(pod).unwrap();
 }
 
 #[test]

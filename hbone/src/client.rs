@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use h2::client::SendRequest;
 use identity::{Identity, WorkloadCert};
 use tokio::net::{TcpSocket, TcpStream};
@@ -16,6 +17,13 @@ use tracing::Instrument;
 
 use crate::headers::ConnectRequest;
 use crate::{Error, H2Stream, Keepalive, settings};
+
+/// Makes the TCP connection under an HBONE connection, for callers that
+/// must not connect from their own network namespace (ztunnel connects from
+/// inside the source pod's).
+pub trait Dialer: Send + Sync + std::fmt::Debug {
+    fn dial(&self, dst: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>>;
+}
 
 /// Time limits for establishing and keeping a connection.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +63,19 @@ impl Connection {
         src_ip: Option<IpAddr>,
         timeouts: Timeouts,
     ) -> Result<Self, Error> {
-        let tcp = tokio::time::timeout(timeouts.connect, tcp_connect(dst, src_ip))
+        Self::establish_over(tcp_connect(dst, src_ip), cert, expected, dst, timeouts).await
+    }
+
+    /// Like [`Connection::establish`] over a TCP connection made by `dial`
+    /// (e.g. from inside a pod's network namespace).
+    pub async fn establish_over(
+        dial: impl Future<Output = std::io::Result<TcpStream>>,
+        cert: &WorkloadCert,
+        expected: Vec<Identity>,
+        dst: SocketAddr,
+        timeouts: Timeouts,
+    ) -> Result<Self, Error> {
+        let tcp = tokio::time::timeout(timeouts.connect, dial)
             .await
             .map_err(|_| Error::Timeout {
                 what: "TCP connect",

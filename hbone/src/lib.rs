@@ -19,6 +19,7 @@ mod stream;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use client::Dialer;
 pub use error::Error;
 pub use headers::{Baggage, ConnectRequest, Forwarded, TraceParent};
 pub use keepalive::Keepalive;

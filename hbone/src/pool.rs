@@ -17,7 +17,7 @@ use futures_util::future::{BoxFuture, Shared};
 use identity::{CertManager, Identity};
 use tokio::time::Instant;
 
-use crate::client::{Connection, Timeouts};
+use crate::client::{Connection, Dialer, Timeouts};
 use crate::headers::ConnectRequest;
 use crate::{Error, H2Stream};
 
@@ -43,12 +43,35 @@ impl Default for PoolConfig {
 }
 
 /// What makes two tunnels able to share a connection.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 pub struct PoolKey {
     src_identity: Identity,
     dst_identities: Vec<Identity>,
     dst: SocketAddr,
     src_ip: Option<IpAddr>,
+    /// How to make the TCP connection; not part of the key's identity:
+    /// keys with the same source IP must dial from the same place.
+    dialer: Option<Arc<dyn Dialer>>,
+}
+
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.src_identity == other.src_identity
+            && self.dst_identities == other.dst_identities
+            && self.dst == other.dst
+            && self.src_ip == other.src_ip
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.src_identity.hash(state);
+        self.dst_identities.hash(state);
+        self.dst.hash(state);
+        self.src_ip.hash(state);
+    }
 }
 
 impl PoolKey {
@@ -67,7 +90,15 @@ impl PoolKey {
             dst_identities,
             dst,
             src_ip,
+            dialer: None,
         }
+    }
+
+    /// Connections for this key are made by `dialer` (which connects from
+    /// `src_ip`'s network namespace) instead of from the caller's.
+    pub fn via(mut self, dialer: Arc<dyn Dialer>) -> Self {
+        self.dialer = Some(dialer);
+        self
     }
 }
 
@@ -275,14 +306,28 @@ impl Inner {
 
     async fn handshake(&self, key: &PoolKey) -> Result<Connection, Error> {
         let cert = self.certs.fetch(&key.src_identity).await?;
-        Connection::establish(
-            &cert,
-            key.dst_identities.clone(),
-            key.dst,
-            key.src_ip,
-            self.config.timeouts,
-        )
-        .await
+        match &key.dialer {
+            Some(dialer) => {
+                Connection::establish_over(
+                    dialer.dial(key.dst),
+                    &cert,
+                    key.dst_identities.clone(),
+                    key.dst,
+                    self.config.timeouts,
+                )
+                .await
+            }
+            None => {
+                Connection::establish(
+                    &cert,
+                    key.dst_identities.clone(),
+                    key.dst,
+                    key.src_ip,
+                    self.config.timeouts,
+                )
+                .await
+            }
+        }
     }
 
     /// Drops connections that are closed or have had no stream for `idle`.

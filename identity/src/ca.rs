@@ -115,6 +115,30 @@ impl PluggedCa {
     }
 }
 
+/// Parameters and key of a new self-signed ECDSA P-256 root.
+fn root_params(trust_domain: &TrustDomain) -> Result<(CertificateParams, KeyPair), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, trust_domain.as_str());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Ambit mesh root CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + ROOT_TTL;
+    params.serial_number = Some(random_serial());
+    Ok((params, key))
+}
+
 /// Signs workload certificates for one trust domain.
 pub struct CertificateAuthority {
     trust_domain: TrustDomain,
@@ -137,27 +161,36 @@ impl std::fmt::Debug for CertificateAuthority {
 }
 
 impl CertificateAuthority {
+    /// Generates a root CA and writes it to `dir` in the plugged-in layout
+    /// (`ca-cert.pem` = `root-cert.pem`, `ca-key.pem` readable by its owner
+    /// only), for local setups that share one root between processes.
+    pub fn write_root(dir: &Path, trust_domain: &TrustDomain) -> Result<(), CaError> {
+        let (params, key) = root_params(trust_domain)?;
+        let root = params.self_signed(&key)?;
+        let write = |name: &str, text: &str, mode: u32| {
+            use std::os::unix::fs::OpenOptionsExt;
+            let path = dir.join(name);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+                .map_err(|source| CaError::Read { path, source })
+        };
+        std::fs::create_dir_all(dir).map_err(|source| CaError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        write(CA_KEY_FILE, &key.serialize_pem(), 0o600)?;
+        write(CA_CERT_FILE, &root.pem(), 0o644)?;
+        write(ROOT_CERT_FILE, &root.pem(), 0o644)
+    }
+
     /// Creates a CA with a freshly generated ECDSA P-256 root.
     pub fn self_signed(trust_domain: TrustDomain, leaf_ttl: Duration) -> Result<Self, CaError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, trust_domain.as_str());
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Ambit mesh root CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
-        params.not_after = now + ROOT_TTL;
-        params.serial_number = Some(random_serial());
+        let (params, key) = root_params(&trust_domain)?;
         let root = params.self_signed(&key)?;
         Ok(Self {
             trust_domain,

@@ -376,3 +376,25 @@ fn plugged_in_ca_is_checked_at_load() {
     let missing = PluggedCa::from_dir(std::path::Path::new("/nonexistent-ambit-ca")).unwrap_err();
     assert!(missing.to_string().contains("ca-cert.pem"), "{missing}");
 }
+
+#[test]
+fn a_written_root_loads_as_a_plugged_ca_and_keeps_its_key_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    CertificateAuthority::write_root(&ca_dir, &td()).unwrap();
+    let mode = std::fs::metadata(ca_dir.join("ca-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "key readable by others: {mode:o}");
+    let ca = CertificateAuthority::plugged(
+        td(),
+        DEFAULT_LEAF_TTL,
+        &PluggedCa::from_dir(&ca_dir).unwrap(),
+    )
+    .unwrap();
+    let chain = issue(&ca, &id("demo", "echo"));
+    webpki_verify(&chain).unwrap();
+    assert!(chain.intermediates.is_empty(), "the root signs directly");
+}

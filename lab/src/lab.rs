@@ -115,6 +115,24 @@ impl Lab {
         let dir = self.state.join("ztunnel");
         std::fs::create_dir_all(&dir).map_err(LabError::io(format!("create {}", dir.display())))?;
         let bin = self.bin_dir.join("ztunnel");
+        // One root for the lab; each ztunnel signs its own pods' certificates.
+        let ca_dir = self.state.join("ca");
+        let trust_domain: identity::TrustDomain = "cluster.local"
+            .parse()
+            .expect("a valid constant trust domain");
+        identity::CertificateAuthority::write_root(&ca_dir, &trust_domain).map_err(|e| {
+            LabError::Io {
+                what: format!("create the lab CA in {}", ca_dir.display()),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+        let mesh_file = self.state.join("mesh.yaml");
+        let yaml = serde_yaml::to_string(&crate::mesh::mesh_config(&self.plan))
+            .expect("the mesh config serializes");
+        std::fs::write(&mesh_file, yaml)
+            .map_err(LabError::io(format!("write {}", mesh_file.display())))?;
+        let ca_dir = ca_dir.to_string_lossy();
+        let mesh_file = mesh_file.to_string_lossy();
         for node in &self.plan.nodes {
             let pods: Vec<serde_json::Value> = self
                 .plan
@@ -157,6 +175,10 @@ impl Lab {
                 ZTUNNEL_METRICS,
                 "--bpf-dir",
                 &bpf_dir,
+                "--mesh-config",
+                &mesh_file,
+                "--ca-dir",
+                &ca_dir,
             ];
             process::spawn_detached(
                 &place,

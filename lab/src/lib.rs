@@ -13,6 +13,7 @@ mod error;
 mod host;
 pub mod k8s;
 mod lab;
+pub mod mesh;
 mod net;
 pub mod plan;
 pub mod process;

@@ -11,7 +11,11 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::NodeAgent;
+use identity::{CertManager, CertificateAuthority, InProcessCa, PluggedCa, TrustDomain};
+use model::{ConfigSink, ConfigSource, FileSource};
+
+use crate::agent::{Mesh, NodeAgent};
+
 use crate::{enroll, metrics};
 
 /// ztunnel's configuration, read once at start.
@@ -25,6 +29,13 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// BPF filesystem directory for this node's pinned maps and links.
     pub bpf_dir: PathBuf,
+    /// Mesh config file (workloads, services), re-read on change.
+    pub mesh_config: Option<PathBuf>,
+    /// A CA directory (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`): this
+    /// ztunnel signs its pods' certificates itself. Local setups only; in
+    /// a cluster certificates come from the controller.
+    pub ca_dir: Option<PathBuf>,
+    pub trust_domain: String,
     /// Outbound destinations never captured (e.g. the API server, node
     /// networks reached by host-network agents' peers).
     pub exclusions: Exclusions,
@@ -41,9 +52,41 @@ pub struct App {
 
 /// Loads capture, binds the listeners and starts serving.
 pub async fn build(config: Config) -> anyhow::Result<App> {
-    let agent = NodeAgent::new(&config.bpf_dir, &config.exclusions)?;
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let sink = ConfigSink::new();
+    if let Some(path) = &config.mesh_config {
+        let source = FileSource::new(path.clone());
+        // Start with the file's config, so that the first connections are
+        // already routed by it.
+        match source.read() {
+            Ok(mesh) => {
+                sink.apply(mesh)?;
+            }
+            Err(error) => tracing::warn!(%error, "mesh config not read yet"),
+        }
+        tasks.spawn(Box::new(source).run(sink.clone(), stop.clone()));
+    }
+    let certs = match &config.ca_dir {
+        Some(dir) => {
+            let trust_domain: TrustDomain = config.trust_domain.parse()?;
+            let ca = CertificateAuthority::plugged(
+                trust_domain,
+                identity::ca::DEFAULT_LEAF_TTL,
+                &PluggedCa::from_dir(dir)?,
+            )?;
+            Some(CertManager::new(Arc::new(InProcessCa::new(Arc::new(ca)))))
+        }
+        None => None,
+    };
+    let agent = NodeAgent::new(
+        &config.bpf_dir,
+        &config.exclusions,
+        Mesh {
+            config: sink.subscribe(),
+            certs,
+        },
+    )?;
     let metrics = TcpListener::bind(config.metrics_addr).await?;
     let metrics_addr = metrics.local_addr()?;
     tasks.spawn(metrics::serve(agent.clone(), metrics, stop.clone()));

@@ -3,11 +3,15 @@
 //! TCP traffic with eBPF (the `capture` crate) and serves it from listeners
 //! it creates inside each pod's network namespace.
 //!
-//! Today captured traffic is forwarded as plain TCP; HBONE with each pod's
-//! identity, policy and telemetry build on this (see `docs/architecture.md`).
+//! Outbound connections are resolved against the mesh config (`route`):
+//! meshed destinations are reached over HBONE with the source pod's
+//! identity, others over plain TCP; each pod's 15008 terminates HBONE with
+//! the pod's own certificate (`inbound`).
 
 pub mod agent;
 pub mod app;
 pub mod enroll;
+pub mod inbound;
 pub mod metrics;
 pub mod netns;
+pub mod route;

@@ -82,3 +82,13 @@ impl PodSockets {
         socket.listen(1024)
     }
 }
+
+impl hbone::Dialer for PodSockets {
+    fn dial(
+        &self,
+        dst: SocketAddr,
+    ) -> futures_util::future::BoxFuture<'static, io::Result<tokio::net::TcpStream>> {
+        let sockets = self.clone();
+        Box::pin(async move { sockets.connect(dst).await })
+    }
+}

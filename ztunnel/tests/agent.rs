@@ -47,6 +47,9 @@ fn config(
         enroll_socket: socket,
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         bpf_dir: pins.0.clone(),
+        mesh_config: None,
+        ca_dir: None,
+        trust_domain: "cluster.local".into(),
         exclusions: Default::default(),
     }
 }

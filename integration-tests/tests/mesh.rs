@@ -1,0 +1,251 @@
+//! The L4 data plane in the lab: meshed pods talk over HBONE with their own
+//! identities, across nodes and on one node, by pod IP and by Service VIP.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::{TestLab, require_root, spec};
+
+/// A meshed two-node lab: namespace `app` (3 echo, sleep) in ambient mode.
+fn mesh_lab(name: &str, slot: u8) -> TestLab {
+    let mut spec = spec(name, slot, 2, 3);
+    spec.namespaces[0]
+        .labels
+        .insert(lab::plan::DATAPLANE_MODE.into(), "ambient".into());
+    TestLab::up(spec)
+}
+
+/// tcpdump on one interface of a node, writing a pcap; killed on drop.
+struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    fn start(netns: &str, interface: &str, file: PathBuf) -> Capture {
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", netns, "tcpdump", "-i", interface, "-U", "-s", "0", "-w",
+            ])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // tcpdump says "listening on" once the capture is open.
+        let mut capture = Capture { child, file };
+        let stderr = capture.child.stderr.take().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut line).unwrap();
+        assert!(line.contains("listening on"), "tcpdump: {line}");
+        capture
+    }
+
+    /// Stops the capture and returns the raw pcap bytes.
+    fn finish(mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+        std::fs::read(&self.file).unwrap()
+    }
+
+    /// Packets in the pcap matching a tcpdump filter.
+    fn count(file: &Path, filter: &str) -> usize {
+        let out = Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(file)
+            .arg(filter)
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The access log lines of a node's ztunnel.
+fn access_log(t: &TestLab, node: &str) -> Vec<String> {
+    let text =
+        std::fs::read_to_string(t.lab.log_path(&format!("ztunnel/{node}"))).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("access"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext() {
+    if !require_root("meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext") {
+        return;
+    }
+    let t = mesh_lab("it-hbone", 11);
+    let plan = t.lab.plan();
+    let client = plan.pod("app/sleep-0").unwrap();
+    let client_node = &plan.nodes[client.node];
+    let remote = plan
+        .pods
+        .iter()
+        .find(|p| p.name.starts_with("echo") && p.node != client.node)
+        .unwrap();
+    let local = plan
+        .pods
+        .iter()
+        .find(|p| p.name.starts_with("echo") && p.node == client.node)
+        .unwrap();
+    let remote_node = &plan.nodes[remote.node];
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("uplink.pcap");
+    // The bridge port of the remote node, in the lab network namespace.
+    let capture = Capture::start(&plan.net_netns, &remote_node.uplink, pcap.clone());
+
+    // Cross-node by pod IP: the secret travels only inside the tunnel.
+    let secret = "ambit-secret-7f3a9c";
+    let reply = t.curl(
+        "app/sleep-0",
+        &format!("http://{}:8080/{secret}", remote.ip),
+    );
+    assert_eq!(reply["pod"], remote.name.as_str());
+    assert_eq!(reply["path"], format!("/{secret}"));
+    // TCP echo as well: bytes both ways.
+    let echoed = t.exec(
+        "app/sleep-0",
+        &[
+            "sh",
+            "-c",
+            &format!("printf {secret} | nc -q 1 -w 3 {} 9000", remote.ip),
+        ],
+    );
+    assert_eq!(echoed, secret);
+    let bytes = capture.finish();
+    assert!(
+        Capture::count(&pcap, "tcp port 15008") > 0,
+        "the cross-node traffic went to 15008"
+    );
+    assert_eq!(
+        Capture::count(&pcap, "tcp port 8080 or tcp port 9000"),
+        0,
+        "no packet to the application ports crossed the wire"
+    );
+    assert!(
+        !contains(&bytes, secret.as_bytes()),
+        "the payload crossed the wire in clear"
+    );
+
+    // Same node by pod IP, and by Service VIP (spread over the endpoints).
+    let reply = t.curl("app/sleep-0", &format!("http://{}:8080/", local.ip));
+    assert_eq!(reply["pod"], local.name.as_str());
+    let vip = plan.services[0].cluster_ip;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let reply = t.curl("app/sleep-0", &format!("http://{vip}/"));
+        seen.insert(reply["pod"].as_str().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 3, "round robin over all endpoints: {seen:?}");
+
+    // The access logs show both identities and the service.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (out, inbound) = loop {
+        let out = access_log(&t, &client_node.name);
+        let inbound = access_log(&t, &remote_node.name);
+        let done = out
+            .iter()
+            .any(|l| l.contains(&format!("dst_addr={vip}:80")))
+            && inbound.iter().any(|l| l.contains("tunnel closed"));
+        if done || Instant::now() > deadline {
+            break (out, inbound);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let remote_line = out
+        .iter()
+        .find(|l| l.contains(&format!("dst_endpoint={}:8080", remote.ip)))
+        .unwrap_or_else(|| panic!("no outbound line for {}: {out:#?}", remote.ip));
+    for want in [
+        "protocol=\"HBONE\"",
+        "src_identity=spiffe://cluster.local/ns/app/sa/sleep",
+        "dst_identity=spiffe://cluster.local/ns/app/sa/echo",
+        &format!("src_addr={}:", client.ip),
+    ] {
+        assert!(remote_line.contains(want), "{want} not in {remote_line}");
+    }
+    assert!(
+        out.iter().any(|l| l.contains("dst_service=\"app/echo\"")),
+        "{out:#?}"
+    );
+    assert!(
+        inbound.iter().any(|l| l.contains("tunnel closed")
+            && l.contains("src_identity=spiffe://cluster.local/ns/app/sa/sleep")
+            && l.contains(&format!("src_addr={}:", client.ip))),
+        "the server side saw the client's identity and address: {inbound:#?}"
+    );
+}
+
+#[test]
+fn a_server_with_the_wrong_identity_is_refused() {
+    if !require_root("a_server_with_the_wrong_identity_is_refused") {
+        return;
+    }
+    let t = mesh_lab("it-wrongid", 12);
+    let plan = t.lab.plan();
+    let client = plan.pod("app/sleep-0").unwrap();
+    let echo = plan.pod("app/echo-0").unwrap();
+    let url = format!("http://{}:8080/", echo.ip);
+    t.curl("app/sleep-0", &url);
+
+    // The client's ztunnel now expects another identity for echo-0 (as if
+    // someone else answered on its address): the handshake must fail.
+    let mesh_file = Path::new(lab::STATE_ROOT)
+        .join(t.lab.name())
+        .join("mesh.yaml");
+    let mut config: model::MeshConfig =
+        serde_yaml::from_str(&std::fs::read_to_string(&mesh_file).unwrap()).unwrap();
+    let w = config
+        .workloads
+        .iter_mut()
+        .find(|w| w.uid == echo.uid)
+        .unwrap();
+    w.service_account = "impostor-check".into();
+    // Replace atomically so the watcher never reads half a file.
+    let tmp = mesh_file.with_extension("tmp");
+    std::fs::write(&tmp, serde_yaml::to_string(&config).unwrap()).unwrap();
+    std::fs::rename(&tmp, &mesh_file).unwrap();
+
+    let node = plan.nodes[client.node].name.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = t
+            .lab
+            .exec_captured("app/sleep-0", &["curl", "-sS", "--max-time", "3", &url])
+            .unwrap();
+        let refused = access_log(&t, &node)
+            .iter()
+            .any(|l| l.contains("identity_mismatch") && l.contains("sa/impostor-check"));
+        if !out.status.success() && refused {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not refused: {} {:#?}",
+            String::from_utf8_lossy(&out.stdout),
+            access_log(&t, &node)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

@@ -1,0 +1,146 @@
+//! The config as written in a file or sent by the controller. Field names
+//! are camelCase like Kubernetes objects; unknown fields are refused so a
+//! typo is an error, not a silently ignored setting.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a data plane needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshConfig {
+    /// `cluster.local` unless set.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: default_trust_domain(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+        }
+    }
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+
+/// A pod (or another addressable workload).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    /// Stable id (the Kubernetes pod UID).
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    pub ips: Vec<Ipv4Addr>,
+    /// The node it runs on.
+    #[serde(default)]
+    pub node: String,
+    /// How it accepts mesh traffic: HBONE when it is captured by a ztunnel,
+    /// plain TCP otherwise.
+    #[serde(default)]
+    pub protocol: InboundProtocol,
+    /// The owning workload (Deployment, StatefulSet…), for telemetry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub locality: Locality,
+}
+
+fn default_service_account() -> String {
+    "default".into()
+}
+
+/// How a workload accepts traffic from the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InboundProtocol {
+    /// Not in the mesh: plain TCP to its address.
+    #[default]
+    Tcp,
+    /// In the mesh: HBONE to `<ip>:15008`.
+    Hbone,
+}
+
+/// Where a workload runs, for locality-aware load balancing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Locality {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+}
+
+/// A Service: virtual IPs, ports and the workloads behind them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `<name>.<namespace>.svc.cluster.local` unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    pub vips: Vec<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+    /// Uids of the workloads serving it.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<TrafficDistribution>,
+}
+
+impl Service {
+    pub fn hostname(&self) -> String {
+        self.hostname
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", self.name, self.namespace))
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    /// The endpoints' port; the service port when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+}
+
+impl ServicePort {
+    pub fn target_port(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+/// Kubernetes' `spec.trafficDistribution`: which endpoints to prefer. The
+/// others are used only when no preferred endpoint is available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrafficDistribution {
+    /// Endpoints on the client's node first.
+    PreferSameNode,
+    /// Endpoints in the client's zone first (`PreferClose` is the older name).
+    #[serde(alias = "PreferClose")]
+    PreferSameZone,
+}

@@ -1,0 +1,17 @@
+//! The mesh model: what ztunnels and waypoints need to know about the
+//! cluster, in one form whatever produced it (the controller's stream, or a
+//! local file in tests and small setups).
+//!
+//! [`MeshConfig`] is the wire/file form; [`Snapshot`] is a validated,
+//! indexed, immutable view of one config, swapped atomically when a new
+//! config is accepted. A config is accepted whole or not at all.
+
+mod config;
+mod snapshot;
+pub mod source;
+
+pub use config::{
+    InboundProtocol, Locality, MeshConfig, Service, ServicePort, TrafficDistribution, Workload,
+};
+pub use snapshot::{ConfigError, ServiceTarget, Snapshot};
+pub use source::{ConfigSink, ConfigSource, FileSource};

@@ -1,0 +1,141 @@
+//! Where config comes from. Every source feeds a [`ConfigSink`], which
+//! validates each config whole and publishes it atomically; an invalid one
+//! is refused with its reason and the last good config keeps serving.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MeshConfig;
+use crate::snapshot::{ConfigError, Snapshot};
+
+/// A producer of configs: a watched file, or the controller's stream.
+#[async_trait]
+pub trait ConfigSource: Send + 'static {
+    /// Feeds `sink` until `stop`.
+    async fn run(self: Box<Self>, sink: ConfigSink, stop: CancellationToken);
+}
+
+/// Validates and publishes configs; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ConfigSink {
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+    versions: Arc<AtomicU64>,
+    rejected: Arc<AtomicU64>,
+}
+
+impl Default for ConfigSink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConfigSink {
+    /// Starts with the empty config.
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::empty()));
+        Self {
+            tx: Arc::new(tx),
+            versions: Arc::new(AtomicU64::new(0)),
+            rejected: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Follows the current config.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// Configs refused so far.
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Validates `config` and, if good, makes it current.
+    pub fn apply(&self, config: MeshConfig) -> Result<Arc<Snapshot>, ConfigError> {
+        let version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
+        match Snapshot::new(config, version) {
+            Ok(snapshot) => {
+                let snapshot = Arc::new(snapshot);
+                self.tx.send_replace(snapshot.clone());
+                tracing::info!(
+                    version,
+                    workloads = snapshot.config().workloads.len(),
+                    services = snapshot.config().services.len(),
+                    "config applied"
+                );
+                Ok(snapshot)
+            }
+            Err(error) => self.refuse(error),
+        }
+    }
+
+    /// Counts and logs a config that could not be used.
+    pub fn refuse(&self, error: ConfigError) -> Result<Arc<Snapshot>, ConfigError> {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%error, "config refused; the last good config stays in use");
+        Err(error)
+    }
+}
+
+/// A YAML or JSON file of [`MeshConfig`], re-read when it changes.
+#[derive(Debug, Clone)]
+pub struct FileSource {
+    pub path: PathBuf,
+    pub poll: Duration,
+}
+
+impl FileSource {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            poll: Duration::from_millis(250),
+        }
+    }
+
+    /// Reads and parses the file once (JSON is valid YAML).
+    pub fn read(&self) -> Result<MeshConfig, ConfigError> {
+        let text = std::fs::read_to_string(&self.path)
+            .map_err(|e| ConfigError::Parse(format!("{}: {e}", self.path.display())))?;
+        serde_yaml::from_str(&text)
+            .map_err(|e| ConfigError::Parse(format!("{}: {e}", self.path.display())))
+    }
+}
+
+#[async_trait]
+impl ConfigSource for FileSource {
+    async fn run(self: Box<Self>, sink: ConfigSink, stop: CancellationToken) {
+        let mut seen: Option<SystemTime> = None;
+        loop {
+            let modified = std::fs::metadata(&self.path)
+                .and_then(|m| m.modified())
+                .ok();
+            if modified.is_some() && modified != seen {
+                seen = modified;
+                let _ = self
+                    .read()
+                    .and_then(|config| sink.apply(config))
+                    .or_else(|e| {
+                        if matches!(e, ConfigError::Parse(_)) {
+                            sink.refuse(e)
+                        } else {
+                            Err(e) // already counted by apply
+                        }
+                    });
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.poll) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+}

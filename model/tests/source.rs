@@ -1,0 +1,70 @@
+//! The file source: applied atomically on change, invalid files refused
+//! with the last good config kept.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+use std::time::Duration;
+
+use model::{ConfigSink, ConfigSource, FileSource};
+use tokio_util::sync::CancellationToken;
+
+const ONE: &str =
+    r#"{"workloads": [{"uid": "a", "name": "a", "namespace": "ns", "ips": ["10.0.0.1"]}]}"#;
+const TWO: &str = "
+workloads:
+  - {uid: a, name: a, namespace: ns, ips: [10.0.0.1]}
+  - {uid: b, name: b, namespace: ns, ips: [10.0.0.2]}
+";
+
+async fn wait_for(sink: &ConfigSink, check: impl Fn(&model::Snapshot) -> bool) {
+    let mut rx = sink.subscribe();
+    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| check(s)))
+        .await
+        .expect("config never arrived")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn file_changes_are_applied_and_bad_files_keep_the_last_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(&path, ONE).unwrap();
+    let sink = ConfigSink::new();
+    let stop = CancellationToken::new();
+    let mut source = FileSource::new(path.clone());
+    source.poll = Duration::from_millis(20);
+    let task = tokio::spawn(Box::new(source).run(sink.clone(), stop.clone()));
+
+    wait_for(&sink, |s| s.config().workloads.len() == 1).await;
+    let first = sink.current().version();
+
+    // Syntax error, then a semantic error: both refused, nothing changes.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    std::fs::write(&path, "workloads: [").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while sink.rejected() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    std::fs::write(&path, TWO.replace("10.0.0.2", "10.0.0.1")).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while sink.rejected() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(sink.current().version(), first);
+    assert_eq!(sink.current().config().workloads.len(), 1);
+
+    // A good file again: applied whole.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    std::fs::write(&path, TWO).unwrap();
+    wait_for(&sink, |s| s.config().workloads.len() == 2).await;
+    assert!(sink.current().version() > first);
+    stop.cancel();
+    task.await.unwrap();
+}

@@ -121,16 +121,11 @@ impl ConfigSource for FileSource {
                 .ok();
             if modified.is_some() && modified != seen {
                 seen = modified;
-                let _ = self
-                    .read()
-                    .and_then(|config| sink.apply(config))
-                    .or_else(|e| {
-                        if matches!(e, ConfigError::Parse(_)) {
-                            sink.refuse(e)
-                        } else {
-                            Err(e) // already counted by apply
-                        }
-                    });
+                // Either way the outcome is logged and counted by the sink.
+                let _ = match self.read() {
+                    Ok(config) => sink.apply(config),
+                    Err(error) => sink.refuse(error),
+                };
             }
             tokio::select! {
                 () = tokio::time::sleep(self.poll) => {}

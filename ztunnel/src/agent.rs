@@ -268,6 +268,7 @@ impl NodeAgent {
             identity: identity.clone(),
             workload: key.clone(),
             sockets: sockets.clone(),
+            dialer: Arc::new(sockets.clone()),
         };
         self.tasks.spawn(
             self.clone()
@@ -464,7 +465,10 @@ impl NodeAgent {
         // A refused endpoint of a service is skipped for the next one; a
         // single destination is tried once.
         for route in plan.routes.iter().take(3) {
-            match self.open(route, peer, service, source, &snapshot).await {
+            match self
+                .open(route, peer, plan.hostname.as_deref(), source)
+                .await
+            {
                 Ok(Upstream::Hbone(stream)) => {
                     let (reader, writer) = client.into_split();
                     let (t, reason) =
@@ -476,19 +480,11 @@ impl NodeAgent {
                     return;
                 }
                 Ok(Upstream::Tcp(mut upstream)) => {
-                    // With tokio's default 8 KiB buffers a captured stream ran
-                    // at 3.4 Gbit/s, with 128 KiB at 10.2 (scripts/bench-capture).
-                    let result = tokio::io::copy_bidirectional_with_sizes(
-                        &mut client,
-                        &mut upstream,
-                        COPY_BUFFER,
-                        COPY_BUFFER,
-                    )
-                    .await;
-                    let ((sent, received), reason) = match result {
-                        Ok(t) => (t, String::new()),
-                        Err(e) => ((0, 0), e.to_string()),
-                    };
+                    let ((sent, received), reason) =
+                        match copy_plain(&mut client, &mut upstream).await {
+                            Ok(t) => (t, String::new()),
+                            Err(e) => ((0, 0), e.to_string()),
+                        };
                     log(Some(route), service, sent, received, &reason);
                     return;
                 }
@@ -517,9 +513,8 @@ impl NodeAgent {
         &self,
         route: &Route,
         peer: SocketAddrV4,
-        service: Option<&str>,
+        hostname: Option<&str>,
         source: &Source,
-        snapshot: &Snapshot,
     ) -> Result<Upstream, String> {
         match route {
             Route::Hbone {
@@ -538,18 +533,11 @@ impl NodeAgent {
                     *hbone,
                     Some(source.ip.into()),
                 )
-                .via(Arc::new(source.sockets.clone()));
+                .via(source.dialer.clone());
                 let mut req = ConnectRequest::new(*authority);
                 req.forwarded = Some(Forwarded {
                     for_addr: SocketAddr::V4(peer),
-                    host: service.and_then(|key| {
-                        snapshot
-                            .config()
-                            .services
-                            .iter()
-                            .find(|s| s.key() == key)
-                            .map(model::Service::hostname)
-                    }),
+                    host: hostname.map(str::to_string),
                 });
                 pool.connect(&key, &req)
                     .await
@@ -607,15 +595,7 @@ impl NodeAgent {
         let _ = client.set_nodelay(true);
         match sockets.connect(to).await {
             Ok(mut upstream) => {
-                // With tokio's default 8 KiB buffers a captured stream ran
-                // at 3.4 Gbit/s, with 128 KiB at 10.2 (scripts/bench-capture).
-                let result = tokio::io::copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut upstream,
-                    COPY_BUFFER,
-                    COPY_BUFFER,
-                )
-                .await;
+                let result = copy_plain(&mut client, &mut upstream).await;
                 tracing::debug!(direction = dir, ?result, "connection closed");
             }
             Err(error) => {
@@ -628,6 +608,16 @@ impl NodeAgent {
     }
 }
 
+/// Plain TCP forwarding both ways; bytes (client → upstream, back).
+async fn copy_plain(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+) -> std::io::Result<(u64, u64)> {
+    // With tokio's default 8 KiB buffers a captured stream ran at 3.4
+    // Gbit/s, with 128 KiB at 10.2 (scripts/bench-capture).
+    tokio::io::copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER).await
+}
+
 /// The captured pod an outbound connection comes from.
 #[derive(Debug)]
 struct Source {
@@ -636,6 +626,8 @@ struct Source {
     /// `namespace/name`.
     workload: String,
     sockets: PodSockets,
+    /// The same sockets as the HBONE pool's dialer, made once per pod.
+    dialer: Arc<dyn hbone::Dialer>,
 }
 
 enum Upstream {

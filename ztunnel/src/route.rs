@@ -43,7 +43,10 @@ impl Route {
 /// The routes to try, best first, and the service that was dialled.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// `namespace/name` of the service dialled, if any.
     pub service: Option<String>,
+    /// Its hostname (for `forwarded: host=`).
+    pub hostname: Option<String>,
     pub routes: Vec<Route>,
 }
 
@@ -106,6 +109,7 @@ impl Balancer {
             routes.sort_by_key(|(rank, _)| *rank);
             return Ok(Plan {
                 service: Some(key),
+                hostname: Some(target.service.hostname()),
                 routes: routes.into_iter().map(|(_, r)| r).collect(),
             });
         }
@@ -117,6 +121,7 @@ impl Balancer {
         };
         Ok(Plan {
             service: None,
+            hostname: None,
             routes: vec![route],
         })
     }

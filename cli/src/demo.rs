@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use hbone::copy::copy_bidirectional;
 use hbone::{
-    ConnectRequest, Handler, InboundRequest, Pool, PoolConfig, PoolKey, Rejection, Server,
+    Connect, ConnectRequest, InboundRequest, Pool, PoolConfig, PoolKey, Rejection, Server,
     ServerOptions,
 };
 use identity::ca::DEFAULT_LEAF_TTL;
@@ -25,7 +25,7 @@ struct EchoWorkload {
     seen: mpsc::UnboundedSender<InboundRequest>,
 }
 
-impl Handler for EchoWorkload {
+impl Connect for EchoWorkload {
     async fn connect(&self, req: InboundRequest) -> Result<TcpStream, Rejection> {
         let _ = self.seen.send(req.clone());
         if req.authority.port() != self.app.port() {

@@ -51,6 +51,23 @@ fn metric(lab: &Lab, node: &str, name: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("ztunnel on {node} did not report {name}"))
 }
 
+/// Whether `pod` gets an answer from `url`.
+fn reaches(lab: &Lab, pod: &str, url: &str) -> bool {
+    lab.exec_captured(pod, &["curl", "-sS", "--max-time", "3", url])
+        .is_ok_and(|out| out.status.success())
+}
+
+/// Polls `check` until it holds, for as long as a policy change takes to
+/// reach every ztunnel (well under the 10 s allowed here).
+fn wait_until(mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !check() {
+        ensure!(std::time::Instant::now() < deadline, "not within 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(())
+}
+
 /// The latest access log line of a node's ztunnel matching `want`, waiting
 /// briefly for it to be written.
 fn wait_for_access_line(
@@ -76,10 +93,14 @@ fn wait_for_access_line(
 
 /// `key=value` from a text log line.
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or("?")
-        .trim_matches('"')
+    let Some(start) = line.find(&format!(" {key}=")) else {
+        return "?";
+    };
+    let rest = &line[start + key.len() + 2..];
+    match rest.strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next().unwrap_or("?"),
+        None => rest.split_whitespace().next().unwrap_or("?"),
+    }
 }
 
 fn load(lab: &Lab, pod: &str, args: &[&str]) -> anyhow::Result<LoadReport> {
@@ -166,7 +187,7 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
             ensure!(sent.contains("protocol=\"HBONE\""), "not HBONE: {sent}");
             let client_ip = format!("src_addr={}:", plan.pod(CLIENT).context("client")?.ip);
             let received = wait_for_access_line(&lab, &target_node, |l| {
-                l.contains("tunnel closed") && l.contains(&client_ip)
+                l.contains("direction=\"inbound\"") && l.contains(&client_ip)
             })?;
             Ok(format!(
                 "ztunnel on {client_node}: {} → {} over HBONE; ztunnel on {target_node} verified the client as {}",
@@ -301,6 +322,57 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
             ))
         })(),
     );
+    let echo_node = &target_node;
+    let echo_url = format!("http://{}:8080/", target.ip);
+    steps.check(
+        &format!("a DENY policy on {CLIENT}'s identity blocks it, not {OUTSIDER}"),
+        (|| {
+            let deny: Vec<model::AuthorizationPolicy> = serde_yaml::from_str(
+                "[{name: deny-sleep, namespace: demo, action: DENY, \
+                  rules: [{from: [{principals: [cluster.local/ns/demo/sa/sleep]}]}]}]",
+            )?;
+            lab.set_policies(deny, vec![])?;
+            wait_until(|| !reaches(&lab, CLIENT, &echo_url))
+                .with_context(|| format!("{CLIENT} still reaches {}", target.key()))?;
+            ensure!(
+                reaches(&lab, OUTSIDER, &echo_url),
+                "{OUTSIDER} was blocked too"
+            );
+            let line = wait_for_access_line(&lab, echo_node, |l| {
+                l.contains("policy=demo/deny-sleep") && l.contains("denied by")
+            })?;
+            Ok(format!(
+                "{CLIENT}'s tunnel was answered 401 ({}); {OUTSIDER} still answered",
+                field(&line, "reason")
+            ))
+        })(),
+    );
+    steps.check(
+        &format!("STRICT peer authentication in demo refuses the plaintext client {OUTSIDER}"),
+        (|| {
+            let strict: Vec<model::PeerAuthentication> =
+                serde_yaml::from_str("[{name: strict, namespace: demo, mode: STRICT}]")?;
+            lab.set_policies(vec![], strict)?;
+            wait_until(|| !reaches(&lab, OUTSIDER, &echo_url))
+                .with_context(|| format!("{OUTSIDER} still reaches {}", target.key()))?;
+            ensure!(
+                reaches(&lab, CLIENT, &echo_url),
+                "the meshed client {CLIENT} was refused too"
+            );
+            let line = wait_for_access_line(&lab, echo_node, |l| {
+                l.contains("plaintext refused") && l.contains("policy=demo/strict")
+            })?;
+            lab.set_policies(vec![], vec![])?;
+            Ok(format!(
+                "ztunnel on {echo_node} closed it: {}; {CLIENT} (mTLS) still answered",
+                field(&line, "reason")
+            ))
+        })(),
+    );
+    // Leave the lab open to everyone again, whatever the steps did.
+    if let Err(e) = lab.set_policies(vec![], vec![]) {
+        println!("  could not clear the demo's policies: {e}");
+    }
     let mut crashed: Vec<String> = lab
         .pod_status()
         .into_iter()

@@ -54,6 +54,21 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    copy_bidirectional_until(reader, writer, stream, std::future::pending()).await
+}
+
+/// [`copy_bidirectional`], cut short when `stop` resolves: the stream is
+/// reset (`CANCEL`) and the error says so, with the bytes moved until then.
+pub async fn copy_bidirectional_until<R, W>(
+    reader: R,
+    writer: W,
+    stream: H2Stream,
+    stop: impl Future<Output = ()>,
+) -> Result<Transferred, CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let H2Stream {
         mut send,
         mut recv,
@@ -62,16 +77,22 @@ where
     // Counted as the bytes move so that a failed tunnel still reports them.
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-    let result = tokio::try_join!(
-        socket_to_stream(reader, &mut send, &sent),
-        stream_to_socket(&mut recv, writer, &received),
-    );
+    let copied = async {
+        tokio::try_join!(
+            socket_to_stream(reader, &mut send, &sent),
+            stream_to_socket(&mut recv, writer, &received),
+        )
+    };
+    let result = tokio::select! {
+        result = copied => result.map(|_| ()),
+        () = stop => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed by the proxy")),
+    };
     let transferred = Transferred {
         sent: sent.into_inner(),
         received: received.into_inner(),
     };
     match result {
-        Ok(_) => Ok(transferred),
+        Ok(()) => Ok(transferred),
         Err(source) => {
             // Tell the peer the tunnel is broken rather than let it wait.
             send.send_reset(Reason::CANCEL);

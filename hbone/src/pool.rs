@@ -117,9 +117,17 @@ struct KeyState {
     handshake: Option<PendingHandshake>,
 }
 
+/// Told about every handshake the pool makes (telemetry).
+pub trait PoolObserver: Send + Sync + 'static {
+    /// A handshake for `key` ended after `elapsed`, failed with `error`
+    /// when set.
+    fn handshake(&self, key: &PoolKey, elapsed: Duration, error: Option<&Error>);
+}
+
 struct Inner {
     certs: CertManager,
     config: PoolConfig,
+    observer: Option<Arc<dyn PoolObserver>>,
     epoch: Instant,
     keys: Mutex<HashMap<PoolKey, KeyState>>,
 }
@@ -166,9 +174,27 @@ impl Pool {
     /// A pool whose handshakes use certificates from `certs`. Starts a
     /// background task that closes idle connections.
     pub fn new(certs: CertManager, config: PoolConfig) -> Self {
+        Self::build(certs, config, None)
+    }
+
+    /// A pool that reports its handshakes to `observer`.
+    pub fn with_observer(
+        certs: CertManager,
+        config: PoolConfig,
+        observer: Arc<dyn PoolObserver>,
+    ) -> Self {
+        Self::build(certs, config, Some(observer))
+    }
+
+    fn build(
+        certs: CertManager,
+        config: PoolConfig,
+        observer: Option<Arc<dyn PoolObserver>>,
+    ) -> Self {
         let inner = Arc::new(Inner {
             certs,
             config,
+            observer,
             epoch: Instant::now(),
             keys: Mutex::new(HashMap::new()),
         });
@@ -245,7 +271,11 @@ impl Pool {
         let inner = self.inner.clone();
         let key = key.clone();
         let task = tokio::spawn(async move {
+            let started = Instant::now();
             let result = inner.handshake(&key).await;
+            if let Some(observer) = &inner.observer {
+                observer.handshake(&key, started.elapsed(), result.as_ref().err());
+            }
             let mut keys = inner.lock();
             let state = keys.entry(key).or_default();
             state.handshake = None;

@@ -1,7 +1,8 @@
 //! The HBONE server: terminates mutual TLS, checks each CONNECT the way
 //! Istio's ztunnel does (`400` for a malformed request or an authority whose
-//! IP is not the one connected to), asks the [`Handler`] for the upstream
-//! (`401` if it denies, `503` if there is none), answers `200` and copies.
+//! IP is not the one connected to) and hands it to the [`Handler`], which
+//! answers `401` if it denies, `503` if there is no upstream, or `200` and
+//! copies.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -69,13 +70,105 @@ impl Rejection {
     }
 }
 
-/// Decides where an accepted tunnel goes.
+/// Serves CONNECTs that passed the protocol checks.
 pub trait Handler: Send + Sync + 'static {
-    /// Authorizes `req` and connects to its upstream.
+    /// Decides on `req` and answers through `tunnel`: [`Tunnel::reject`]
+    /// or [`Tunnel::accept`] and copy. Owning the tunnel lets the handler
+    /// close it later (a revoked authorization) and account for it.
+    fn serve(&self, req: InboundRequest, tunnel: Tunnel) -> impl Future<Output = ()> + Send;
+}
+
+/// The simple handler: authorizes and connects; the server answers, copies
+/// and writes the access log.
+pub trait Connect: Send + Sync + 'static {
     fn connect(
         &self,
         req: InboundRequest,
     ) -> impl Future<Output = Result<TcpStream, Rejection>> + Send;
+}
+
+impl<C: Connect> Handler for C {
+    async fn serve(&self, req: InboundRequest, tunnel: Tunnel) {
+        let upstream = self.connect(req).await;
+        tunnel.splice(upstream).await;
+    }
+}
+
+/// An admitted CONNECT waiting for its answer.
+#[derive(Debug)]
+pub struct Tunnel {
+    respond: SendResponse<Bytes>,
+    body: RecvStream,
+    ctx: ConnContext,
+    authority: SocketAddr,
+    started: tokio::time::Instant,
+}
+
+impl Tunnel {
+    /// Answers `200`: the stream is open.
+    pub fn accept(mut self) -> Result<H2Stream, Error> {
+        let send = self.respond.send_response(status(StatusCode::OK), false)?;
+        Ok(H2Stream::new(send, self.body, None))
+    }
+
+    /// Answers with the rejection's status and ends the stream.
+    pub fn reject(mut self, rejection: &Rejection) {
+        let _ = self.respond.send_response(status(rejection.status), true);
+    }
+
+    /// Answers for `upstream`, copies until both sides close, and logs the
+    /// tunnel.
+    pub async fn splice(self, upstream: Result<TcpStream, Rejection>) {
+        let (identity, peer, authority, started) = (
+            self.ctx.peer_identity.clone(),
+            self.ctx.peer_addr,
+            self.authority,
+            self.started,
+        );
+        let upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(rejection) => {
+                log_rejection(&identity, &authority.to_string(), &rejection);
+                self.reject(&rejection);
+                return;
+            }
+        };
+        let stream = match self.accept() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%error, "client went away before the tunnel opened");
+                return;
+            }
+        };
+        let (reader, writer) = upstream.into_split();
+        let result = copy_bidirectional(reader, writer, stream).await;
+        let (transferred, error) = match &result {
+            Ok(t) => (*t, None),
+            Err(e) => (e.transferred, Some(e.source.to_string())),
+        };
+        tracing::info!(
+            target: "access",
+            src_identity = %identity,
+            src_addr = %peer,
+            dst_addr = %authority,
+            bytes_received = transferred.received,
+            bytes_sent = transferred.sent,
+            duration_ms = started.elapsed().as_millis() as u64,
+            error = error.as_deref(),
+            "tunnel closed"
+        );
+    }
+}
+
+fn log_rejection(identity: &Identity, authority: &str, rejection: &Rejection) {
+    tracing::info!(
+        target: "access",
+        src_identity = %identity,
+        authority,
+        status = rejection.status.as_u16(),
+        reason = %rejection.reason,
+        "tunnel rejected"
+    );
 }
 
 /// Server behaviour.
@@ -284,53 +377,22 @@ async fn serve_stream<H: Handler>(
     mut respond: SendResponse<Bytes>,
 ) {
     let started = tokio::time::Instant::now();
-    let outcome = match admit(&req, &ctx, require_ip) {
+    match admit(&req, &ctx, require_ip) {
         Ok(inbound) => {
-            let authority = inbound.authority;
-            handler.connect(inbound).await.map(|up| (authority, up))
+            let tunnel = Tunnel {
+                respond,
+                body: req.into_body(),
+                ctx,
+                authority: inbound.authority,
+                started,
+            };
+            handler.serve(inbound, tunnel).await;
         }
-        Err(rejection) => Err(rejection),
-    };
-    let (authority, upstream) = match outcome {
-        Ok(ok) => ok,
         Err(rejection) => {
-            tracing::info!(
-                target: "access",
-                src_identity = %ctx.peer_identity,
-                authority = %req.uri(),
-                status = rejection.status.as_u16(),
-                reason = %rejection.reason,
-                "tunnel rejected"
-            );
+            log_rejection(&ctx.peer_identity, &req.uri().to_string(), &rejection);
             let _ = respond.send_response(status(rejection.status), true);
-            return;
         }
-    };
-    let send = match respond.send_response(status(StatusCode::OK), false) {
-        Ok(send) => send,
-        Err(error) => {
-            tracing::debug!(%error, "client went away before the tunnel opened");
-            return;
-        }
-    };
-    let stream = H2Stream::new(send, req.into_body(), None);
-    let (reader, writer) = upstream.into_split();
-    let result = copy_bidirectional(reader, writer, stream).await;
-    let (transferred, error) = match &result {
-        Ok(t) => (*t, None),
-        Err(e) => (e.transferred, Some(e.source.to_string())),
-    };
-    tracing::info!(
-        target: "access",
-        src_identity = %ctx.peer_identity,
-        src_addr = %ctx.peer_addr,
-        dst_addr = %authority,
-        bytes_received = transferred.received,
-        bytes_sent = transferred.sent,
-        duration_ms = started.elapsed().as_millis() as u64,
-        error = error.as_deref(),
-        "tunnel closed"
-    );
+    }
 }
 
 fn status(code: StatusCode) -> Response<()> {

@@ -10,7 +10,7 @@ use tokio::io::DuplexStream;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::copy::copy_bidirectional;
-use crate::{ConnectRequest, H2Stream, Handler, InboundRequest, Pool, PoolKey, Rejection};
+use crate::{Connect, ConnectRequest, H2Stream, InboundRequest, Pool, PoolKey, Rejection};
 
 /// Connects each tunnel to its authority; records every request it saw.
 #[derive(Debug, Default, Clone)]
@@ -28,7 +28,7 @@ impl Forward {
     }
 }
 
-impl Handler for Forward {
+impl Connect for Forward {
     async fn connect(&self, req: InboundRequest) -> Result<TcpStream, Rejection> {
         self.seen
             .lock()

@@ -421,7 +421,7 @@ async fn idle_connections_are_released() {
 /// Denies every tunnel, as an authorization policy would.
 struct DenyAll;
 
-impl hbone::Handler for DenyAll {
+impl hbone::Connect for DenyAll {
     async fn connect(&self, req: hbone::InboundRequest) -> Result<TcpStream, hbone::Rejection> {
         Err(hbone::Rejection::denied(format!(
             "no policy allows {}",

@@ -126,11 +126,8 @@ impl Lab {
                 source: std::io::Error::other(e.to_string()),
             }
         })?;
-        let mesh_file = self.state.join("mesh.yaml");
-        let yaml = serde_yaml::to_string(&crate::mesh::mesh_config(&self.plan))
-            .expect("the mesh config serializes");
-        std::fs::write(&mesh_file, yaml)
-            .map_err(LabError::io(format!("write {}", mesh_file.display())))?;
+        self.set_policies(Vec::new(), Vec::new())?;
+        let mesh_file = self.mesh_file();
         let ca_dir = ca_dir.to_string_lossy();
         let mesh_file = mesh_file.to_string_lossy();
         for node in &self.plan.nodes {
@@ -249,13 +246,20 @@ impl Lab {
 
     /// A value from a node's ztunnel metrics, if it answers.
     pub fn ztunnel_metric(&self, node: &str, name: &str) -> Option<u64> {
+        self.ztunnel_metrics(node)?
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// A node's ztunnel metrics page, if it answers.
+    pub fn ztunnel_metrics(&self, node: &str) -> Option<String> {
         let url = format!("http://{ZTUNNEL_METRICS}/metrics");
         let out = self
             .node_exec_captured(node, &["curl", "-s", "--max-time", "2", &url])
             .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Whether a node's ztunnel process is alive.
@@ -435,6 +439,30 @@ impl Lab {
                 running: cgroup::populated(&p.cgroup),
             })
             .collect()
+    }
+
+    /// The mesh config every ztunnel of the lab follows.
+    pub fn mesh_file(&self) -> PathBuf {
+        self.state.join("mesh.yaml")
+    }
+
+    /// Makes these the mesh's policies (replacing any earlier ones): the
+    /// ztunnels apply them within their config poll interval, and re-judge
+    /// open connections. Written atomically, so a ztunnel never reads half
+    /// a config.
+    pub fn set_policies(
+        &self,
+        authorization: Vec<model::AuthorizationPolicy>,
+        peer_authentication: Vec<model::PeerAuthentication>,
+    ) -> Result<(), LabError> {
+        let mut config = crate::mesh::mesh_config(&self.plan);
+        config.authorization_policies = authorization;
+        config.peer_authentications = peer_authentication;
+        let yaml = serde_yaml::to_string(&config).expect("the mesh config serializes");
+        let file = self.mesh_file();
+        let tmp = file.with_extension("yaml.tmp");
+        std::fs::write(&tmp, yaml).map_err(LabError::io(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, &file).map_err(LabError::io(format!("rename to {}", file.display())))
     }
 
     /// Adds or replaces the objects of a YAML file in the cluster.

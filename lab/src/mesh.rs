@@ -61,6 +61,7 @@ pub fn mesh_config(plan: &Plan) -> MeshConfig {
         trust_domain: "cluster.local".into(),
         workloads,
         services,
+        ..MeshConfig::default()
     }
 }
 

@@ -7,6 +7,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{AuthorizationPolicy, PeerAuthentication};
+
 /// Everything a data plane needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -18,6 +20,10 @@ pub struct MeshConfig {
     pub workloads: Vec<Workload>,
     #[serde(default)]
     pub services: Vec<Service>,
+    #[serde(default)]
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    #[serde(default)]
+    pub peer_authentications: Vec<PeerAuthentication>,
 }
 
 impl Default for MeshConfig {
@@ -26,6 +32,8 @@ impl Default for MeshConfig {
             trust_domain: default_trust_domain(),
             workloads: Vec::new(),
             services: Vec::new(),
+            authorization_policies: Vec::new(),
+            peer_authentications: Vec::new(),
         }
     }
 }

@@ -7,11 +7,16 @@
 //! config is accepted. A config is accepted whole or not at all.
 
 mod config;
+pub mod policy;
 mod snapshot;
 pub mod source;
 
 pub use config::{
     InboundProtocol, Locality, MeshConfig, Service, ServicePort, TrafficDistribution, Workload,
+};
+pub use policy::{
+    Action, AuthorizationPolicy, Connection, Decision, PeerAuthMode, PeerAuthentication,
+    PolicyScope, Verdict,
 };
 pub use snapshot::{ConfigError, ServiceTarget, Snapshot};
 pub use source::{ConfigSink, ConfigSource, FileSource};

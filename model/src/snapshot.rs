@@ -1,11 +1,12 @@
 //! A validated, indexed config.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use identity::{Identity, TrustDomain};
 
 use crate::config::{MeshConfig, Service, ServicePort, Workload};
+use crate::policy::{self, Connection, PeerAuthMode, PolicyScope, Verdict};
 
 /// Why a config was refused, naming the offending object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -18,6 +19,8 @@ pub enum ConfigError {
     Workload { uid: String, reason: String },
     #[error("service {service}: {reason}")]
     Service { service: String, reason: String },
+    #[error("policy {policy}: {reason}")]
+    Policy { policy: String, reason: String },
 }
 
 /// One accepted config with the lookups the data plane needs.
@@ -30,6 +33,41 @@ pub struct Snapshot {
     by_uid: HashMap<String, usize>,
     /// (VIP, service port) → (service, port index).
     by_vip: HashMap<SocketAddrV4, (usize, usize)>,
+    /// Authorization policies by namespace; `""` holds the global ones.
+    policies_by_ns: HashMap<String, Vec<usize>>,
+}
+
+/// Validates the policies and indexes the authorization policies by the
+/// namespace whose workloads they can select.
+fn index_policies(config: &MeshConfig) -> Result<HashMap<String, Vec<usize>>, ConfigError> {
+    let mut seen = HashSet::new();
+    let mut by_ns: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, p) in config.authorization_policies.iter().enumerate() {
+        let err = |reason: String| ConfigError::Policy {
+            policy: p.key(),
+            reason,
+        };
+        p.validate().map_err(err)?;
+        if !seen.insert(("authorization", p.key())) {
+            return Err(err("defined twice".into()));
+        }
+        let ns = match p.scope {
+            PolicyScope::Namespace => p.namespace.clone(),
+            PolicyScope::Global => String::new(),
+        };
+        by_ns.entry(ns).or_default().push(i);
+    }
+    for p in &config.peer_authentications {
+        let err = |reason: String| ConfigError::Policy {
+            policy: p.key(),
+            reason,
+        };
+        p.validate().map_err(err)?;
+        if !seen.insert(("peer", p.key())) {
+            return Err(err("defined twice".into()));
+        }
+    }
+    Ok(by_ns)
 }
 
 /// A Service VIP:port resolved to its service and port.
@@ -124,6 +162,7 @@ impl Snapshot {
                 }
             }
         }
+        let policies_by_ns = index_policies(&config)?;
         Ok(Self {
             config,
             version,
@@ -131,7 +170,31 @@ impl Snapshot {
             by_ip,
             by_uid,
             by_vip,
+            policies_by_ns,
         })
+    }
+
+    /// Judges a connection to `conn.dst` against the authorization
+    /// policies that select it.
+    pub fn authorize(&self, conn: &Connection<'_>) -> Verdict {
+        let ns = |n: &str| self.policies_by_ns.get(n).into_iter().flatten();
+        let candidates = ns(&conn.dst.namespace)
+            .chain(ns(""))
+            .map(|&i| &self.config.authorization_policies[i]);
+        policy::authorize(candidates, conn)
+    }
+
+    /// The peer authentication mode of `workload` and the policy that set
+    /// it (`None`: the PERMISSIVE default).
+    pub fn peer_authentication(&self, workload: &Workload) -> (PeerAuthMode, Option<String>) {
+        self.config
+            .peer_authentications
+            .iter()
+            .filter_map(|p| p.rank(workload).map(|r| (r, p)))
+            .min_by(|(ra, a), (rb, b)| ra.cmp(rb).then_with(|| a.key().cmp(&b.key())))
+            .map_or((PeerAuthMode::default(), None), |(_, p)| {
+                (p.mode, Some(p.key()))
+            })
     }
 
     pub fn version(&self) -> u64 {

@@ -16,6 +16,7 @@ use model::{ConfigSink, ConfigSource, FileSource};
 
 use crate::agent::{Mesh, NodeAgent};
 
+use crate::admin::{self, Admin, LogControl};
 use crate::{enroll, metrics};
 
 /// ztunnel's configuration, read once at start.
@@ -27,6 +28,10 @@ pub struct Config {
     /// Unix socket for enrollment requests (CNI plugin, pod watcher).
     pub enroll_socket: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
+    /// The admin API; keep it on loopback.
+    pub admin_addr: SocketAddr,
+    /// Run-time log filter changes through the admin API.
+    pub logging: Option<Arc<dyn LogControl>>,
     /// BPF filesystem directory for this node's pinned maps and links.
     pub bpf_dir: PathBuf,
     /// Mesh config file (workloads, services), re-read on change.
@@ -46,6 +51,7 @@ pub struct Config {
 pub struct App {
     pub agent: Arc<NodeAgent>,
     pub metrics_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -90,6 +96,19 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     let metrics = TcpListener::bind(config.metrics_addr).await?;
     let metrics_addr = metrics.local_addr()?;
     tasks.spawn(metrics::serve(agent.clone(), metrics, stop.clone()));
+    let admin_listener = TcpListener::bind(config.admin_addr).await?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin = Admin {
+        agent: agent.clone(),
+        logging: config.logging.clone(),
+        expects_config: config.mesh_config.is_some(),
+    };
+    tasks.spawn(admin::serve(
+        admin_listener,
+        move |req| admin.route(req),
+        stop.clone(),
+    ));
+    tasks.spawn(agent.clone().enforce_policy_changes(stop.clone()));
     if let Some(path) = &config.enroll_socket {
         // A stale socket from a previous run would make bind fail.
         let _ = std::fs::remove_file(path);
@@ -99,10 +118,11 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     if let Some(path) = config.pods_file.clone() {
         tasks.spawn(enroll::watch_pods_file(agent.clone(), path, stop.clone()));
     }
-    tracing::info!(?config, %metrics_addr, "ztunnel started");
+    tracing::info!(?config, %metrics_addr, %admin_addr, "ztunnel started");
     Ok(App {
         agent,
         metrics_addr,
+        admin_addr,
         stop,
         tasks,
     })

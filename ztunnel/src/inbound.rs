@@ -1,42 +1,255 @@
-//! Inbound HBONE for one captured pod: tunnels accepted on the pod's 15008
-//! (TLS with the pod's own certificate, protocol checks in `hbone`) are
-//! connected to the application inside the pod's namespace.
+//! Inbound traffic of one captured pod. Tunnels accepted on the pod's 15008
+//! (TLS with the pod's own certificate, protocol checks in `hbone`) and
+//! plaintext connections captured to its 15006 are judged against the
+//! pod's peer authentication and authorization policies, then connected to
+//! the application inside the pod's namespace.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
-use hbone::{Handler, InboundRequest, Rejection};
+use hbone::copy::copy_bidirectional_until;
+use hbone::{Handler, InboundRequest, Rejection, Tunnel};
+use identity::Identity;
+use model::{Connection, PeerAuthMode, Snapshot, Workload};
 use tokio::net::TcpStream;
 
+use crate::agent::{Shared, copy_plain_until};
+use crate::conns::Authorized;
 use crate::netns::PodSockets;
+use crate::telemetry::{ConnRecord, Direction};
 
-/// Connects admitted tunnels to the pod's application.
-#[derive(Debug)]
-pub struct InboundHandler {
-    ip: Ipv4Addr,
-    sockets: PodSockets,
+/// The outcome of judging one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Judgement {
+    pub allowed: bool,
+    /// `namespace/name` of the deciding policy, or empty.
+    pub policy: String,
+    /// The access log's reason when refused.
+    pub reason: String,
+    /// A metrics reason code when refused.
+    pub code: &'static str,
+    /// AUDIT matches and dry-run outcomes, for the access log.
+    pub note: String,
 }
 
-impl InboundHandler {
-    pub fn new(ip: Ipv4Addr, sockets: PodSockets) -> Self {
-        Self { ip, sockets }
+impl Authorized {
+    /// Peer authentication first (a plaintext client of a STRICT workload
+    /// is refused whatever the policies say), then authorization.
+    pub fn judge(&self, snapshot: &Snapshot) -> Judgement {
+        let dst = snapshot.workload(&self.dst.uid).unwrap_or(&self.dst);
+        if self.src_identity.is_none() {
+            let (mode, policy) = snapshot.peer_authentication(dst);
+            if mode == PeerAuthMode::Strict {
+                return Judgement {
+                    allowed: false,
+                    policy: policy.unwrap_or_default(),
+                    reason: "plaintext refused: peer authentication is STRICT".into(),
+                    code: "peer_authentication_strict",
+                    note: String::new(),
+                };
+            }
+        }
+        let verdict = snapshot.authorize(&Connection {
+            src_identity: self.src_identity.as_ref(),
+            src_ip: self.src_ip,
+            dst,
+            dst_port: self.dst_port,
+        });
+        let mut notes = Vec::new();
+        if !verdict.audited_by.is_empty() {
+            notes.push(format!("audited by {}", verdict.audited_by.join(", ")));
+        }
+        if let Some(dry) = &verdict.dry_run {
+            notes.push(format!("dry run: {}", dry.reason()));
+        }
+        Judgement {
+            allowed: verdict.allowed(),
+            policy: verdict.enforced.policy.clone().unwrap_or_default(),
+            reason: if verdict.allowed() {
+                String::new()
+            } else {
+                verdict.enforced.reason()
+            },
+            code: "policy_denied",
+            note: notes.join("; "),
+        }
     }
 }
 
-impl Handler for InboundHandler {
-    async fn connect(&self, req: InboundRequest) -> Result<TcpStream, Rejection> {
+/// Serves one pod's inbound connections; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// The pod as the mesh config knew it at enrollment, or as enrollment
+    /// described it when the config does not know it yet.
+    pod: Arc<Workload>,
+    identity: Identity,
+    sockets: PodSockets,
+    shared: Arc<Shared>,
+}
+
+impl Inbound {
+    pub fn new(
+        pod: Workload,
+        identity: Identity,
+        sockets: PodSockets,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            pod: Arc::new(pod),
+            identity,
+            sockets,
+            shared,
+        }
+    }
+
+    fn ip(&self) -> Ipv4Addr {
+        self.pod.ips[0]
+    }
+
+    /// The record of an inbound connection to this pod, without the source
+    /// identity (set by the caller when there is one).
+    fn record(&self, snapshot: &Snapshot, peer: SocketAddr, dst: SocketAddr) -> ConnRecord {
+        let mut record = ConnRecord::new(Direction::Inbound, peer, dst);
+        if let Some(w) = ipv4(peer.ip()).and_then(|ip| snapshot.workload_by_ip(ip)) {
+            record.set_src(w);
+        }
+        record.dst_endpoint = dst.to_string();
+        record.set_dst(&self.pod);
+        record.dst_identity = self.identity.to_string();
+        record
+    }
+
+    /// Judges a new connection; on refusal counts and logs it.
+    fn admit(
+        &self,
+        snapshot: &Snapshot,
+        record: &mut ConnRecord,
+        authorized: &Authorized,
+    ) -> Result<(), String> {
+        let judgement = authorized.judge(snapshot);
+        record.policy = judgement.policy.clone();
+        record.note = judgement.note;
+        if judgement.allowed {
+            return Ok(());
+        }
+        self.shared.metrics.failed(record, judgement.code);
+        record.log(0, 0, &judgement.reason);
+        Err(judgement.reason)
+    }
+
+    /// A plaintext connection captured to the pod's 15006 (from a client
+    /// outside the mesh): refused under STRICT, else authorized on its
+    /// source address alone.
+    pub async fn plaintext(self, mut client: TcpStream, peer: SocketAddr) {
+        let _ = client.set_nodelay(true);
+        // The assigned socket keeps the address the client dialled.
+        let Ok(orig) = client.local_addr() else {
+            return;
+        };
+        let snapshot = self.shared.snapshot();
+        let mut record = self.record(&snapshot, peer, orig);
+        let authorized = Authorized {
+            src_identity: None,
+            src_ip: ipv4(peer.ip()).unwrap_or(Ipv4Addr::UNSPECIFIED),
+            dst: (*self.pod).clone(),
+            dst_port: orig.port(),
+        };
+        if self.admit(&snapshot, &mut record, &authorized).is_err() {
+            // Dropping the socket closes it: the client sees the connection
+            // end without any byte of the application.
+            return;
+        }
+        // The application listens on the pod's addresses; loopback reaches
+        // it without passing the capture again.
+        let app = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), orig.port());
+        let mut upstream = match self.sockets.connect(app).await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                self.shared.metrics.failed(&record, "connect_failed");
+                record.log(0, 0, &format!("connect {app}: {error}"));
+                return;
+            }
+        };
+        let tracked = self.shared.conns.track(record.clone(), Some(authorized));
+        self.shared.metrics.opened(&record);
+        let (to_dst, to_src, reason) =
+            match copy_plain_until(&mut client, &mut upstream, tracked.closed()).await {
+                Ok((to_dst, to_src)) => (to_dst, to_src, String::new()),
+                Err(error) => (0, 0, tracked.closed_for().unwrap_or(error.to_string())),
+            };
+        self.shared.metrics.closed(&record, to_dst, to_src);
+        record.log(to_dst, to_src, &reason);
+    }
+}
+
+impl Handler for Inbound {
+    async fn serve(&self, req: InboundRequest, tunnel: Tunnel) {
+        let snapshot = self.shared.snapshot();
+        let mut record = self.record(&snapshot, req.peer_addr, req.authority);
+        record.protocol = "HBONE";
+        record.src_identity = req.peer_identity.to_string();
+        if let Some(host) = req.metadata.forwarded.as_ref().and_then(|f| f.host.clone()) {
+            record.dst_service = host;
+        }
         // The server already refused an authority for another IP; this
         // guards a listener that was bound more widely.
-        if req.authority.ip() != IpAddr::V4(self.ip) {
-            return Err(Rejection::unavailable(format!(
-                "no workload {} behind this listener",
-                req.authority.ip()
-            )));
+        if req.authority.ip() != IpAddr::V4(self.ip()) {
+            let reason = format!("no workload {} behind this listener", req.authority.ip());
+            self.shared.metrics.failed(&record, "no_such_workload");
+            record.log(0, 0, &reason);
+            tunnel.reject(&Rejection::unavailable(reason));
+            return;
+        }
+        let authorized = Authorized {
+            src_identity: Some(req.peer_identity.clone()),
+            src_ip: ipv4(req.peer_addr.ip()).unwrap_or(Ipv4Addr::UNSPECIFIED),
+            dst: (*self.pod).clone(),
+            dst_port: req.authority.port(),
+        };
+        if let Err(reason) = self.admit(&snapshot, &mut record, &authorized) {
+            tunnel.reject(&Rejection::denied(reason));
+            return;
         }
         // Connecting to the pod's own IP from inside its namespace stays on
         // loopback, so the inbound program does not capture it again.
-        self.sockets
-            .connect(req.authority)
-            .await
-            .map_err(|e| Rejection::unavailable(format!("connect {}: {e}", req.authority)))
+        let upstream = match self.sockets.connect(req.authority).await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                let reason = format!("connect {}: {error}", req.authority);
+                self.shared.metrics.failed(&record, "connect_failed");
+                record.log(0, 0, &reason);
+                tunnel.reject(&Rejection::unavailable(reason));
+                return;
+            }
+        };
+        let stream = match tunnel.accept() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%error, "client went away before the tunnel opened");
+                return;
+            }
+        };
+        let tracked = self.shared.conns.track(record.clone(), Some(authorized));
+        self.shared.metrics.opened(&record);
+        let (reader, writer) = upstream.into_split();
+        // In the copy, `sent` is what the application sent back (to the
+        // source) and `received` what the tunnel brought (to the app).
+        let (t, reason) =
+            match copy_bidirectional_until(reader, writer, stream, tracked.closed()).await {
+                Ok(t) => (t, String::new()),
+                Err(e) => (
+                    e.transferred,
+                    tracked.closed_for().unwrap_or(e.source.to_string()),
+                ),
+            };
+        self.shared.metrics.closed(&record, t.received, t.sent);
+        record.log(t.received, t.sent, &reason);
+    }
+}
+
+fn ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip.to_canonical() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
     }
 }

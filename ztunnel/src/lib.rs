@@ -8,10 +8,13 @@
 //! identity, others over plain TCP; each pod's 15008 terminates HBONE with
 //! the pod's own certificate (`inbound`).
 
+pub mod admin;
 pub mod agent;
 pub mod app;
+pub mod conns;
 pub mod enroll;
 pub mod inbound;
 pub mod metrics;
 pub mod netns;
 pub mod route;
+pub mod telemetry;

@@ -2,9 +2,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use capture::Exclusions;
 use clap::Parser;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use ztunnel::admin::LogControl;
 use ztunnel::app::{self, Config};
 
 #[global_allocator]
@@ -24,6 +28,9 @@ struct Args {
     enroll_socket: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:15020")]
     metrics: SocketAddr,
+    /// Admin API (config dump, connections, readiness, log level).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
     /// BPF filesystem directory for pinned maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/ambit")]
     bpf_dir: PathBuf,
@@ -48,6 +55,38 @@ struct Args {
     exclude_outbound_port: Vec<u16>,
 }
 
+/// The admin API's hold on the log filter.
+struct Logging {
+    reload: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    current: Mutex<String>,
+}
+
+impl std::fmt::Debug for Logging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logging").finish_non_exhaustive()
+    }
+}
+
+impl LogControl for Logging {
+    fn current(&self) -> String {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, filter: &str) -> Result<String, String> {
+        let parsed = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+        self.reload.reload(parsed).map_err(|e| e.to_string())?;
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = filter.to_string();
+        tracing::info!(filter, "log filter changed");
+        Ok(filter.to_string())
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -64,25 +103,31 @@ fn main() {
 #[tokio::main]
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&initial)
+        .map_err(|e| anyhow::anyhow!("RUST_LOG={initial:?}: {e}"))?;
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let registry = tracing_subscriber::registry().with(filter);
     match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(ansi)
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(ansi))
             .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .json()
-            .flatten_event(true)
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
             .init(),
     }
+    let logging = Arc::new(Logging {
+        reload,
+        current: Mutex::new(initial),
+    });
     let app = app::build(Config {
         node: args.node,
         pods_file: args.pods,
         enroll_socket: args.enroll_socket,
         metrics_addr: args.metrics,
+        admin_addr: args.admin,
+        logging: Some(logging),
         bpf_dir: args.bpf_dir,
         mesh_config: args.mesh_config,
         ca_dir: args.ca_dir,

@@ -1,14 +1,11 @@
 //! Prometheus text for the agent's counters on the metrics port.
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -51,7 +48,7 @@ pub fn render(agent: &NodeAgent) -> String {
     metric(
         "ambit_ztunnel_inbound_connections_total",
         "counter",
-        "Captured inbound connections.",
+        "Plaintext connections captured to pods' inbound port.",
         s.inbound_connections.load(Ordering::Relaxed),
     );
     metric(
@@ -60,32 +57,29 @@ pub fn render(agent: &NodeAgent) -> String {
         "Captured connections that could not be forwarded.",
         s.connection_failures.load(Ordering::Relaxed),
     );
+    metric(
+        "ambit_ztunnel_open_connections",
+        "gauge",
+        "Connections being proxied now.",
+        agent.shared().conns.len() as u64,
+    );
+    out.push_str(&agent.shared().metrics.render());
     out
 }
 
 /// Serves `/metrics` (any path) until `stop`.
 pub async fn serve(agent: Arc<NodeAgent>, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
-            () = stop.cancelled() => return,
-        };
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |_req| {
-                let body = render(&agent);
-                async move {
-                    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
-                    resp.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-                    );
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+    crate::admin::serve(
+        listener,
+        move |_req| {
+            let mut resp = hyper::Response::new(Full::new(Bytes::from(render(&agent))));
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        },
+        stop,
+    )
+    .await;
 }

@@ -46,6 +46,8 @@ fn config(
         pods_file,
         enroll_socket: socket,
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        logging: None,
         bpf_dir: pins.0.clone(),
         mesh_config: None,
         ca_dir: None,

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Parser;
 use workloads::load::{self, LoadConfig};
 
@@ -37,6 +38,11 @@ struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Instead of requests: open this many TCP connections to the URL's
+    /// host:port (an echo port), check each with a one-byte echo, print
+    /// the report and keep them open for --duration seconds (default 60).
+    #[arg(long, conflicts_with_all = ["grpc", "http2", "requests"])]
+    hold: Option<usize>,
 }
 
 fn main() {
@@ -50,6 +56,9 @@ fn main() {
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    if let Some(count) = args.hold {
+        return hold(&args, count).await;
+    }
     let report = load::run(LoadConfig {
         url: args.url,
         requests: args.requests,
@@ -69,6 +78,31 @@ async fn run() -> anyhow::Result<()> {
     }
     // Failed requests make the run fail, so scripts can rely on the exit code.
     if report.errors > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn hold(args: &Args, count: usize) -> anyhow::Result<()> {
+    let host = args.url.host().context("the URL has no host")?;
+    let port = args.url.port_u16().context("the URL has no port")?;
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .with_context(|| format!("{host} does not resolve"))?;
+    let (conns, report) = workloads::hold::open(
+        addr,
+        count,
+        args.concurrency,
+        Duration::from_secs_f64(args.timeout),
+    )
+    .await;
+    // One line, printed as soon as everything is open: callers wait for it.
+    println!("{}", serde_json::to_string(&report)?);
+    std::io::Write::flush(&mut std::io::stdout())?;
+    tokio::time::sleep(Duration::from_secs_f64(args.duration.unwrap_or(60.0))).await;
+    drop(conns);
+    if report.failed > 0 {
         std::process::exit(1);
     }
     Ok(())

@@ -1,0 +1,288 @@
+//! L4 policy in the lab: authorization (ALLOW, DENY, AUDIT, dry run),
+//! peer authentication (STRICT refuses plaintext), live re-evaluation of
+//! open connections, and connection metrics that count exactly the bytes
+//! sent.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::{TestLab, require_root, spec};
+use lab::spec::{App, DeploymentSpec, NamespaceSpec};
+use model::{AuthorizationPolicy, PeerAuthentication};
+
+/// Namespace `app` is meshed (echo, sleep, probe); `legacy` is not (a
+/// plaintext client).
+fn policy_lab(name: &str, slot: u8) -> TestLab {
+    let mut spec = spec(name, slot, 2, 1);
+    spec.namespaces[0]
+        .labels
+        .insert(lab::plan::DATAPLANE_MODE.into(), "ambient".into());
+    spec.namespaces.push(NamespaceSpec {
+        name: "legacy".into(),
+        labels: Default::default(),
+    });
+    for (name, namespace) in [("probe", "app"), ("sleep", "legacy")] {
+        spec.deployments.push(DeploymentSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            replicas: 1,
+            service_account: None,
+            app: App::Sleep,
+            labels: Default::default(),
+        });
+    }
+    TestLab::up(spec)
+}
+
+fn authz(yaml: &str) -> Vec<AuthorizationPolicy> {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+fn reaches(t: &TestLab, pod: &str, url: &str) -> bool {
+    t.lab
+        .exec_captured(pod, &["curl", "-sS", "--max-time", "3", url])
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Waits up to 10 s (config poll and re-judgement included) for `check`.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    eventually_or(what, String::new, &mut check);
+}
+
+/// [`eventually`], with `context` in the failure report.
+fn eventually_or(what: &str, context: impl Fn() -> String, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "never happened: {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn access_log(t: &TestLab, node: &str) -> Vec<String> {
+    let path = t.lab.log_path(&format!("ztunnel/{node}"));
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" access: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The sum of a metric's series whose labels contain all of `labels`.
+fn metric_sum(t: &TestLab, node: &str, name: &str, labels: &[&str]) -> u64 {
+    let text = t.lab.ztunnel_metrics(node).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn policies_decide_who_reaches_a_workload() {
+    if !require_root("policies_decide_who_reaches_a_workload") {
+        return;
+    }
+    let t = policy_lab("it-policy", 13);
+    let plan = t.lab.plan();
+    let echo = plan.pod("app/echo-0").unwrap();
+    let echo_node = plan.nodes[echo.node].name.clone();
+    let sleep_node = plan.nodes[plan.pod("app/sleep-0").unwrap().node]
+        .name
+        .clone();
+    let url = format!("http://{}:8080/", echo.ip);
+    for client in ["app/sleep-0", "app/probe-0", "legacy/sleep-0"] {
+        assert!(reaches(&t, client, &url), "{client} before any policy");
+    }
+
+    // DENY one principal: that client is refused (401 on its tunnel), the
+    // other is not, and the access log names the policy.
+    t.lab
+        .set_policies(
+            authz(
+                "- name: deny-sleep
+  namespace: app
+  action: DENY
+  rules: [{from: [{principals: [cluster.local/ns/app/sa/sleep]}]}]",
+            ),
+            vec![],
+        )
+        .unwrap();
+    eventually("sleep refused", || !reaches(&t, "app/sleep-0", &url));
+    assert!(reaches(&t, "app/probe-0", &url));
+    assert!(reaches(&t, "legacy/sleep-0", &url));
+    let log = access_log(&t, &echo_node);
+    assert!(
+        log.iter().any(|l| l.contains("policy=app/deny-sleep")
+            && l.contains("reason=\"denied by app/deny-sleep\"")
+            && l.contains("src_identity=spiffe://cluster.local/ns/app/sa/sleep")),
+        "{log:#?}"
+    );
+    let log = access_log(&t, &sleep_node);
+    assert!(
+        log.iter().any(|l| l.contains("rejected_unauthorized")),
+        "the client side saw the 401: {log:#?}"
+    );
+
+    // STRICT: the plaintext client is refused, meshed clients are not.
+    let strict: Vec<PeerAuthentication> =
+        serde_yaml::from_str("[{name: strict, namespace: app, mode: STRICT}]").unwrap();
+    t.lab.set_policies(vec![], strict).unwrap();
+    eventually("plaintext refused", || !reaches(&t, "legacy/sleep-0", &url));
+    assert!(reaches(&t, "app/sleep-0", &url));
+    assert!(reaches(&t, "app/probe-0", &url));
+    assert!(access_log(&t, &echo_node).iter().any(|l| {
+        l.contains("plaintext refused: peer authentication is STRICT")
+            && l.contains("policy=app/strict")
+    }));
+
+    // Once an ALLOW selects the workload only what it matches passes;
+    // AUDIT marks and a dry-run DENY reports without enforcing.
+    t.lab
+        .set_policies(
+            authz(
+                "
+- {name: allow-probe, namespace: app, selector: {app: echo}, rules: [{from: [{serviceAccounts: [app/probe]}]}]}
+- {name: audit-probe, namespace: app, action: AUDIT, rules: [{from: [{serviceAccounts: [app/probe]}]}]}
+- {name: would-deny, namespace: app, action: DENY, dryRun: true, rules: [{from: [{serviceAccounts: [app/probe]}]}]}",
+            ),
+            vec![],
+        )
+        .unwrap();
+    eventually("only probe allowed", || {
+        !reaches(&t, "app/sleep-0", &url) && !reaches(&t, "legacy/sleep-0", &url)
+    });
+    assert!(reaches(&t, "app/probe-0", &url));
+    let log = access_log(&t, &echo_node);
+    assert!(
+        log.iter().any(|l| l.contains("policy=app/allow-probe")
+            && l.contains("authz=audited by app/audit-probe; dry run: denied by app/would-deny")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("reason=\"denied: no ALLOW policy matched\"")),
+        "{log:#?}"
+    );
+}
+
+#[test]
+fn a_policy_change_closes_open_connections_it_now_denies() {
+    if !require_root("a_policy_change_closes_open_connections_it_now_denies") {
+        return;
+    }
+    let t = policy_lab("it-reeval", 14);
+    let plan = t.lab.plan();
+    let echo = plan.pod("app/echo-0").unwrap();
+    let echo_node = plan.nodes[echo.node].name.clone();
+    let slow = format!("http://{}:8080/delay/20000", echo.ip);
+    let started = Instant::now();
+    let outcome = std::thread::scope(|s| {
+        let held = s.spawn(|| {
+            t.lab
+                .exec_captured("app/sleep-0", &["curl", "-sS", "--max-time", "30", &slow])
+                .unwrap()
+        });
+        eventually("the connection is open on the server side", || {
+            metric_sum(
+                &t,
+                &echo_node,
+                "ambit_tcp_connections_opened_total",
+                &["reporter=\"destination\"", "source_workload=\"sleep\""],
+            ) >= 1
+        });
+        t.lab
+            .set_policies(
+                authz("[{name: deny-all, namespace: app, action: DENY, rules: [{}]}]"),
+                vec![],
+            )
+            .unwrap();
+        held.join().unwrap()
+    });
+    assert!(
+        !outcome.status.success(),
+        "the held request completed: {}",
+        String::from_utf8_lossy(&outcome.stdout)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "closed only after {:?}, not by the policy change",
+        started.elapsed()
+    );
+    let log = access_log(&t, &echo_node);
+    assert!(
+        log.iter()
+            .any(|l| l.contains("policy changed: denied by app/deny-all")),
+        "{log:#?}"
+    );
+}
+
+#[test]
+fn connection_metrics_count_the_bytes_sent() {
+    if !require_root("connection_metrics_count_the_bytes_sent") {
+        return;
+    }
+    let t = policy_lab("it-metrics", 15);
+    let plan = t.lab.plan();
+    let echo = plan.pod("app/echo-0").unwrap();
+    let echo_node = plan.nodes[echo.node].name.clone();
+    let probe_node = plan.nodes[plan.pod("app/probe-0").unwrap().node]
+        .name
+        .clone();
+    let labels = |reporter: &'static str| {
+        [
+            reporter,
+            "source_workload=\"probe\"",
+            "destination_workload=\"echo\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ]
+    };
+    let source = labels("reporter=\"source\"");
+    let destination = labels("reporter=\"destination\"");
+    let read = |node: &str, labels: &[&str]| {
+        [
+            "ambit_tcp_received_bytes_total",
+            "ambit_tcp_sent_bytes_total",
+            "ambit_tcp_connections_opened_total",
+            "ambit_tcp_connections_closed_total",
+        ]
+        .map(|m| metric_sum(&t, node, m, labels))
+    };
+    let before = (read(&probe_node, &source), read(&echo_node, &destination));
+    // The TCP echo port returns what it gets: N bytes each way, one
+    // connection.
+    const N: u64 = 1_234_567;
+    let cmd = format!("head -c {N} /dev/urandom | nc -N {} 9000 | wc -c", echo.ip);
+    let echoed = t.exec("app/probe-0", &["sh", "-c", &cmd]);
+    assert_eq!(echoed.trim(), N.to_string());
+    let want = [N, N, 1, 1];
+    let pages = || {
+        format!(
+            "{}\n{}",
+            t.lab.ztunnel_metrics(&probe_node).unwrap_or_default(),
+            t.lab.ztunnel_metrics(&echo_node).unwrap_or_default()
+        )
+    };
+    eventually_or("both ztunnels counted the connection", pages, || {
+        let src = read(&probe_node, &source);
+        let dst = read(&echo_node, &destination);
+        (0..4).all(|i| src[i] - before.0[i] == want[i] && dst[i] - before.1[i] == want[i])
+    });
+    let text = t.lab.ztunnel_metrics(&echo_node).unwrap();
+    assert!(
+        text.contains("ambit_tcp_connection_duration_seconds_bucket{"),
+        "{text}"
+    );
+    let text = t.lab.ztunnel_metrics(&probe_node).unwrap();
+    assert!(
+        text.contains("ambit_hbone_handshake_duration_seconds_bucket{result=\"ok\""),
+        "{text}"
+    );
+}

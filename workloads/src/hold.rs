@@ -1,0 +1,77 @@
+//! Many idle connections at once: opens N TCP connections to an echo
+//! port, proves each works with a one-byte round trip, then keeps them all
+//! open. Measures what a proxy pays per held connection.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+/// What opening the connections took.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HoldReport {
+    pub held: usize,
+    pub failed: usize,
+    pub open_s: f64,
+    /// Up to five distinct error messages.
+    pub error_samples: Vec<String>,
+}
+
+async fn open_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    let attempt = async {
+        let mut tcp = TcpStream::connect(addr).await?;
+        tcp.write_all(b"h").await?;
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await?;
+        Ok::<_, std::io::Error>(tcp)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(tcp)) => Ok(tcp),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no echo within {timeout:?}")),
+    }
+}
+
+/// Opens `count` connections to `addr`, `concurrency` at a time, and
+/// returns them with the report.
+pub async fn open(
+    addr: SocketAddr,
+    count: usize,
+    concurrency: usize,
+    timeout: Duration,
+) -> (Vec<TcpStream>, HoldReport) {
+    let started = Instant::now();
+    let mut held = Vec::with_capacity(count);
+    let mut errors: Vec<String> = Vec::new();
+    let mut failed = 0;
+    let mut pending = JoinSet::new();
+    let mut next = 0;
+    loop {
+        while next < count && pending.len() < concurrency.max(1) {
+            pending.spawn(open_one(addr, timeout));
+            next += 1;
+        }
+        let Some(done) = pending.join_next().await else {
+            break;
+        };
+        match done.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok(tcp) => held.push(tcp),
+            Err(e) => {
+                failed += 1;
+                if errors.len() < 5 && !errors.contains(&e) {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    let report = HoldReport {
+        held: held.len(),
+        failed,
+        open_s: started.elapsed().as_secs_f64(),
+        error_samples: errors,
+    };
+    (held, report)
+}

@@ -1,0 +1,189 @@
+//! The node-local admin API (127.0.0.1:15000): what this ztunnel runs with
+//! and what it is doing, for operators and `ambit` commands.
+//!
+//! - `GET /config_dump`: the mesh config in force (workloads, services,
+//!   policies), the enrolled pods and their certificates with expiry.
+//! - `GET /debug/connections`: the open connections.
+//! - `GET /healthz/ready`: `200` once ztunnel serves with its config.
+//! - `GET|POST /logging?level=<filter>`: shows or changes the log filter.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{NodeAgent, PodInfo};
+use crate::conns::ConnView;
+
+/// Changes the log filter at run time; returns the filter now in force.
+pub trait LogControl: std::fmt::Debug + Send + Sync + 'static {
+    fn current(&self) -> String;
+    fn set(&self, filter: &str) -> Result<String, String>;
+}
+
+/// What the admin API serves from.
+#[derive(Debug)]
+pub struct Admin {
+    pub agent: Arc<NodeAgent>,
+    pub logging: Option<Arc<dyn LogControl>>,
+    /// Whether a config source was configured (then readiness waits for
+    /// its first config).
+    pub expects_config: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConfigDump<'a> {
+    version: u64,
+    config: &'a model::MeshConfig,
+    pods: Vec<PodInfo>,
+    certificates: Vec<CertView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CertView {
+    identity: String,
+    not_before: u64,
+    not_after: u64,
+    expires_in_seconds: i64,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+fn json(value: &impl Serialize) -> Reply {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => reply(StatusCode::OK, "application/json", body),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Reply {
+    reply(status, "text/plain; charset=utf-8", body)
+}
+
+impl Admin {
+    pub fn route(&self, req: &Request<Incoming>) -> Reply {
+        let shared = self.agent.shared();
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/config_dump") => {
+                let snapshot = shared.snapshot();
+                let now = SystemTime::now();
+                let certificates = self
+                    .agent
+                    .certificates()
+                    .iter()
+                    .map(|c| CertView {
+                        identity: c.identity().to_string(),
+                        not_before: unix(c.not_before()),
+                        not_after: unix(c.not_after()),
+                        expires_in_seconds: match c.not_after().duration_since(now) {
+                            Ok(d) => d.as_secs() as i64,
+                            Err(e) => -(e.duration().as_secs() as i64),
+                        },
+                    })
+                    .collect();
+                json(&ConfigDump {
+                    version: snapshot.version(),
+                    config: snapshot.config(),
+                    pods: self.agent.pods(),
+                    certificates,
+                })
+            }
+            (&Method::GET, "/debug/connections") => {
+                let list: Vec<ConnView> = shared.conns.list();
+                json(&list)
+            }
+            (&Method::GET, "/healthz/ready") => {
+                if self.expects_config && shared.snapshot().version() == 0 {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: no mesh config yet\n".into(),
+                    )
+                } else {
+                    text(StatusCode::OK, "ready\n".into())
+                }
+            }
+            (&Method::GET | &Method::POST, "/logging") => self.logging(req),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /config_dump, /debug/connections, /healthz/ready, /logging\n"
+                    .into(),
+            ),
+        }
+    }
+
+    fn logging(&self, req: &Request<Incoming>) -> Reply {
+        let Some(control) = &self.logging else {
+            return text(
+                StatusCode::NOT_IMPLEMENTED,
+                "log level control is not available in this process\n".into(),
+            );
+        };
+        let level = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("level="));
+        match level {
+            None => text(StatusCode::OK, format!("{}\n", control.current())),
+            Some(level) => match control.set(&level.replace("%2C", ",").replace("%3D", "=")) {
+                Ok(now) => text(StatusCode::OK, format!("{now}\n")),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid level: {e}\n")),
+            },
+        }
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on `listener` with `route` until `stop`.
+pub async fn serve<F>(listener: TcpListener, route: F, stop: CancellationToken)
+where
+    F: Fn(&Request<Incoming>) -> Reply + Send + Sync + 'static,
+{
+    let route = Arc::new(route);
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+            () = stop.cancelled() => return,
+        };
+        let route = route.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let resp = route(&req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,178 @@
+//! The open connections of a ztunnel: listed by `/debug/connections`,
+//! re-judged when policy changes (those now denied are closed), and closed
+//! when a drain runs out of time.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use identity::Identity;
+use model::{Snapshot, Workload};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::ConnRecord;
+
+/// What an inbound connection was authorized on, to judge it again.
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    /// `None`: plaintext.
+    pub src_identity: Option<Identity>,
+    pub src_ip: Ipv4Addr,
+    /// The destination workload as it was when the connection was opened;
+    /// re-judged as the new config knows it when it is still there.
+    pub dst: Workload,
+    pub dst_port: u16,
+}
+
+struct Open {
+    record: ConnRecord,
+    authorized: Option<Authorized>,
+    close: CancellationToken,
+    /// Why it was closed by us, if it was.
+    closed_for: Arc<Mutex<Option<String>>>,
+}
+
+/// The registry of open connections.
+#[derive(Default)]
+pub struct Connections {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Open>>,
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections")
+            .field("open", &self.lock().len())
+            .finish()
+    }
+}
+
+/// One open connection's entry; removed when dropped.
+#[derive(Debug)]
+pub struct Tracked {
+    id: u64,
+    registry: Arc<Connections>,
+    close: CancellationToken,
+    closed_for: Arc<Mutex<Option<String>>>,
+}
+
+impl Tracked {
+    /// Resolves when the connection must be closed.
+    pub async fn closed(&self) {
+        self.close.cancelled().await;
+    }
+
+    /// Why the registry closed it (policy change, drain deadline).
+    pub fn closed_for(&self) -> Option<String> {
+        self.closed_for
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+/// One line of `/debug/connections`.
+#[derive(Debug, Serialize)]
+pub struct ConnView {
+    pub id: u64,
+    #[serde(flatten)]
+    pub record: ConnRecord,
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Open>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn track(self: &Arc<Self>, record: ConnRecord, authorized: Option<Authorized>) -> Tracked {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let close = CancellationToken::new();
+        let closed_for = Arc::new(Mutex::new(None));
+        self.lock().insert(
+            id,
+            Open {
+                record,
+                authorized,
+                close: close.clone(),
+                closed_for: closed_for.clone(),
+            },
+        );
+        Tracked {
+            id,
+            registry: self.clone(),
+            close,
+            closed_for,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn list(&self) -> Vec<ConnView> {
+        let mut list: Vec<ConnView> = self
+            .lock()
+            .iter()
+            .map(|(id, o)| ConnView {
+                id: *id,
+                record: o.record.clone(),
+            })
+            .collect();
+        list.sort_by_key(|c| c.id);
+        list
+    }
+
+    /// Judges every authorized connection against `snapshot` and closes
+    /// those it refuses. Returns how many were closed.
+    pub fn reevaluate(&self, snapshot: &Snapshot) -> usize {
+        let mut closed = 0;
+        for open in self.lock().values() {
+            let Some(authorized) = &open.authorized else {
+                continue;
+            };
+            if open.close.is_cancelled() {
+                continue;
+            }
+            let judgement = authorized.judge(snapshot);
+            if !judgement.allowed {
+                tracing::info!(
+                    src = %open.record.src_addr,
+                    dst = %open.record.dst_addr,
+                    policy = %judgement.policy,
+                    reason = %judgement.reason,
+                    "closing connection after a policy change"
+                );
+                close(open, format!("policy changed: {}", judgement.reason));
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Closes every open connection (a drain ran out of time).
+    pub fn close_all(&self, reason: &str) {
+        for open in self.lock().values() {
+            close(open, reason.to_string());
+        }
+    }
+}
+
+fn close(open: &Open, reason: String) {
+    *open
+        .closed_for
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some(reason);
+    open.close.cancel();
+}

@@ -1,0 +1,347 @@
+//! One record per proxied connection, and what is made of it: the access
+//! log line, the Prometheus metrics and the `/debug/connections` entry.
+//!
+//! Metric names and labels follow Istio's TCP metrics (with an `ambit_`
+//! prefix) so dashboards carry over; like Istio, `sent` is the response
+//! direction (destination → source) and `received` the request direction.
+//! Labels name workloads, identities and services, never addresses or
+//! ports, so their number is bounded by the cluster's objects, not by its
+//! traffic.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use hbone::{PoolKey, PoolObserver};
+use metrics::{Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use model::Workload;
+use serde::Serialize;
+
+const OPENED: &str = "ambit_tcp_connections_opened_total";
+const CLOSED: &str = "ambit_tcp_connections_closed_total";
+const FAILED: &str = "ambit_tcp_connections_failed_total";
+const SENT: &str = "ambit_tcp_sent_bytes_total";
+const RECEIVED: &str = "ambit_tcp_received_bytes_total";
+const DURATION: &str = "ambit_tcp_connection_duration_seconds";
+const HANDSHAKE: &str = "ambit_hbone_handshake_duration_seconds";
+
+/// Upper bounds of the duration histograms: sub-millisecond handshakes to
+/// half-hour connections.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 1800.0,
+];
+
+static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// From a pod of this node (reporter `source`).
+    Outbound,
+    /// To a pod of this node (reporter `destination`).
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+
+    fn reporter(self) -> &'static str {
+        match self {
+            Self::Outbound => "source",
+            Self::Inbound => "destination",
+        }
+    }
+}
+
+/// Who and what one connection is about. Empty strings are unknowns.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnRecord {
+    pub direction: Direction,
+    /// `HBONE` or `TCP`.
+    pub protocol: &'static str,
+    pub src_addr: SocketAddr,
+    /// `namespace/name` of the pod.
+    pub src_workload: String,
+    /// The namespace and owning workload (Deployment…) for metric labels:
+    /// pods come and go, their owners stay.
+    #[serde(skip)]
+    pub src_owner: (String, String),
+    pub src_identity: String,
+    /// What the client dialled (a VIP or a pod address).
+    pub dst_addr: SocketAddr,
+    /// The endpoint actually connected to.
+    pub dst_endpoint: String,
+    pub dst_service: String,
+    pub dst_workload: String,
+    #[serde(skip)]
+    pub dst_owner: (String, String),
+    pub dst_identity: String,
+    /// The authorization policy that decided (inbound).
+    pub policy: String,
+    /// AUDIT matches and dry-run outcomes (inbound).
+    pub note: String,
+    #[serde(serialize_with = "unix_seconds")]
+    pub started: SystemTime,
+    #[serde(skip)]
+    pub clock: Instant,
+}
+
+fn unix_seconds<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    s.serialize_u64(secs)
+}
+
+impl ConnRecord {
+    pub fn new(direction: Direction, src_addr: SocketAddr, dst_addr: SocketAddr) -> Self {
+        Self {
+            direction,
+            protocol: "TCP",
+            src_addr,
+            src_workload: String::new(),
+            src_owner: Default::default(),
+            src_identity: String::new(),
+            dst_addr,
+            dst_endpoint: String::new(),
+            dst_service: String::new(),
+            dst_workload: String::new(),
+            dst_owner: Default::default(),
+            dst_identity: String::new(),
+            policy: String::new(),
+            note: String::new(),
+            started: SystemTime::now(),
+            clock: Instant::now(),
+        }
+    }
+
+    /// The source is this workload of the mesh config.
+    pub fn set_src(&mut self, w: &Workload) {
+        self.src_workload = format!("{}/{}", w.namespace, w.name);
+        self.src_owner = owner(w);
+    }
+
+    /// The destination is this workload of the mesh config.
+    pub fn set_dst(&mut self, w: &Workload) {
+        self.dst_workload = format!("{}/{}", w.namespace, w.name);
+        self.dst_owner = owner(w);
+    }
+
+    /// Writes the access log line. `to_dst` and `to_src` are the bytes of
+    /// each direction; `reason` is empty for a clean close.
+    pub fn log(&self, to_dst: u64, to_src: u64, reason: &str) {
+        tracing::info!(
+            target: "access",
+            direction = self.direction.as_str(),
+            protocol = self.protocol,
+            src_addr = %self.src_addr,
+            src_workload = %self.src_workload,
+            src_identity = %self.src_identity,
+            dst_addr = %self.dst_addr,
+            dst_service = %self.dst_service,
+            dst_endpoint = %self.dst_endpoint,
+            dst_workload = %self.dst_workload,
+            dst_identity = %self.dst_identity,
+            policy = %self.policy,
+            authz = %self.note,
+            bytes_sent = to_dst,
+            bytes_received = to_src,
+            duration_ms = self.clock.elapsed().as_millis() as u64,
+            reason,
+            "connection complete"
+        );
+    }
+
+    fn labels(&self) -> Vec<Label> {
+        let (src_ns, src_name) = self.src_owner.clone();
+        let (dst_ns, dst_name) = self.dst_owner.clone();
+        let or_unknown = |s: String| if s.is_empty() { "unknown".into() } else { s };
+        let principal = |s: &str| s.strip_prefix("spiffe://").unwrap_or(s).to_string();
+        let security = if self.protocol == "HBONE" {
+            "mutual_tls"
+        } else {
+            "none"
+        };
+        vec![
+            Label::new("reporter", self.direction.reporter()),
+            Label::new("source_workload", or_unknown(src_name)),
+            Label::new("source_workload_namespace", or_unknown(src_ns)),
+            Label::new(
+                "source_principal",
+                or_unknown(principal(&self.src_identity)),
+            ),
+            Label::new("destination_workload", or_unknown(dst_name)),
+            Label::new("destination_workload_namespace", or_unknown(dst_ns)),
+            Label::new(
+                "destination_principal",
+                or_unknown(principal(&self.dst_identity)),
+            ),
+            Label::new("destination_service", or_unknown(self.dst_service.clone())),
+            Label::new("connection_security_policy", security),
+        ]
+    }
+}
+
+fn owner(w: &Workload) -> (String, String) {
+    (
+        w.namespace.clone(),
+        w.workload_name.clone().unwrap_or_else(|| w.name.clone()),
+    )
+}
+
+/// The Prometheus registry of connection metrics of one ztunnel.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let describe = |name: &'static str, unit, help: &'static str| {
+            recorder.describe_counter(
+                KeyName::from_const_str(name),
+                unit,
+                SharedString::const_str(help),
+            );
+        };
+        describe(OPENED, None, "TCP connections opened.");
+        describe(CLOSED, None, "TCP connections closed after being opened.");
+        describe(
+            FAILED,
+            None,
+            "TCP connections that failed or were refused, by reason.",
+        );
+        describe(
+            SENT,
+            Some(Unit::Bytes),
+            "Bytes sent in the response direction (destination to source).",
+        );
+        describe(
+            RECEIVED,
+            Some(Unit::Bytes),
+            "Bytes received in the request direction (source to destination).",
+        );
+        recorder.describe_histogram(
+            KeyName::from_const_str(DURATION),
+            Some(Unit::Seconds),
+            SharedString::const_str("How long connections stayed open."),
+        );
+        recorder.describe_histogram(
+            KeyName::from_const_str(HANDSHAKE),
+            Some(Unit::Seconds),
+            SharedString::const_str("HBONE connection set-up (TCP and TLS handshakes)."),
+        );
+        Self { recorder, handle }
+    }
+
+    fn counter(&self, name: &'static str, labels: Vec<Label>) -> metrics::Counter {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &META)
+    }
+
+    pub fn opened(&self, record: &ConnRecord) {
+        self.counter(OPENED, record.labels()).increment(1);
+    }
+
+    /// A connection that was opened ended; `to_dst`/`to_src` as in
+    /// [`ConnRecord::log`].
+    pub fn closed(&self, record: &ConnRecord, to_dst: u64, to_src: u64) {
+        let labels = record.labels();
+        self.counter(CLOSED, labels.clone()).increment(1);
+        self.counter(RECEIVED, labels.clone()).increment(to_dst);
+        self.counter(SENT, labels).increment(to_src);
+        let key = Key::from_parts(
+            DURATION,
+            vec![
+                Label::new("reporter", record.direction.reporter()),
+                Label::new(
+                    "destination_service",
+                    if record.dst_service.is_empty() {
+                        "unknown".to_string()
+                    } else {
+                        record.dst_service.clone()
+                    },
+                ),
+            ],
+        );
+        self.recorder
+            .register_histogram(&key, &META)
+            .record(record.clock.elapsed().as_secs_f64());
+    }
+
+    /// A connection that could not be made or was refused. `reason` is a
+    /// short code from a fixed set (it is a label).
+    pub fn failed(&self, record: &ConnRecord, reason: &'static str) {
+        let mut labels = record.labels();
+        labels.push(Label::new("reason", reason));
+        self.counter(FAILED, labels).increment(1);
+    }
+
+    fn handshake(&self, elapsed: Duration, result: &'static str) {
+        let key = Key::from_parts(HANDSHAKE, vec![Label::new("result", result)]);
+        self.recorder
+            .register_histogram(&key, &META)
+            .record(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text of every connection metric.
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+impl PoolObserver for Metrics {
+    fn handshake(&self, _key: &PoolKey, elapsed: Duration, error: Option<&hbone::Error>) {
+        Metrics::handshake(self, elapsed, error.map_or("ok", hbone::Error::reason));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_connection_renders_its_counters() {
+        let metrics = Metrics::new();
+        let mut record = ConnRecord::new(
+            Direction::Inbound,
+            "10.0.0.1:1234".parse().expect("address"),
+            "10.0.0.2:80".parse().expect("address"),
+        );
+        record.protocol = "HBONE";
+        metrics.opened(&record);
+        metrics.closed(&record, 10, 20);
+        let text = metrics.render();
+        println!("{text}");
+        assert!(
+            text.contains("ambit_tcp_received_bytes_total{reporter=\"destination\""),
+            "{text}"
+        );
+    }
+}

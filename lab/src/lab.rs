@@ -424,6 +424,33 @@ impl Lab {
         process::run_captured(&self.placement(pod), argv)
     }
 
+    /// Starts `argv` in a pod as a child of the caller, stdout piped. The
+    /// caller ends it (it is not part of the lab's processes).
+    pub fn spawn(&self, pod: &str, argv: &[&str]) -> Result<std::process::Child, LabError> {
+        let pod = self.pod(pod)?;
+        process::spawn_piped(&self.placement(pod), argv)
+    }
+
+    /// Resident memory of a node's ztunnel, in KiB (`VmRSS`).
+    pub fn ztunnel_rss_kib(&self, node: &str) -> Option<u64> {
+        let node = self.plan.nodes.iter().find(|n| n.name == node)?;
+        let procs = std::fs::read_to_string(node.cgroup.join("ztunnel/cgroup.procs")).ok()?;
+        procs
+            .lines()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+            .filter_map(|status| {
+                status.lines().find_map(|l| {
+                    l.strip_prefix("VmRSS:")?
+                        .trim()
+                        .strip_suffix("kB")?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+            })
+            .reduce(|a, b| a + b)
+    }
+
     /// Every pod with its state.
     pub fn pod_status(&self) -> Vec<PodStatus> {
         self.plan

@@ -8,14 +8,16 @@ use std::process::{Command, ExitStatus, Stdio};
 
 use crate::error::LabError;
 
-/// Joins the cgroup, then becomes the command inside the namespace. `ip
+/// Joins the cgroup, raises the open-files limit as container runtimes do
+/// for pods (1048576; kept as is where not permitted), then becomes the
+/// command inside the namespace. `ip
 /// netns exec` also bind-mounts `/etc/netns/<ns>/hosts` over `/etc/hosts`
 /// (how pods resolve service names).
-const ENTER_POD: &str = r#"cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" || exit 125; exec ip netns exec "$ns" "$@""#;
+const ENTER_POD: &str = r#"cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" || exit 125; ulimit -n 1048576 2>/dev/null; exec ip netns exec "$ns" "$@""#;
 /// For node components: `ip netns exec` remounts /sys, which hides the
 /// cgroup and BPF filesystems ztunnel needs, so only the network namespace
 /// is entered.
-const ENTER_NODE: &str = r#"cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" || exit 125; exec nsenter --net="/var/run/netns/$ns" "$@""#;
+const ENTER_NODE: &str = r#"cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" || exit 125; ulimit -n 1048576 2>/dev/null; exec nsenter --net="/var/run/netns/$ns" "$@""#;
 
 /// What kind of process is started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +84,17 @@ pub fn spawn_detached(place: &Placement<'_>, argv: &[&str], log: &Path) -> Resul
         });
     }
     Ok(())
+}
+
+/// Starts `argv` as a child with its stdout piped (tests that must act
+/// while it runs).
+pub fn spawn_piped(place: &Placement<'_>, argv: &[&str]) -> Result<std::process::Child, LabError> {
+    enter_command(place, argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(LabError::io(format!("start {}", argv.join(" "))))
 }
 
 /// Runs `argv` in the foreground with the caller's terminal.

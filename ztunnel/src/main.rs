@@ -121,6 +121,7 @@ async fn run() -> anyhow::Result<()> {
         reload,
         current: Mutex::new(initial),
     });
+    raise_open_files_limit();
     let app = app::build(Config {
         node: args.node,
         pods_file: args.pods,
@@ -150,4 +151,20 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     app.shutdown().await;
     Ok(())
+}
+
+/// Every proxied connection holds two or three descriptors; a node with
+/// many connections needs more than the usual soft limit of 1024. Raised
+/// to the hard limit the runtime grants.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, hard, "cannot raise the open files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open files limit"),
+    }
 }

@@ -30,6 +30,7 @@ pub fn mesh_config(plan: &Plan) -> MeshConfig {
                 region: "lab".into(),
                 zone: plan.nodes[p.node].name.clone(),
             },
+            waypoint: None,
         })
         .collect();
     let services = plan
@@ -55,6 +56,7 @@ pub fn mesh_config(plan: &Plan) -> MeshConfig {
                 .map(|&i| plan.pods[i].uid.clone())
                 .collect(),
             traffic_distribution: None,
+            waypoint: None,
         })
         .collect();
     MeshConfig {

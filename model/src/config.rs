@@ -67,6 +67,18 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub locality: Locality,
+    /// Traffic addressed to this workload's IP goes through this waypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+}
+
+/// A waypoint (L7 proxy) that traffic to a workload or service must pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointRef {
+    /// The waypoint's Service VIP, or a waypoint workload's IP. It is
+    /// reached with HBONE on its endpoints' port 15008.
+    pub address: Ipv4Addr,
 }
 
 fn default_service_account() -> String {
@@ -110,6 +122,9 @@ pub struct Service {
     pub endpoints: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_distribution: Option<TrafficDistribution>,
+    /// Traffic addressed to this service's VIPs goes through this waypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
 }
 
 impl Service {

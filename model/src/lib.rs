@@ -12,7 +12,8 @@ mod snapshot;
 pub mod source;
 
 pub use config::{
-    InboundProtocol, Locality, MeshConfig, Service, ServicePort, TrafficDistribution, Workload,
+    InboundProtocol, Locality, MeshConfig, Service, ServicePort, TrafficDistribution, WaypointRef,
+    Workload,
 };
 pub use policy::{
     Action, AuthorizationPolicy, Connection, Decision, PeerAuthMode, PeerAuthentication,

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use identity::{Identity, TrustDomain};
 
-use crate::config::{MeshConfig, Service, ServicePort, Workload};
+use crate::config::{MeshConfig, Service, ServicePort, WaypointRef, Workload};
 use crate::policy::{self, Connection, PeerAuthMode, PolicyScope, Verdict};
 
 /// Why a config was refused, naming the offending object.
@@ -162,6 +162,25 @@ impl Snapshot {
                 }
             }
         }
+        // Waypoints are checked once every address is known.
+        let vips: HashSet<Ipv4Addr> = by_vip.keys().map(|a| *a.ip()).collect();
+        let known = |ip: &Ipv4Addr| by_ip.contains_key(ip) || vips.contains(ip);
+        for w in &config.workloads {
+            if let Some(wp) = w.waypoint.as_ref().filter(|wp| !known(&wp.address)) {
+                return Err(ConfigError::Workload {
+                    uid: w.uid.clone(),
+                    reason: format!("waypoint {} is no known workload or service", wp.address),
+                });
+            }
+        }
+        for s in &config.services {
+            if let Some(wp) = s.waypoint.as_ref().filter(|wp| !known(&wp.address)) {
+                return Err(ConfigError::Service {
+                    service: s.key(),
+                    reason: format!("waypoint {} is no known workload or service", wp.address),
+                });
+            }
+        }
         let policies_by_ns = index_policies(&config)?;
         Ok(Self {
             config,
@@ -227,6 +246,20 @@ impl Snapshot {
                 port: &service.ports[p],
             }
         })
+    }
+
+    /// The workloads behind a waypoint address: the waypoint service's
+    /// endpoints, or the one workload with that IP.
+    pub fn waypoint_endpoints(&self, waypoint: &WaypointRef) -> Vec<&Workload> {
+        if let Some(w) = self.workload_by_ip(waypoint.address) {
+            return vec![w];
+        }
+        self.config
+            .services
+            .iter()
+            .find(|s| s.vips.contains(&waypoint.address))
+            .map(|s| self.endpoints(s).collect())
+            .unwrap_or_default()
     }
 
     /// A service's endpoints, in config order.
@@ -334,6 +367,13 @@ services:
             (
                 GOOD.replace("{port: 9000}", "{port: 9000, targetPort: 0}"),
                 "0 is not a port",
+            ),
+            (
+                GOOD.replace(
+                    "endpoints: [a]",
+                    "endpoints: [a]\n    waypoint: {address: 10.96.9.9}",
+                ),
+                "service demo/echo: waypoint 10.96.9.9 is no known workload or service",
             ),
         ];
         for (yaml, want) in cases {

@@ -421,6 +421,7 @@ impl NodeAgent {
             workload_name: None,
             labels: Default::default(),
             locality: Default::default(),
+            waypoint: None,
         }
     }
 
@@ -534,12 +535,15 @@ impl NodeAgent {
             Ok(plan) => plan,
             Err(error) => {
                 self.failed();
-                metrics.failed(&record, "no_healthy_endpoint");
+                metrics.failed(&record, error.code());
                 record.log(0, 0, &error.to_string());
                 return;
             }
         };
         record.dst_service = plan.service.clone().unwrap_or_default();
+        if let Some(waypoint) = plan.waypoint {
+            record.waypoint = waypoint.to_string();
+        }
         let mut last = None;
         // A refused endpoint of a service is skipped for the next one; a
         // single destination is tried once.
@@ -554,7 +558,7 @@ impl NodeAgent {
             {
                 Ok(upstream) => upstream,
                 Err(error) => {
-                    self.balancer.eject(route.endpoint());
+                    self.balancer.eject(route.hbone_endpoint());
                     last = Some(error);
                     if plan.service.is_none() {
                         break;

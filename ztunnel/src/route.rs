@@ -1,15 +1,16 @@
 //! Where an outbound connection goes: the original destination resolved
-//! against the mesh config (Service VIP → endpoint, meshed → HBONE,
-//! unmeshed → plain TCP, unknown → passthrough).
+//! against the mesh config (a destination with a waypoint → HBONE to the
+//! waypoint, Service VIP → endpoint, meshed → HBONE, unmeshed → plain TCP,
+//! unknown → passthrough).
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Mutex;
 use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use identity::Identity;
-use model::{InboundProtocol, Snapshot, TrafficDistribution, Workload};
+use model::{InboundProtocol, Snapshot, TrafficDistribution, WaypointRef, Workload};
 
 /// How long an endpoint that refused a connection is skipped.
 const EJECTION: Duration = Duration::from_secs(5);
@@ -31,10 +32,19 @@ pub enum Route {
 }
 
 impl Route {
-    /// The address the connection is finally made to (for health tracking).
+    /// The address the connection is finally made to.
     pub fn endpoint(&self) -> SocketAddr {
         match self {
             Route::Hbone { authority, .. } => *authority,
+            Route::Plain { dst, .. } | Route::Passthrough { dst } => *dst,
+        }
+    }
+
+    /// The address the TCP connection goes to: the HBONE port of the
+    /// destination (or waypoint) for tunnels. Health is tracked by it.
+    pub fn hbone_endpoint(&self) -> SocketAddr {
+        match self {
+            Route::Hbone { hbone, .. } => *hbone,
             Route::Plain { dst, .. } | Route::Passthrough { dst } => *dst,
         }
     }
@@ -47,6 +57,8 @@ pub struct Plan {
     pub service: Option<String>,
     /// Its hostname (for `forwarded: host=`).
     pub hostname: Option<String>,
+    /// The waypoint the routes go through, when the destination has one.
+    pub waypoint: Option<Ipv4Addr>,
     pub routes: Vec<Route>,
 }
 
@@ -55,6 +67,19 @@ pub struct Plan {
 pub enum RouteError {
     #[error("service {0} has no endpoints")]
     NoEndpoints(String),
+    /// Never bypassed: the waypoint enforces the destination's L7 policy.
+    #[error("waypoint {0} has no endpoints")]
+    NoWaypoint(Ipv4Addr),
+}
+
+impl RouteError {
+    /// The metrics reason code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NoEndpoints(_) => "no_healthy_endpoint",
+            Self::NoWaypoint(_) => "no_waypoint",
+        }
+    }
 }
 
 /// Round-robin state per service and recently failed endpoints.
@@ -74,6 +99,16 @@ impl Balancer {
     ) -> Result<Plan, RouteError> {
         if let Some(target) = snapshot.service_by_vip(orig) {
             let key = target.service.key();
+            if let Some(waypoint) = &target.service.waypoint
+                && let Some(routes) = self.via_waypoint(snapshot, src, waypoint, orig)?
+            {
+                return Ok(Plan {
+                    service: Some(key),
+                    hostname: Some(target.service.hostname()),
+                    waypoint: Some(waypoint.address),
+                    routes,
+                });
+            }
             let port = target.port.target_port();
             let endpoints: Vec<&Workload> = snapshot.endpoints(target.service).collect();
             if endpoints.is_empty() {
@@ -86,13 +121,7 @@ impl Balancer {
                 }
                 _ => true,
             };
-            let start = {
-                let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
-                let n = next.entry(key.clone()).or_default();
-                let start = *n;
-                *n = n.wrapping_add(1);
-                start
-            };
+            let start = self.advance(&key);
             // Preferred endpoints first, each group rotated round-robin;
             // endpoints that failed recently go last.
             let mut routes: Vec<(u8, Route)> = Vec::with_capacity(endpoints.len());
@@ -102,7 +131,8 @@ impl Balancer {
                 for i in 0..members.len() {
                     let w = members[(start + i) % members.len()];
                     let route = workload_route(snapshot, w, port);
-                    let rank = u8::from(!group) + 2 * u8::from(self.is_ejected(route.endpoint()));
+                    let rank =
+                        u8::from(!group) + 2 * u8::from(self.is_ejected(route.hbone_endpoint()));
                     routes.push((rank, route));
                 }
             }
@@ -110,10 +140,22 @@ impl Balancer {
             return Ok(Plan {
                 service: Some(key),
                 hostname: Some(target.service.hostname()),
+                waypoint: None,
                 routes: routes.into_iter().map(|(_, r)| r).collect(),
             });
         }
-        let route = match snapshot.workload_by_ip(*orig.ip()) {
+        let dst = snapshot.workload_by_ip(*orig.ip());
+        if let Some(waypoint) = dst.and_then(|w| w.waypoint.as_ref())
+            && let Some(routes) = self.via_waypoint(snapshot, src, waypoint, orig)?
+        {
+            return Ok(Plan {
+                service: None,
+                hostname: None,
+                waypoint: Some(waypoint.address),
+                routes,
+            });
+        }
+        let route = match dst {
             Some(w) => workload_route(snapshot, w, orig.port()),
             None => Route::Passthrough {
                 dst: SocketAddr::V4(orig),
@@ -122,8 +164,55 @@ impl Balancer {
         Ok(Plan {
             service: None,
             hostname: None,
+            waypoint: None,
             routes: vec![route],
         })
+    }
+
+    /// Routes through `waypoint`'s endpoints (round-robin), tunnelling to
+    /// the address the client dialled. `None` when the client is the
+    /// waypoint itself: what it sends on goes to the destination directly.
+    fn via_waypoint(
+        &self,
+        snapshot: &Snapshot,
+        src: Option<&Workload>,
+        waypoint: &WaypointRef,
+        orig: SocketAddrV4,
+    ) -> Result<Option<Vec<Route>>, RouteError> {
+        let endpoints = snapshot.waypoint_endpoints(waypoint);
+        if src.is_some_and(|s| endpoints.iter().any(|w| w.uid == s.uid)) {
+            return Ok(None);
+        }
+        let mut routes: Vec<Route> = endpoints
+            .iter()
+            .filter_map(|w| {
+                let identity = snapshot.identity(w)?.clone();
+                Some(Route::Hbone {
+                    hbone: SocketAddr::V4(SocketAddrV4::new(w.ips[0], hbone::HBONE_PORT)),
+                    authority: SocketAddr::V4(orig),
+                    identity,
+                    workload: format!("{}/{}", w.namespace, w.name),
+                })
+            })
+            .collect();
+        if routes.is_empty() {
+            return Err(RouteError::NoWaypoint(waypoint.address));
+        }
+        let start = self.advance(&format!("waypoint/{}", waypoint.address));
+        let len = routes.len();
+        routes.rotate_left(start % len);
+        // Waypoint endpoints that failed recently go last.
+        routes.sort_by_key(|r| self.is_ejected(r.hbone_endpoint()));
+        Ok(Some(routes))
+    }
+
+    /// The round-robin position for `key`, moved on by one.
+    fn advance(&self, key: &str) -> usize {
+        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = next.entry(key.to_string()).or_default();
+        let start = *n;
+        *n = n.wrapping_add(1);
+        start
     }
 
     /// Records that connecting to `endpoint` failed: it is tried last for a while.
@@ -271,8 +360,11 @@ services:
             assert_eq!(first(&plan), "demo/echo-1");
             assert_eq!(plan.routes.len(), 3, "other nodes remain as fallbacks");
         }
-        // The only same-node endpoint failed: the others are used.
-        lb.eject("10.0.1.1:8080".parse().unwrap());
+        // The only same-node endpoint failed (its HBONE port refused, as
+        // the agent records it): the others are used.
+        let failed = lb.plan(&snap, Some(client), vip).unwrap().routes[0].hbone_endpoint();
+        assert_eq!(failed.to_string(), "10.0.1.1:15008");
+        lb.eject(failed);
         let plan = lb.plan(&snap, Some(client), vip).unwrap();
         assert_ne!(first(&plan), "demo/echo-1");
         let snap = snapshot("trafficDistribution: PreferSameZone");
@@ -281,5 +373,68 @@ services:
             .plan(&snap, Some(snap.workload("c").unwrap()), vip)
             .unwrap();
         assert_eq!(first(&plan), "demo/echo-1");
+    }
+
+    #[test]
+    fn destinations_with_a_waypoint_are_tunnelled_to_it() {
+        let yaml = r#"
+workloads:
+  - {uid: e1, name: echo-1, namespace: demo, ips: [10.0.1.1], protocol: HBONE, waypoint: {address: 10.96.0.50}}
+  - {uid: w1, name: waypoint-1, namespace: demo, serviceAccount: waypoint, ips: [10.0.5.1], protocol: HBONE}
+  - {uid: w2, name: waypoint-2, namespace: demo, serviceAccount: waypoint, ips: [10.0.5.2], protocol: HBONE}
+  - {uid: c, name: client, namespace: demo, ips: [10.0.1.9], protocol: HBONE}
+services:
+  - {name: echo, namespace: demo, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], endpoints: [e1], waypoint: {address: 10.96.0.50}}
+  - {name: waypoint, namespace: demo, vips: [10.96.0.50], ports: [{port: 15008}], endpoints: [w1, w2]}
+  - {name: lonely, namespace: demo, vips: [10.96.0.3], ports: [{port: 80}], endpoints: [e1], waypoint: {address: 10.96.0.60}}
+  - {name: gone, namespace: demo, vips: [10.96.0.60], ports: [{port: 15008}]}
+"#;
+        let snap = Snapshot::new(serde_yaml::from_str(yaml).unwrap(), 1).unwrap();
+        let lb = Balancer::default();
+        let client = snap.workload("c");
+        // Service traffic: to the waypoint, `:authority` the VIP as dialled.
+        let mut picked = Vec::new();
+        for _ in 0..2 {
+            let plan = lb
+                .plan(&snap, client, "10.96.0.1:80".parse().unwrap())
+                .unwrap();
+            assert_eq!(plan.waypoint, Some("10.96.0.50".parse().unwrap()));
+            assert_eq!(plan.service.as_deref(), Some("demo/echo"));
+            let Route::Hbone {
+                hbone,
+                authority,
+                identity,
+                workload,
+            } = &plan.routes[0]
+            else {
+                panic!("waypoint over HBONE: {plan:?}")
+            };
+            assert_eq!(authority.to_string(), "10.96.0.1:80");
+            assert_eq!(hbone.port(), 15008);
+            assert_eq!(
+                identity.to_string(),
+                "spiffe://cluster.local/ns/demo/sa/waypoint"
+            );
+            picked.push(workload.clone());
+        }
+        assert_eq!(picked, ["demo/waypoint-1", "demo/waypoint-2"]);
+        // Pod traffic: to the pod's waypoint, `:authority` the pod address.
+        let plan = lb
+            .plan(&snap, client, "10.0.1.1:8080".parse().unwrap())
+            .unwrap();
+        assert_eq!(plan.routes[0].endpoint().to_string(), "10.0.1.1:8080");
+        assert!(first(&plan).starts_with("demo/waypoint-"));
+        // The waypoint's own outbound goes to the destination.
+        let plan = lb
+            .plan(&snap, snap.workload("w1"), "10.0.1.1:8080".parse().unwrap())
+            .unwrap();
+        assert_eq!(plan.waypoint, None);
+        assert_eq!(first(&plan), "demo/echo-1");
+        // A waypoint without endpoints fails closed rather than bypass it.
+        assert_eq!(
+            lb.plan(&snap, client, "10.96.0.3:80".parse().unwrap())
+                .unwrap_err(),
+            RouteError::NoWaypoint("10.96.0.60".parse().unwrap())
+        );
     }
 }

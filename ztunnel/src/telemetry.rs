@@ -84,6 +84,8 @@ pub struct ConnRecord {
     #[serde(skip)]
     pub dst_owner: (String, String),
     pub dst_identity: String,
+    /// The waypoint the connection went through (outbound).
+    pub waypoint: String,
     /// The authorization policy that decided (inbound).
     pub policy: String,
     /// AUDIT matches and dry-run outcomes (inbound).
@@ -116,6 +118,7 @@ impl ConnRecord {
             dst_workload: String::new(),
             dst_owner: Default::default(),
             dst_identity: String::new(),
+            waypoint: String::new(),
             policy: String::new(),
             note: String::new(),
             started: SystemTime::now(),
@@ -150,6 +153,7 @@ impl ConnRecord {
             dst_endpoint = %self.dst_endpoint,
             dst_workload = %self.dst_workload,
             dst_identity = %self.dst_identity,
+            waypoint = %self.waypoint,
             policy = %self.policy,
             authz = %self.note,
             bytes_sent = to_dst,

@@ -355,3 +355,53 @@ async fn a_snapshot_releases_pods_that_left_while_ztunnel_was_down() {
     let _ = std::fs::remove_file(file);
     let _ = std::fs::remove_file(socket);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_open_connections_then_closes_them_at_the_deadline() {
+    if !require_root("shutdown_waits_for_open_connections_then_closes_them_at_the_deadline") {
+        return;
+    }
+    let t = lab("zt-drain", 35);
+    let pins = Pins::new("zt-drain");
+    let file = std::env::temp_dir().join(format!("ztunnel-drain-{}.json", std::process::id()));
+    let pods = vec![info(&t.lab, "app/echo-0"), info(&t.lab, "app/sleep-0")];
+    std::fs::write(&file, serde_json::to_string(&pods).unwrap()).unwrap();
+    let app = app::build(config(&pins, Some(file.clone()), None))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(app.metrics_addr, "ambit_ztunnel_captured_pods").await != 2 {
+        assert!(Instant::now() < deadline, "pods not captured");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A request that would take 30 s keeps its connection open.
+    let slow = format!("http://{}:8080/delay/30000", pods[0].ip);
+    let name = t.lab.name().to_string();
+    let held = std::thread::spawn(move || {
+        let lab = Lab::open(&name, &integration_tests::options()).unwrap();
+        let started = Instant::now();
+        let out = lab
+            .exec_captured("app/sleep-0", &["curl", "-sS", "--max-time", "40", &slow])
+            .unwrap();
+        (out.status.success(), started.elapsed())
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Both legs (the client's outbound, the server's inbound) are open.
+    while metric(app.metrics_addr, "ambit_ztunnel_open_connections").await < 2 {
+        assert!(Instant::now() < deadline, "connection not open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopping = Instant::now();
+    app.shutdown().await;
+    let took = stopping.elapsed();
+    // It waited for the connection (the 5 s drain), then closed it rather
+    // than wait the 30 s the request needed.
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(10),
+        "shutdown took {took:?}"
+    );
+    let (ok, elapsed) = held.join().unwrap();
+    assert!(!ok, "the held request completed");
+    assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
+    let _ = std::fs::remove_file(&file);
+}

@@ -1,0 +1,116 @@
+//! ztunnel's admin API on each lab node (127.0.0.1:15000 in the node's
+//! namespace): readiness, config dump with certificates, open connections
+//! and run-time log levels.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::{TestLab, require_root, spec};
+
+/// `curl` on a node; (HTTP status, body).
+fn admin(t: &TestLab, node: &str, method: &str, path: &str) -> (u16, String) {
+    let url = format!("http://127.0.0.1:15000{path}");
+    let out = t
+        .lab
+        .node_exec_captured(
+            node,
+            &[
+                "curl",
+                "-sS",
+                "-X",
+                method,
+                "--max-time",
+                "3",
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
+}
+
+#[test]
+fn the_admin_api_reports_config_connections_and_sets_log_levels() {
+    if !require_root("the_admin_api_reports_config_connections_and_sets_log_levels") {
+        return;
+    }
+    let mut spec = spec("it-admin", 17, 2, 1);
+    spec.namespaces[0]
+        .labels
+        .insert(lab::plan::DATAPLANE_MODE.into(), "ambient".into());
+    let t = TestLab::up(spec);
+    let plan = t.lab.plan();
+    let echo = plan.pod("app/echo-0").unwrap();
+    let node = plan.nodes[echo.node].name.clone();
+
+    assert_eq!(
+        admin(&t, &node, "GET", "/healthz/ready"),
+        (200, "ready\n".into())
+    );
+
+    // A connection held open shows in /debug/connections, and the echo
+    // pod's certificate in /config_dump.
+    let slow = format!("http://{}:8080/delay/3000", echo.ip);
+    std::thread::scope(|s| {
+        let held = s.spawn(|| t.curl("app/sleep-0", &slow));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let conns = loop {
+            let (code, body) = admin(&t, &node, "GET", "/debug/connections");
+            assert_eq!(code, 200, "{body}");
+            let conns: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+            if !conns.is_empty() || Instant::now() > deadline {
+                break conns;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let conn = conns
+            .iter()
+            .find(|c| c["dst_addr"] == format!("{}:8080", echo.ip))
+            .unwrap_or_else(|| panic!("{conns:#?}"));
+        assert_eq!(conn["direction"], "inbound");
+        assert_eq!(conn["protocol"], "HBONE");
+        assert_eq!(
+            conn["src_identity"],
+            "spiffe://cluster.local/ns/app/sa/sleep"
+        );
+        held.join().unwrap();
+    });
+
+    let (code, body) = admin(&t, &node, "GET", "/config_dump");
+    assert_eq!(code, 200, "{body}");
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(dump["version"].as_u64().unwrap() >= 1);
+    let workloads = dump["config"]["workloads"].as_array().unwrap();
+    assert_eq!(workloads.len(), plan.pods.len());
+    assert!(
+        dump["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "echo-0")
+    );
+    let cert = dump["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["identity"] == "spiffe://cluster.local/ns/app/sa/echo")
+        .unwrap_or_else(|| panic!("no certificate for echo: {dump:#}"));
+    let expires = cert["expiresInSeconds"].as_i64().unwrap();
+    assert!(expires > 0 && expires <= 24 * 3600, "{cert}");
+
+    // Log level: changed, shown, and a bad filter refused with the reason.
+    assert_eq!(
+        admin(&t, &node, "POST", "/logging?level=debug"),
+        (200, "debug\n".into())
+    );
+    assert_eq!(admin(&t, &node, "GET", "/logging"), (200, "debug\n".into()));
+    let (code, body) = admin(&t, &node, "POST", "/logging?level=ztunnel=loud");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.starts_with("invalid level:"), "{body}");
+    assert_eq!(admin(&t, &node, "GET", "/logging"), (200, "debug\n".into()));
+    assert_eq!(admin(&t, &node, "GET", "/nowhere").0, 404);
+}

@@ -96,9 +96,19 @@ pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<()> {
         }
         LabCommand::Status { name } => print_status(&Lab::open(&name, &opts)?),
         LabCommand::Apply { file, name } => {
-            for obj in Lab::open(&name, &opts)?.apply(&file)? {
+            let lab = Lab::open(&name, &opts)?;
+            for obj in lab.apply(&file)? {
                 println!("applied {obj}");
             }
+            // Stored objects are the controller's input; until it serves the
+            // lab nothing translates them, and saying so beats a policy that
+            // looks applied and is not enforced.
+            println!(
+                "note: stored in {}; the lab's ztunnels follow {} until the controller \
+                 serves the lab, so these objects are not enforced yet",
+                lab.cluster_dir().display(),
+                lab.mesh_file().display()
+            );
         }
         LabCommand::Delete { file, name } => {
             for obj in Lab::open(&name, &opts)?.delete(&file)? {

@@ -175,11 +175,12 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
             let reply = curl(&lab, CLIENT, &format!("http://{}:8080/", target.ip))?;
             let outbound = metric(&lab, client_node, "ambit_ztunnel_outbound_connections_total")? - out_before;
             ensure!(outbound >= 1, "ztunnel on {client_node} did not take the connection");
-            // Delivered by the target's ztunnel from inside the pod, so the
-            // app sees its own address, not the client's.
+            // Delivered by the target's ztunnel from inside the pod, from
+            // the client's address: the app sees who called.
+            let client_addr = format!("{}:", plan.pod(CLIENT).context("client")?.ip);
             ensure!(
-                reply.peer.starts_with(&format!("{}:", target.ip)),
-                "the app was reached around ztunnel: it saw {}",
+                reply.peer.starts_with(&client_addr),
+                "the app saw {} instead of the client's address",
                 reply.peer
             );
             let endpoint = format!("dst_endpoint={}:8080", target.ip);
@@ -190,10 +191,11 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
                 l.contains("direction=\"inbound\"") && l.contains(&client_ip)
             })?;
             Ok(format!(
-                "ztunnel on {client_node}: {} → {} over HBONE; ztunnel on {target_node} verified the client as {}",
+                "ztunnel on {client_node}: {} → {} over HBONE; ztunnel on {target_node} verified the client as {}; the app saw the client's address {}",
                 field(&sent, "src_identity"),
                 field(&sent, "dst_identity"),
                 field(&received, "src_identity"),
+                reply.peer,
             ))
         })(),
     );

@@ -123,6 +123,15 @@ fn meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext() {
     );
     assert_eq!(reply["pod"], remote.name.as_str());
     assert_eq!(reply["path"], format!("/{secret}"));
+    // Delivered by the remote ztunnel, yet the app sees the client's own
+    // address.
+    assert!(
+        reply["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", client.ip)),
+        "{reply}"
+    );
     // TCP echo as well: bytes both ways.
     let echoed = t.exec(
         "app/sleep-0",

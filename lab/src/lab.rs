@@ -431,6 +431,15 @@ impl Lab {
         process::spawn_piped(&self.placement(pod), argv)
     }
 
+    /// CPU time a node's ztunnel has used, in microseconds (its cgroup's
+    /// `cpu.stat`).
+    pub fn ztunnel_cpu_usec(&self, node: &str) -> Option<u64> {
+        let node = self.plan.nodes.iter().find(|n| n.name == node)?;
+        let stat = std::fs::read_to_string(node.cgroup.join("ztunnel/cpu.stat")).ok()?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+    }
+
     /// Resident memory of a node's ztunnel, in KiB (`VmRSS`).
     pub fn ztunnel_rss_kib(&self, node: &str) -> Option<u64> {
         let node = self.plan.nodes.iter().find(|n| n.name == node)?;

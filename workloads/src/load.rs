@@ -64,6 +64,19 @@ pub struct Latency {
     pub max: f64,
 }
 
+impl Latency {
+    /// Milliseconds from a histogram of microseconds.
+    pub fn from_micros(hist: &Histogram<u64>) -> Self {
+        let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        Self {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            max: hist.max() as f64 / 1000.0,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     status: BTreeMap<u16, u64>,
@@ -169,7 +182,6 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, String> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let tally = std::mem::take(&mut *tally.lock().unwrap_or_else(PoisonError::into_inner));
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     Ok(Report {
         requests: hist.len(),
         errors: tally.errors,
@@ -177,12 +189,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, String> {
         rps: hist.len() as f64 / elapsed.max(1e-9),
         status: tally.status,
         backends: tally.backends,
-        latency_ms: Latency {
-            p50: ms(0.5),
-            p90: ms(0.9),
-            p99: ms(0.99),
-            max: hist.max() as f64 / 1000.0,
-        },
+        latency_ms: Latency::from_micros(&hist),
         error_samples: tally.error_samples,
     })
 }

@@ -26,6 +26,7 @@ use crate::inbound::Inbound;
 use crate::netns::PodSockets;
 use crate::route::{Balancer, Route};
 use crate::telemetry::{ConnRecord, Direction, Metrics};
+use crate::transparent;
 
 /// Per-direction buffer of plain forwarding.
 const COPY_BUFFER: usize = 128 * 1024;
@@ -347,11 +348,23 @@ impl NodeAgent {
                 .serve_outbound(outbound, source, cookie, stop.clone())
                 .instrument(span.clone()),
         );
+        let netns = pod.netns.clone();
+        let transparent = tokio::task::spawn_blocking(move || transparent::install(&netns))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(reason) = &transparent {
+            tracing::warn!(
+                pod = %key,
+                %reason,
+                "no return path in the pod: inbound connections reach it from its own address"
+            );
+        }
         let handler = Inbound::new(
             self.workload_of(&pod, &identity),
             identity.clone(),
             sockets.clone(),
             self.shared.clone(),
+            transparent.is_ok(),
         );
         self.tasks.spawn(
             self.clone()
@@ -435,6 +448,9 @@ impl NodeAgent {
             tracing::warn!(pod = %pod.info.key(), %error, "release failed");
         }
         pod.stop.cancel();
+        let netns = pod.info.netns.clone();
+        self.tasks
+            .spawn_blocking(move || transparent::remove(&netns));
         self.shared
             .stats
             .captured_pods

@@ -85,6 +85,9 @@ pub struct Inbound {
     identity: Identity,
     sockets: PodSockets,
     shared: Arc<Shared>,
+    /// The pod's return path is installed: connect to the application
+    /// from the client's address (`crate::transparent`).
+    transparent: bool,
 }
 
 impl Inbound {
@@ -93,12 +96,26 @@ impl Inbound {
         identity: Identity,
         sockets: PodSockets,
         shared: Arc<Shared>,
+        transparent: bool,
     ) -> Self {
         Self {
             pod: Arc::new(pod),
             identity,
             sockets,
             shared,
+            transparent,
+        }
+    }
+
+    /// Connects to the application's `port` on the pod's address, from
+    /// inside its namespace: over loopback, so the capture does not see it
+    /// again. From the client's address when the return path allows.
+    async fn connect_app(&self, client: IpAddr, port: u16) -> std::io::Result<TcpStream> {
+        let app = SocketAddr::new(self.ip().into(), port);
+        if self.transparent && client != app.ip() {
+            self.sockets.connect_from(client, app).await
+        } else {
+            self.sockets.connect(app).await
         }
     }
 
@@ -159,14 +176,18 @@ impl Inbound {
             // end without any byte of the application.
             return;
         }
-        // The application listens on the pod's addresses; loopback reaches
-        // it without passing the capture again.
-        let app = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), orig.port());
-        let mut upstream = match self.sockets.connect(app).await {
+        // The pod's address, not loopback: an application listening on
+        // 127.0.0.1 only is not reachable from outside the pod directly,
+        // and must not become reachable through the mesh.
+        let mut upstream = match self.connect_app(peer.ip(), orig.port()).await {
             Ok(upstream) => upstream,
             Err(error) => {
                 self.shared.metrics.failed(&record, "connect_failed");
-                record.log(0, 0, &format!("connect {app}: {error}"));
+                record.log(
+                    0,
+                    0,
+                    &format!("connect {}:{}: {error}", self.ip(), orig.port()),
+                );
                 return;
             }
         };
@@ -210,9 +231,10 @@ impl Handler for Inbound {
             tunnel.reject(&Rejection::denied(reason));
             return;
         }
-        // Connecting to the pod's own IP from inside its namespace stays on
-        // loopback, so the inbound program does not capture it again.
-        let upstream = match self.sockets.connect(req.authority).await {
+        let upstream = match self
+            .connect_app(req.peer_addr.ip(), req.authority.port())
+            .await
+        {
             Ok(upstream) => upstream,
             Err(error) => {
                 let reason = format!("connect {}: {error}", req.authority);

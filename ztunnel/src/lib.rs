@@ -18,3 +18,4 @@ pub mod metrics;
 pub mod netns;
 pub mod route;
 pub mod telemetry;
+pub mod transparent;

@@ -4,7 +4,7 @@
 //! from the async runtime like any other.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -69,6 +69,25 @@ impl PodSockets {
     /// Connects from inside the pod's namespace.
     pub async fn connect(&self, to: SocketAddr) -> io::Result<tokio::net::TcpStream> {
         let socket = self.socket().await?;
+        let stream = socket.connect(to).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// Connects from inside the pod's namespace with `src` as the source
+    /// address, which need not be one of the pod's (`IP_TRANSPARENT`); the
+    /// connection carries [`crate::transparent::MARK`] so the pod's return
+    /// path brings the replies back.
+    pub async fn connect_from(
+        &self,
+        src: IpAddr,
+        to: SocketAddr,
+    ) -> io::Result<tokio::net::TcpStream> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let socket = self.socket().await?;
+        setsockopt(&socket, sockopt::IpTransparent, &true).map_err(io::Error::from)?;
+        setsockopt(&socket, sockopt::Mark, &crate::transparent::MARK).map_err(io::Error::from)?;
+        socket.bind(SocketAddr::new(src, 0))?;
         let stream = socket.connect(to).await?;
         stream.set_nodelay(true)?;
         Ok(stream)

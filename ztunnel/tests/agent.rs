@@ -148,11 +148,15 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
         metric(app.metrics_addr, "ambit_ztunnel_captured_pods").await,
         2
     );
-    // Both ends captured: client → 15001 → ztunnel → echo's 15006 → ztunnel → app.
+    // Both ends captured: client → 15001 → ztunnel → echo's 15006 → ztunnel
+    // → app, which still sees the client's own address (source preserved).
     let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
     assert_eq!(reply["pod"], "echo-0");
     assert!(
-        reply["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        reply["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", client.ip)),
         "{reply}"
     );
     assert!(metric(app.metrics_addr, "ambit_ztunnel_outbound_connections_total").await >= 1);
@@ -265,16 +269,20 @@ async fn without_ztunnel_captured_pods_fail_closed_and_a_restart_adopts_them() {
     captured(&second).await;
     let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
     assert!(
-        reply["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        reply["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", pods[1].ip)),
         "{reply}"
     );
     assert!(
         metric(
             second.metrics_addr,
-            "ambit_ztunnel_outbound_connections_total"
+            "ambit_ztunnel_inbound_connections_total"
         )
         .await
-            >= 1
+            >= 1,
+        "the echo pod's inbound was served by the new ztunnel"
     );
 
     // Leaving the mesh (empty pods file) releases the pins: direct again.
@@ -284,13 +292,27 @@ async fn without_ztunnel_captured_pods_fail_closed_and_a_restart_adopts_them() {
         assert!(Instant::now() < deadline, "pods not released");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let outbound = metric(
+        second.metrics_addr,
+        "ambit_ztunnel_outbound_connections_total",
+    )
+    .await;
     let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
     assert!(
         reply["peer"]
             .as_str()
             .unwrap()
-            .starts_with(&pods[1].ip.to_string()),
+            .starts_with(&format!("{}:", pods[1].ip)),
         "{reply}"
+    );
+    assert_eq!(
+        metric(
+            second.metrics_addr,
+            "ambit_ztunnel_outbound_connections_total"
+        )
+        .await,
+        outbound,
+        "direct again: ztunnel took no connection"
     );
     second.shutdown().await;
     let _ = std::fs::remove_file(file);

@@ -43,6 +43,10 @@ struct Args {
     /// the report and keep them open for --duration seconds (default 60).
     #[arg(long, conflicts_with_all = ["grpc", "http2", "requests"])]
     hold: Option<usize>,
+    /// Instead of HTTP: send this many bytes to the URL's host:port (an
+    /// echo port) and read them back, -n times, on one connection.
+    #[arg(long, conflicts_with_all = ["grpc", "http2", "hold"])]
+    tcp_rr: Option<usize>,
 }
 
 fn main() {
@@ -58,6 +62,13 @@ async fn run() -> anyhow::Result<()> {
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     if let Some(count) = args.hold {
         return hold(&args, count).await;
+    }
+    if let Some(size) = args.tcp_rr {
+        let report =
+            workloads::tcp::round_trips(echo_addr(&args).await?, size, args.requests.unwrap_or(1))
+                .await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
     }
     let report = load::run(LoadConfig {
         url: args.url,
@@ -83,14 +94,19 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn hold(args: &Args, count: usize) -> anyhow::Result<()> {
+/// The URL's host:port, resolved.
+async fn echo_addr(args: &Args) -> anyhow::Result<std::net::SocketAddr> {
     let host = args.url.host().context("the URL has no host")?;
     let port = args.url.port_u16().context("the URL has no port")?;
-    let addr = tokio::net::lookup_host((host, port))
+    tokio::net::lookup_host((host, port))
         .await?
         .next()
-        .with_context(|| format!("{host} does not resolve"))?;
-    let (conns, report) = workloads::hold::open(
+        .with_context(|| format!("{host} does not resolve"))
+}
+
+async fn hold(args: &Args, count: usize) -> anyhow::Result<()> {
+    let addr = echo_addr(args).await?;
+    let (conns, report) = workloads::tcp::open(
         addr,
         count,
         args.concurrency,

@@ -1,11 +1,14 @@
-//! Many idle connections at once: opens N TCP connections to an echo
-//! port, proves each works with a one-byte round trip, then keeps them all
-//! open. Measures what a proxy pays per held connection.
+//! Raw TCP against an echo port: many idle connections held at once (what
+//! a proxy pays per connection), and fixed-size round trips over one
+//! connection (request/response latency).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use serde::Serialize;
+
+use crate::load::Latency;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -74,4 +77,39 @@ pub async fn open(
         error_samples: errors,
     };
     (held, report)
+}
+
+/// Round trips over one connection.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RoundTrips {
+    pub requests: u64,
+    pub bytes: usize,
+    pub duration_s: f64,
+    pub rps: f64,
+    pub latency_ms: Latency,
+}
+
+/// Sends `size` bytes and reads them back, `count` times, on one
+/// connection.
+pub async fn round_trips(addr: SocketAddr, size: usize, count: u64) -> std::io::Result<RoundTrips> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let request = vec![0x5a_u8; size];
+    let mut reply = vec![0_u8; size];
+    let mut hist = Histogram::<u64>::new(3).expect("3 significant figures is valid");
+    let started = Instant::now();
+    for _ in 0..count {
+        let sent = Instant::now();
+        tcp.write_all(&request).await?;
+        tcp.read_exact(&mut reply).await?;
+        let _ = hist.record(sent.elapsed().as_micros() as u64);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(RoundTrips {
+        requests: count,
+        bytes: size,
+        duration_s: elapsed,
+        rps: count as f64 / elapsed.max(1e-9),
+        latency_ms: Latency::from_micros(&hist),
+    })
 }

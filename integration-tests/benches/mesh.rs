@@ -136,6 +136,9 @@ fn main() {
     }
     let spec = LabSpec::from_yaml(include_str!("../../bench/mesh-lab.yaml")).unwrap();
     let t = TestLab::up(spec);
+    // Idle: after start-up garbage has been purged (jemalloc decays freed
+    // pages over about 10 s).
+    std::thread::sleep(Duration::from_secs(20));
     let idle = rss(&t);
     let direct = measure(&t, "plain");
     let mesh = measure(&t, "meshed");

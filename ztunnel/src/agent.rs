@@ -716,7 +716,8 @@ pub(crate) async fn copy_plain_until(
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<(u64, u64)> {
     // With tokio's default 8 KiB buffers a captured stream ran at 3.4
-    // Gbit/s, with 128 KiB at 10.2 (scripts/bench-capture).
+    // Gbit/s, with 128 KiB at 10.2 (docs/benchmarks.md, capture with plain
+    // forwarding).
     tokio::select! {
         result = tokio::io::copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER) => result,
         () = stop => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "closed by the proxy")),

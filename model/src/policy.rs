@@ -241,7 +241,7 @@ pub(crate) fn validate_pattern(pattern: &str) -> Result<(), String> {
 
 impl AuthorizationPolicy {
     /// Checks what serde cannot; the reason names the offending value.
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() || self.namespace.is_empty() {
             return Err("name and namespace must not be empty".into());
         }

@@ -3,9 +3,12 @@
 //! waypoints, and runs the CA (`identity::CertificateAuthority`).
 //!
 //! Here so far: the Ambit custom resources ([`crd`]) and their translation
-//! into the mesh model with honest status ([`translate`]). The watchers,
-//! the config stream and the CA service come next.
+//! into the mesh model with honest status ([`translate`]), and the
+//! translation of the cluster's objects into the whole mesh config
+//! ([`cluster`]). The watchers, the config stream and the CA service come
+//! next.
 
+pub mod cluster;
 pub mod crd;
 pub mod translate;
 

@@ -1,0 +1,264 @@
+//! Kubernetes objects into the mesh model: which pods are meshed, what
+//! every Service's endpoints are, which waypoint serves what, and the
+//! policies. One pure function of the watched objects, so the pipeline is
+//! tested without a cluster.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use model::{
+    InboundProtocol, Locality, MeshConfig, Service, ServicePort, TrafficDistribution, WaypointRef,
+    Workload,
+};
+
+use crate::crd::{AuthorizationPolicy, PeerAuthentication};
+use crate::translate;
+
+/// Namespaces (and pods, to opt out) join the mesh with this label.
+pub const DATAPLANE_MODE: &str = "ambit.dev/dataplane-mode";
+/// A namespace, Service or pod labelled with a waypoint's name sends its
+/// inbound traffic through that waypoint (its Service in the same
+/// namespace).
+pub const USE_WAYPOINT: &str = "ambit.dev/use-waypoint";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const REGION_LABEL: &str = "topology.kubernetes.io/region";
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// What the controller watches, as its reflector stores hold it.
+#[derive(Debug, Default, Clone)]
+pub struct Cluster {
+    pub trust_domain: String,
+    pub namespaces: Vec<Namespace>,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<KubeService>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+}
+
+fn label<'a>(labels: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
+    labels.get(key).map(String::as_str)
+}
+
+fn ipv4s<'a>(ips: impl Iterator<Item = &'a str>) -> Vec<Ipv4Addr> {
+    ips.filter_map(|ip| ip.parse().ok()).collect()
+}
+
+impl Cluster {
+    fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.iter().find(|n| n.name_any() == name)
+    }
+
+    /// A pod is meshed when its namespace is labelled `ambient` and the
+    /// pod does not opt out with `none`.
+    pub fn is_meshed(&self, pod: &Pod) -> bool {
+        let ns = pod.namespace().unwrap_or_default();
+        let ns_ambient = self
+            .namespace(&ns)
+            .is_some_and(|n| label(n.labels(), DATAPLANE_MODE) == Some("ambient"));
+        ns_ambient && label(pod.labels(), DATAPLANE_MODE) != Some("none")
+    }
+
+    /// The waypoint Service VIP named by `name` in `namespace`, when it
+    /// exists (a missing waypoint is not referenced: the config would be
+    /// refused whole).
+    fn waypoint(&self, namespace: &str, name: Option<&str>) -> Option<WaypointRef> {
+        let name = name?;
+        self.services
+            .iter()
+            .find(|s| s.name_any() == name && s.namespace().as_deref() == Some(namespace))
+            .and_then(cluster_ips)
+            .and_then(|ips| ips.first().copied())
+            .map(|address| WaypointRef { address })
+    }
+
+    fn locality(&self, node: &str) -> Locality {
+        self.nodes
+            .iter()
+            .find(|n| n.name_any() == node)
+            .map(|n| Locality {
+                region: label(n.labels(), REGION_LABEL).unwrap_or_default().into(),
+                zone: label(n.labels(), ZONE_LABEL).unwrap_or_default().into(),
+            })
+            .unwrap_or_default()
+    }
+
+    fn workload(&self, pod: &Pod) -> Option<Workload> {
+        let spec = pod.spec.as_ref()?;
+        let status = pod.status.as_ref()?;
+        // Finished pods hold no traffic; host-network pods share the
+        // node's address and are not workloads of their own.
+        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+            || spec.host_network == Some(true)
+        {
+            return None;
+        }
+        let ips = match &status.pod_ips {
+            Some(ips) if !ips.is_empty() => ipv4s(ips.iter().map(|ip| ip.ip.as_str())),
+            _ => ipv4s(status.pod_ip.as_deref().into_iter()),
+        };
+        if ips.is_empty() {
+            return None;
+        }
+        let namespace = pod.namespace()?;
+        let node = spec.node_name.clone().unwrap_or_default();
+        let waypoint_name = label(pod.labels(), USE_WAYPOINT).or_else(|| {
+            self.namespace(&namespace)
+                .and_then(|n| label(n.labels(), USE_WAYPOINT))
+        });
+        Some(Workload {
+            uid: pod.uid()?,
+            name: pod.name_any(),
+            namespace: namespace.clone(),
+            service_account: spec
+                .service_account_name
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            ips,
+            locality: self.locality(&node),
+            node,
+            protocol: if self.is_meshed(pod) {
+                InboundProtocol::Hbone
+            } else {
+                InboundProtocol::Tcp
+            },
+            workload_name: owner_name(pod),
+            labels: pod.labels().clone(),
+            waypoint: self.waypoint(&namespace, waypoint_name),
+        })
+    }
+
+    fn service(&self, svc: &KubeService, pods: &HashMap<String, &Workload>) -> Option<Service> {
+        let vips = cluster_ips(svc)?;
+        let spec = svc.spec.as_ref()?;
+        let namespace = svc.namespace()?;
+        let name = svc.name_any();
+        let slices: Vec<&EndpointSlice> = self
+            .endpoint_slices
+            .iter()
+            .filter(|s| {
+                s.namespace().as_deref() == Some(namespace.as_str())
+                    && label(s.labels(), SERVICE_NAME_LABEL) == Some(name.as_str())
+            })
+            .collect();
+        // A named target port is resolved by the endpoint slices, which
+        // carry the number under the service port's name.
+        let slice_port = |port_name: Option<&str>| {
+            slices
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .find(|p| p.name.as_deref() == port_name)
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok())
+        };
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                let port = u16::try_from(p.port).ok()?;
+                let target = match &p.target_port {
+                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                    Some(IntOrString::String(_)) => slice_port(p.name.as_deref()),
+                    None => Some(port),
+                }?;
+                Some(ServicePort {
+                    name: p.name.clone(),
+                    port,
+                    target_port: (target != port).then_some(target),
+                })
+            })
+            .collect::<Vec<_>>();
+        if ports.is_empty() {
+            return None;
+        }
+        let mut endpoints: Vec<String> = slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter().flatten())
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .filter_map(|e| e.target_ref.as_ref()?.uid.clone())
+            .filter(|uid| pods.contains_key(uid))
+            .collect();
+        endpoints.sort();
+        endpoints.dedup();
+        Some(Service {
+            hostname: Some(format!("{name}.{namespace}.svc.{}", self.trust_domain)),
+            waypoint: self.waypoint(&namespace, label(svc.labels(), USE_WAYPOINT)),
+            name,
+            namespace,
+            vips,
+            ports,
+            endpoints,
+            traffic_distribution: match spec.traffic_distribution.as_deref() {
+                Some("PreferSameNode") => Some(TrafficDistribution::PreferSameNode),
+                Some("PreferSameZone" | "PreferClose") => Some(TrafficDistribution::PreferSameZone),
+                _ => None,
+            },
+        })
+    }
+
+    /// The whole mesh config. Policies that are not accepted are left out
+    /// (their status says why).
+    pub fn mesh_config(&self) -> MeshConfig {
+        let mut workloads: Vec<Workload> =
+            self.pods.iter().filter_map(|p| self.workload(p)).collect();
+        // Two pods claiming one IP (a finished pod not yet reported as
+        // such): one is kept, the same one on every run (first by uid),
+        // rather than the whole config being refused.
+        workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        let mut seen = HashMap::new();
+        workloads.retain(|w| w.ips.iter().all(|ip| seen.insert(*ip, ()).is_none()));
+        let by_uid: HashMap<String, &Workload> =
+            workloads.iter().map(|w| (w.uid.clone(), w)).collect();
+        let services = self
+            .services
+            .iter()
+            .filter_map(|s| self.service(s, &by_uid))
+            .collect();
+        MeshConfig {
+            trust_domain: self.trust_domain.clone(),
+            authorization_policies: self
+                .authorization_policies
+                .iter()
+                .filter_map(|p| translate::authorization_policy(p).policy)
+                .collect(),
+            peer_authentications: self
+                .peer_authentications
+                .iter()
+                .filter_map(|p| translate::peer_authentication(p).policy)
+                .collect(),
+            services,
+            workloads,
+        }
+    }
+}
+
+fn cluster_ips(svc: &KubeService) -> Option<Vec<Ipv4Addr>> {
+    let spec = svc.spec.as_ref()?;
+    let ips = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ipv4s(ips.iter().map(String::as_str)),
+        _ => ipv4s(spec.cluster_ip.as_deref().into_iter()),
+    };
+    (!ips.is_empty()).then_some(ips)
+}
+
+/// The owning workload for telemetry: a ReplicaSet's Deployment (its name
+/// without the template hash), or the direct owner.
+fn owner_name(pod: &Pod) -> Option<String> {
+    let owner = pod
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))?;
+    if owner.kind == "ReplicaSet"
+        && let Some((deployment, _hash)) = owner.name.rsplit_once('-')
+    {
+        return Some(deployment.to_string());
+    }
+    Some(owner.name.clone())
+}

@@ -5,11 +5,12 @@
 //! Here so far: the Ambit custom resources ([`crd`]) and their translation
 //! into the mesh model with honest status ([`translate`]), and the
 //! translation of the cluster's objects into the whole mesh config
-//! ([`cluster`]). The watchers, the config stream and the CA service come
-//! next.
+//! ([`cluster`]), read from a directory of manifests ([`manifests`]). The
+//! watchers, the config stream and the CA service come next.
 
 pub mod cluster;
 pub mod crd;
+pub mod manifests;
 pub mod translate;
 
 use kube::CustomResourceExt;

@@ -13,10 +13,61 @@ struct Args {
 enum Command {
     /// Print the CustomResourceDefinitions of the Ambit resources (YAML).
     Crds,
+    /// Print the mesh config (YAML) the controller makes of the Kubernetes
+    /// objects in a directory, and each policy's status.
+    Mesh {
+        /// Directory of YAML manifests.
+        #[arg(long)]
+        manifests: std::path::PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }
 
 fn main() {
+    if let Err(error) = run() {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Crds => print!("{}", controller::crds_yaml()),
+        Command::Mesh {
+            manifests,
+            trust_domain,
+        } => {
+            let cluster = controller::manifests::read_dir(&manifests, &trust_domain)?;
+            for ap in &cluster.authorization_policies {
+                let t = controller::translate::authorization_policy(ap);
+                report("AuthorizationPolicy", ap, &t.accepted, &t.enforced);
+            }
+            for pa in &cluster.peer_authentications {
+                let t = controller::translate::peer_authentication(pa);
+                report("PeerAuthentication", pa, &t.accepted, &t.enforced);
+            }
+            print!("{}", serde_yaml::to_string(&cluster.mesh_config())?);
+        }
     }
+    Ok(())
+}
+
+/// One status line per policy, on stderr so stdout stays the config.
+fn report(
+    kind: &str,
+    obj: &impl kube::ResourceExt,
+    accepted: &controller::crd::Condition,
+    enforced: &controller::crd::Condition,
+) {
+    eprintln!(
+        "{kind} {}/{}: Accepted={} ({}), Enforced={} ({}: {})",
+        obj.namespace().unwrap_or_default(),
+        obj.name_any(),
+        accepted.status,
+        accepted.reason,
+        enforced.status,
+        enforced.reason,
+        enforced.message
+    );
 }

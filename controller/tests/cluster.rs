@@ -200,3 +200,69 @@ fn waypoint_labels_enroll_workloads_and_services() {
     assert!(config.workloads.iter().all(|w| w.waypoint.is_none()));
     Snapshot::new(config, 2).unwrap();
 }
+
+#[test]
+fn the_labs_manifests_translate_to_the_labs_own_mesh_config() {
+    let plan = lab::plan::Plan::new(&lab::LabSpec::default());
+    let dir = tempfile::tempdir().unwrap();
+    lab::k8s::write_all(dir.path(), &lab::k8s::manifests(&plan)).unwrap();
+    let from_manifests = controller::manifests::read_dir(dir.path(), "cluster.local")
+        .unwrap()
+        .mesh_config();
+    let direct = lab::mesh::mesh_config(&plan);
+    let key = |w: &model::Workload| {
+        (
+            w.uid.clone(),
+            w.namespace.clone(),
+            w.name.clone(),
+            w.service_account.clone(),
+            w.ips.clone(),
+            w.node.clone(),
+            w.protocol == model::InboundProtocol::Hbone,
+        )
+    };
+    let mut a: Vec<_> = from_manifests.workloads.iter().map(key).collect();
+    let mut b: Vec<_> = direct.workloads.iter().map(key).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    let svc = |c: &model::MeshConfig| {
+        let mut s: Vec<_> = c
+            .services
+            .iter()
+            .map(|s| {
+                let mut endpoints = s.endpoints.clone();
+                endpoints.sort();
+                (
+                    s.namespace.clone(),
+                    s.name.clone(),
+                    s.vips.clone(),
+                    s.ports
+                        .iter()
+                        .map(|p| (p.port, p.target_port()))
+                        .collect::<Vec<_>>(),
+                    endpoints,
+                )
+            })
+            .collect();
+        s.sort();
+        s
+    };
+    assert_eq!(svc(&from_manifests), svc(&direct));
+}
+
+#[test]
+fn a_broken_manifest_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pod.bad.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: 3}\n",
+    )
+    .unwrap();
+    let err = controller::manifests::read_dir(dir.path(), "cluster.local").unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}", dir.path().join("pod.bad.yaml").display())),
+        "{err}"
+    );
+}

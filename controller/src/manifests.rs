@@ -1,0 +1,82 @@
+//! Local manifests mode: the same kinds the controller watches, read from
+//! YAML files in a directory (one or more objects per file), for setups
+//! without an API server such as `ambit lab`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::cluster::Cluster;
+
+/// Why the directory could not be read; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {reason}", path.display())]
+    Parse { path: PathBuf, reason: String },
+}
+
+/// Just enough of an object to know its kind.
+#[derive(Deserialize)]
+struct TypeMeta {
+    #[serde(default)]
+    kind: String,
+}
+
+fn parse<T: DeserializeOwned>(path: &Path, value: serde_yaml::Value) -> Result<T, ManifestError> {
+    serde_yaml::from_value(value).map_err(|e| ManifestError::Parse {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads every `*.yaml` / `*.yml` file of `dir` into a [`Cluster`]. Kinds
+/// the controller does not use (ServiceAccounts, Deployments…) are
+/// skipped; a file that is not YAML, or an object of a known kind that
+/// does not parse, is an error naming the file.
+pub fn read_dir(dir: &Path, trust_domain: &str) -> Result<Cluster, ManifestError> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ManifestError::Read { path, source }
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(read_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    let mut cluster = Cluster {
+        trust_domain: trust_domain.to_string(),
+        ..Cluster::default()
+    };
+    for path in files {
+        let text = std::fs::read_to_string(&path).map_err(read_err(&path))?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(doc).map_err(|e| ManifestError::Parse {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            if value.is_null() {
+                continue;
+            }
+            let kind = parse::<TypeMeta>(&path, value.clone())?.kind;
+            match kind.as_str() {
+                "Namespace" => cluster.namespaces.push(parse(&path, value)?),
+                "Node" => cluster.nodes.push(parse(&path, value)?),
+                "Pod" => cluster.pods.push(parse(&path, value)?),
+                "Service" => cluster.services.push(parse(&path, value)?),
+                "EndpointSlice" => cluster.endpoint_slices.push(parse(&path, value)?),
+                "AuthorizationPolicy" => cluster.authorization_policies.push(parse(&path, value)?),
+                "PeerAuthentication" => cluster.peer_authentications.push(parse(&path, value)?),
+                _ => {}
+            }
+        }
+    }
+    Ok(cluster)
+}

@@ -1,6 +1,7 @@
-//! The open connections of a ztunnel: listed by `/debug/connections`,
-//! re-judged when policy changes (those now denied are closed), and closed
-//! when a drain runs out of time.
+//! How an inbound connection is judged (peer authentication, then
+//! authorization), and the open connections of a ztunnel: listed by
+//! `/debug/connections`, re-judged when policy changes (those now denied
+//! are closed), and closed when a drain runs out of time.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use identity::Identity;
-use model::{Snapshot, Workload};
+use model::{Connection, PeerAuthMode, Snapshot, Workload};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +25,64 @@ pub struct Authorized {
     /// re-judged as the new config knows it when it is still there.
     pub dst: Workload,
     pub dst_port: u16,
+}
+
+/// The outcome of judging one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Judgement {
+    pub allowed: bool,
+    /// `namespace/name` of the deciding policy, or empty.
+    pub policy: String,
+    /// The access log's reason when refused.
+    pub reason: String,
+    /// A metrics reason code when refused.
+    pub code: &'static str,
+    /// AUDIT matches and dry-run outcomes, for the access log.
+    pub note: String,
+}
+
+impl Authorized {
+    /// Peer authentication first (a plaintext client of a STRICT workload
+    /// is refused whatever the policies say), then authorization.
+    pub fn judge(&self, snapshot: &Snapshot) -> Judgement {
+        let dst = snapshot.workload(&self.dst.uid).unwrap_or(&self.dst);
+        if self.src_identity.is_none() {
+            let (mode, policy) = snapshot.peer_authentication(dst);
+            if mode == PeerAuthMode::Strict {
+                return Judgement {
+                    allowed: false,
+                    policy: policy.unwrap_or_default(),
+                    reason: "plaintext refused: peer authentication is STRICT".into(),
+                    code: "peer_authentication_strict",
+                    note: String::new(),
+                };
+            }
+        }
+        let verdict = snapshot.authorize(&Connection {
+            src_identity: self.src_identity.as_ref(),
+            src_ip: self.src_ip,
+            dst,
+            dst_port: self.dst_port,
+        });
+        let mut notes = Vec::new();
+        if !verdict.audited_by.is_empty() {
+            notes.push(format!("audited by {}", verdict.audited_by.join(", ")));
+        }
+        if let Some(dry) = &verdict.dry_run {
+            notes.push(format!("dry run: {}", dry.reason()));
+        }
+        Judgement {
+            allowed: verdict.allowed(),
+            policy: verdict.enforced.policy.clone().unwrap_or_default(),
+            reason: if verdict.allowed() {
+                String::new()
+            } else {
+                verdict.enforced.reason()
+            },
+            code: "policy_denied",
+            note: notes.join("; "),
+        }
+    }
 }
 
 struct Open {

@@ -10,71 +10,13 @@ use std::sync::Arc;
 use hbone::copy::copy_bidirectional_until;
 use hbone::{Handler, InboundRequest, Rejection, Tunnel};
 use identity::Identity;
-use model::{Connection, PeerAuthMode, Snapshot, Workload};
+use model::{Snapshot, Workload};
 use tokio::net::TcpStream;
 
 use crate::agent::{Shared, copy_plain_until};
 use crate::conns::Authorized;
 use crate::netns::PodSockets;
 use crate::telemetry::{ConnRecord, Direction};
-
-/// The outcome of judging one connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Judgement {
-    pub allowed: bool,
-    /// `namespace/name` of the deciding policy, or empty.
-    pub policy: String,
-    /// The access log's reason when refused.
-    pub reason: String,
-    /// A metrics reason code when refused.
-    pub code: &'static str,
-    /// AUDIT matches and dry-run outcomes, for the access log.
-    pub note: String,
-}
-
-impl Authorized {
-    /// Peer authentication first (a plaintext client of a STRICT workload
-    /// is refused whatever the policies say), then authorization.
-    pub fn judge(&self, snapshot: &Snapshot) -> Judgement {
-        let dst = snapshot.workload(&self.dst.uid).unwrap_or(&self.dst);
-        if self.src_identity.is_none() {
-            let (mode, policy) = snapshot.peer_authentication(dst);
-            if mode == PeerAuthMode::Strict {
-                return Judgement {
-                    allowed: false,
-                    policy: policy.unwrap_or_default(),
-                    reason: "plaintext refused: peer authentication is STRICT".into(),
-                    code: "peer_authentication_strict",
-                    note: String::new(),
-                };
-            }
-        }
-        let verdict = snapshot.authorize(&Connection {
-            src_identity: self.src_identity.as_ref(),
-            src_ip: self.src_ip,
-            dst,
-            dst_port: self.dst_port,
-        });
-        let mut notes = Vec::new();
-        if !verdict.audited_by.is_empty() {
-            notes.push(format!("audited by {}", verdict.audited_by.join(", ")));
-        }
-        if let Some(dry) = &verdict.dry_run {
-            notes.push(format!("dry run: {}", dry.reason()));
-        }
-        Judgement {
-            allowed: verdict.allowed(),
-            policy: verdict.enforced.policy.clone().unwrap_or_default(),
-            reason: if verdict.allowed() {
-                String::new()
-            } else {
-                verdict.enforced.reason()
-            },
-            code: "policy_denied",
-            note: notes.join("; "),
-        }
-    }
-}
 
 /// Serves one pod's inbound connections; cheap to clone.
 #[derive(Debug, Clone)]

@@ -5,11 +5,13 @@
 //! Here so far: the Ambit custom resources ([`crd`]) and their translation
 //! into the mesh model with honest status ([`translate`]), and the
 //! translation of the cluster's objects into the whole mesh config
-//! ([`cluster`]), read from a directory of manifests ([`manifests`]). The
-//! watchers, the config stream and the CA service come next.
+//! ([`cluster`]), read from a directory of manifests ([`manifests`]) and
+//! kept current in a mesh config file ([`local`]). The watchers, the
+//! config stream and the CA service come next.
 
 pub mod cluster;
 pub mod crd;
+pub mod local;
 pub mod manifests;
 pub mod translate;
 

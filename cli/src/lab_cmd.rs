@@ -100,14 +100,8 @@ pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<()> {
             for obj in lab.apply(&file)? {
                 println!("applied {obj}");
             }
-            // Stored objects are the controller's input; until it serves the
-            // lab nothing translates them, and saying so beats a policy that
-            // looks applied and is not enforced.
             println!(
-                "note: stored in {}; the lab's ztunnels follow {} until the controller \
-                 serves the lab, so these objects are not enforced yet",
-                lab.cluster_dir().display(),
-                lab.mesh_file().display()
+                "the lab's controller translates them; `ambit lab logs controller` shows each policy's status"
             );
         }
         LabCommand::Delete { file, name } => {

@@ -10,6 +10,19 @@ use serde::Deserialize;
 use crate::lab_cmd::{DEFAULT_LAB, print_status};
 
 const CLIENT: &str = "demo/sleep-0";
+/// The demo's policies, as a user would `ambit lab apply` them.
+const DENY_SLEEP: &str = "apiVersion: security.ambit.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-sleep, namespace: demo}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/sleep]}}]}]
+";
+const STRICT_DEMO: &str = "apiVersion: security.ambit.dev/v1alpha1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: demo}
+spec: {mtls: {mode: STRICT}}
+";
 const OUTSIDER: &str = "legacy/sleep-0";
 
 /// The part of `ambit-echo`'s reply the demo checks.
@@ -329,11 +342,7 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
     steps.check(
         &format!("a DENY policy on {CLIENT}'s identity blocks it, not {OUTSIDER}"),
         (|| {
-            let deny: Vec<model::AuthorizationPolicy> = serde_yaml::from_str(
-                "[{name: deny-sleep, namespace: demo, action: DENY, \
-                  rules: [{from: [{principals: [cluster.local/ns/demo/sa/sleep]}]}]}]",
-            )?;
-            lab.set_policies(deny, vec![])?;
+            lab.set_policies(DENY_SLEEP)?;
             wait_until(|| !reaches(&lab, CLIENT, &echo_url))
                 .with_context(|| format!("{CLIENT} still reaches {}", target.key()))?;
             ensure!(
@@ -352,9 +361,7 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
     steps.check(
         &format!("STRICT peer authentication in demo refuses the plaintext client {OUTSIDER}"),
         (|| {
-            let strict: Vec<model::PeerAuthentication> =
-                serde_yaml::from_str("[{name: strict, namespace: demo, mode: STRICT}]")?;
-            lab.set_policies(vec![], strict)?;
+            lab.set_policies(STRICT_DEMO)?;
             wait_until(|| !reaches(&lab, OUTSIDER, &echo_url))
                 .with_context(|| format!("{OUTSIDER} still reaches {}", target.key()))?;
             ensure!(
@@ -364,7 +371,7 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
             let line = wait_for_access_line(&lab, echo_node, |l| {
                 l.contains("plaintext refused") && l.contains("policy=demo/strict")
             })?;
-            lab.set_policies(vec![], vec![])?;
+            lab.set_policies("")?;
             Ok(format!(
                 "ztunnel on {echo_node} closed it: {}; {CLIENT} (mTLS) still answered",
                 field(&line, "reason")
@@ -372,7 +379,7 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
         })(),
     );
     // Leave the lab open to everyone again, whatever the steps did.
-    if let Err(e) = lab.set_policies(vec![], vec![]) {
+    if let Err(e) = lab.set_policies("") {
         println!("  could not clear the demo's policies: {e}");
     }
     let mut crashed: Vec<String> = lab

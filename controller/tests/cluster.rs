@@ -202,53 +202,54 @@ fn waypoint_labels_enroll_workloads_and_services() {
 }
 
 #[test]
-fn the_labs_manifests_translate_to_the_labs_own_mesh_config() {
+fn the_labs_manifests_translate_to_its_plan() {
     let plan = lab::plan::Plan::new(&lab::LabSpec::default());
     let dir = tempfile::tempdir().unwrap();
     lab::k8s::write_all(dir.path(), &lab::k8s::manifests(&plan)).unwrap();
-    let from_manifests = controller::manifests::read_dir(dir.path(), "cluster.local")
+    let config = controller::manifests::read_dir(dir.path(), "cluster.local")
         .unwrap()
         .mesh_config();
-    let direct = lab::mesh::mesh_config(&plan);
-    let key = |w: &model::Workload| {
-        (
-            w.uid.clone(),
-            w.namespace.clone(),
-            w.name.clone(),
-            w.service_account.clone(),
-            w.ips.clone(),
-            w.node.clone(),
-            w.protocol == model::InboundProtocol::Hbone,
-        )
-    };
-    let mut a: Vec<_> = from_manifests.workloads.iter().map(key).collect();
-    let mut b: Vec<_> = direct.workloads.iter().map(key).collect();
-    a.sort();
-    b.sort();
-    assert_eq!(a, b);
-    let svc = |c: &model::MeshConfig| {
-        let mut s: Vec<_> = c
-            .services
+    assert_eq!(config.workloads.len(), plan.pods.len());
+    for pod in &plan.pods {
+        let w = config.workloads.iter().find(|w| w.uid == pod.uid).unwrap();
+        assert_eq!(
+            (
+                &w.namespace,
+                &w.name,
+                &w.service_account,
+                &w.ips[..],
+                &w.node
+            ),
+            (
+                &pod.namespace,
+                &pod.name,
+                &pod.service_account,
+                &[pod.ip][..],
+                &plan.nodes[pod.node].name
+            )
+        );
+        let deployment = pod.name.rsplit_once('-').unwrap().0;
+        assert_eq!(w.workload_name.as_deref(), Some(deployment));
+        let meshed = w.protocol == model::InboundProtocol::Hbone;
+        assert_eq!(meshed, pod.meshed, "{}", pod.key());
+    }
+    for svc in &plan.services {
+        let s = config.services.iter().find(|s| s.name == svc.name).unwrap();
+        assert_eq!(s.vips, [svc.cluster_ip]);
+        let ports: Vec<(u16, u16)> = s.ports.iter().map(|p| (p.port, p.target_port())).collect();
+        let want: Vec<(u16, u16)> = svc.ports.iter().map(|p| (p.port, p.target_port)).collect();
+        assert_eq!(ports, want);
+        let mut endpoints = s.endpoints.clone();
+        endpoints.sort();
+        let mut want: Vec<String> = svc
+            .endpoints
             .iter()
-            .map(|s| {
-                let mut endpoints = s.endpoints.clone();
-                endpoints.sort();
-                (
-                    s.namespace.clone(),
-                    s.name.clone(),
-                    s.vips.clone(),
-                    s.ports
-                        .iter()
-                        .map(|p| (p.port, p.target_port()))
-                        .collect::<Vec<_>>(),
-                    endpoints,
-                )
-            })
+            .map(|&i| plan.pods[i].uid.clone())
             .collect();
-        s.sort();
-        s
-    };
-    assert_eq!(svc(&from_manifests), svc(&direct));
+        want.sort();
+        assert_eq!(endpoints, want);
+    }
+    model::Snapshot::new(config, 1).unwrap();
 }
 
 #[test]

@@ -30,7 +30,7 @@ pub fn require_root(test: &str) -> bool {
 }
 
 /// The directory of the workspace's binaries (`ambit`, `ambit-echo`,
-/// `ambit-load`), built once per test run with the same profile.
+/// `ambit-load`, `ztunnel`, `controller`), built once per test run with the same profile.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -52,6 +52,8 @@ pub fn bin_dir() -> &'static Path {
             "workloads",
             "-p",
             "ztunnel",
+            "-p",
+            "controller",
         ]);
         if dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{TestLab, require_root, spec};
 use lab::spec::{App, DeploymentSpec, NamespaceSpec};
-use model::{AuthorizationPolicy, PeerAuthentication};
 
 /// Namespace `app` is meshed (echo, sleep, probe); `legacy` is not (a
 /// plaintext client).
@@ -35,8 +34,12 @@ fn policy_lab(name: &str, slot: u8) -> TestLab {
     TestLab::up(spec)
 }
 
-fn authz(yaml: &str) -> Vec<AuthorizationPolicy> {
-    serde_yaml::from_str(yaml).unwrap()
+/// An AuthorizationPolicy manifest in namespace `app`.
+fn authz(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: security.ambit.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: {name}, namespace: app}}\nspec: {spec}\n---\n"
+    )
 }
 
 fn reaches(t: &TestLab, pod: &str, url: &str) -> bool {
@@ -105,15 +108,10 @@ fn policies_decide_who_reaches_a_workload() {
     // DENY one principal: that client is refused (401 on its tunnel), the
     // other is not, and the access log names the policy.
     t.lab
-        .set_policies(
-            authz(
-                "- name: deny-sleep
-  namespace: app
-  action: DENY
-  rules: [{from: [{principals: [cluster.local/ns/app/sa/sleep]}]}]",
-            ),
-            vec![],
-        )
+        .set_policies(&authz(
+            "deny-sleep",
+            "{action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/app/sa/sleep]}}]}]}",
+        ))
         .unwrap();
     eventually("sleep refused", || !reaches(&t, "app/sleep-0", &url));
     assert!(reaches(&t, "app/probe-0", &url));
@@ -131,10 +129,14 @@ fn policies_decide_who_reaches_a_workload() {
         "the client side saw the 401: {log:#?}"
     );
 
-    // STRICT: the plaintext client is refused, meshed clients are not.
-    let strict: Vec<PeerAuthentication> =
-        serde_yaml::from_str("[{name: strict, namespace: app, mode: STRICT}]").unwrap();
-    t.lab.set_policies(vec![], strict).unwrap();
+    // STRICT (the DENY is gone with it): the plaintext client is refused,
+    // meshed clients are not.
+    t.lab
+        .set_policies(
+            "apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\n\
+             metadata: {name: strict, namespace: app}\nspec: {mtls: {mode: STRICT}}\n",
+        )
+        .unwrap();
     eventually("plaintext refused", || !reaches(&t, "legacy/sleep-0", &url));
     assert!(reaches(&t, "app/sleep-0", &url));
     assert!(reaches(&t, "app/probe-0", &url));
@@ -145,16 +147,20 @@ fn policies_decide_who_reaches_a_workload() {
 
     // Once an ALLOW selects the workload only what it matches passes;
     // AUDIT marks and a dry-run DENY reports without enforcing.
+    let probe = "[{from: [{source: {serviceAccounts: [app/probe]}}]}]";
     t.lab
-        .set_policies(
+        .set_policies(&format!(
+            "{}{}{}",
             authz(
-                "
-- {name: allow-probe, namespace: app, selector: {app: echo}, rules: [{from: [{serviceAccounts: [app/probe]}]}]}
-- {name: audit-probe, namespace: app, action: AUDIT, rules: [{from: [{serviceAccounts: [app/probe]}]}]}
-- {name: would-deny, namespace: app, action: DENY, dryRun: true, rules: [{from: [{serviceAccounts: [app/probe]}]}]}",
+                "allow-probe",
+                &format!("{{selector: {{matchLabels: {{app: echo}}}}, rules: {probe}}}")
             ),
-            vec![],
-        )
+            authz("audit-probe", &format!("{{action: AUDIT, rules: {probe}}}")),
+            authz(
+                "would-deny",
+                &format!("{{action: DENY, dryRun: true, rules: {probe}}}")
+            ),
+        ))
         .unwrap();
     eventually("only probe allowed", || {
         !reaches(&t, "app/sleep-0", &url) && !reaches(&t, "legacy/sleep-0", &url)
@@ -199,10 +205,7 @@ fn a_policy_change_closes_open_connections_it_now_denies() {
             ) >= 1
         });
         t.lab
-            .set_policies(
-                authz("[{name: deny-all, namespace: app, action: DENY, rules: [{}]}]"),
-                vec![],
-            )
+            .set_policies(&authz("deny-all", "{action: DENY, rules: [{}]}"))
             .unwrap();
         held.join().unwrap()
     });

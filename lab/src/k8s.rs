@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
     PodStatus, Service, ServiceAccount, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
@@ -122,6 +122,18 @@ fn pod_object(plan: &Plan, pod: &PodPlan) -> Pod {
     let node = &plan.nodes[pod.node];
     let mut metadata = meta(&pod.name, Some(&pod.namespace), pod.labels.clone());
     metadata.uid = Some(pod.uid.clone());
+    // Lab pods are named `<deployment>-<n>`; owned, as in a cluster, by
+    // their Deployment's ReplicaSet (telemetry names the Deployment).
+    if let Some((deployment, _)) = pod.name.rsplit_once('-') {
+        metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "ReplicaSet".into(),
+            name: format!("{deployment}-lab"),
+            uid: format!("{}-{deployment}-lab", pod.namespace),
+            controller: Some(true),
+            block_owner_deletion: None,
+        }]);
+    }
     Pod {
         metadata,
         spec: Some(PodSpec {
@@ -220,9 +232,13 @@ fn service_objects(plan: &Plan, svc: &ServicePlan) -> (Service, EndpointSlice) {
 pub fn write_all(dir: &Path, manifests: &[Manifest]) -> Result<(), LabError> {
     std::fs::create_dir_all(dir).map_err(LabError::io(format!("create {}", dir.display())))?;
     for m in manifests {
+        // Renamed into place: the controller polling the directory never
+        // reads half an object.
         let path = dir.join(&m.file);
-        std::fs::write(&path, &m.yaml)
-            .map_err(LabError::io(format!("write {}", path.display())))?;
+        let tmp = dir.join(format!(".{}.tmp", m.file));
+        std::fs::write(&tmp, &m.yaml).map_err(LabError::io(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(LabError::io(format!("rename to {}", path.display())))?;
     }
     Ok(())
 }

@@ -126,7 +126,7 @@ impl Lab {
                 source: std::io::Error::other(e.to_string()),
             }
         })?;
-        self.set_policies(Vec::new(), Vec::new())?;
+        self.start_controller()?;
         let mesh_file = self.mesh_file();
         let ca_dir = ca_dir.to_string_lossy();
         let mesh_file = mesh_file.to_string_lossy();
@@ -184,6 +184,50 @@ impl Lab {
             )?;
         }
         self.wait_captured()
+    }
+
+    /// The controller in local manifests mode: it translates the cluster
+    /// directory (the objects `up` wrote, and what `apply` adds: policies)
+    /// into the mesh config every ztunnel follows. Waits for its first
+    /// config, so that ztunnels start with it.
+    fn start_controller(&self) -> Result<(), LabError> {
+        let cgroup = self.plan.cgroup.join("controller");
+        cgroup::create(&cgroup)?;
+        let place = Placement {
+            role: Role::Node,
+            netns: &self.plan.net_netns,
+            cgroup: &cgroup,
+            env: Vec::new(),
+        };
+        let bin = self.bin_dir.join("controller");
+        let manifests = self.cluster_dir();
+        let mesh_file = self.mesh_file();
+        let _ = std::fs::remove_file(&mesh_file);
+        let argv = [
+            &*bin.to_string_lossy(),
+            "run",
+            "--manifests",
+            &manifests.to_string_lossy(),
+            "--mesh-file",
+            &mesh_file.to_string_lossy(),
+        ];
+        let log = self.log_path("controller");
+        process::spawn_detached(&place, &argv, &log)?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !mesh_file.exists() {
+            if Instant::now() > deadline {
+                return Err(LabError::Command {
+                    command: "controller run".into(),
+                    stderr: format!(
+                        "wrote no mesh config within {}s; see {}",
+                        READY_TIMEOUT.as_secs(),
+                        log.display()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     /// Waits until every node's ztunnel reports its pods captured.
@@ -482,23 +526,25 @@ impl Lab {
         self.state.join("mesh.yaml")
     }
 
-    /// Makes these the mesh's policies (replacing any earlier ones): the
-    /// ztunnels apply them within their config poll interval, and re-judge
-    /// open connections. Written atomically, so a ztunnel never reads half
-    /// a config.
-    pub fn set_policies(
-        &self,
-        authorization: Vec<model::AuthorizationPolicy>,
-        peer_authentication: Vec<model::PeerAuthentication>,
-    ) -> Result<(), LabError> {
-        let mut config = crate::mesh::mesh_config(&self.plan);
-        config.authorization_policies = authorization;
-        config.peer_authentications = peer_authentication;
-        let yaml = serde_yaml::to_string(&config).expect("the mesh config serializes");
-        let file = self.mesh_file();
-        let tmp = file.with_extension("yaml.tmp");
-        std::fs::write(&tmp, yaml).map_err(LabError::io(format!("write {}", tmp.display())))?;
-        std::fs::rename(&tmp, &file).map_err(LabError::io(format!("rename to {}", file.display())))
+    /// Makes the policy objects in `yaml` (AuthorizationPolicy,
+    /// PeerAuthentication manifests) the cluster's only policies, as
+    /// `kubectl apply` after deleting the others would. The controller
+    /// translates them and the ztunnels apply them within their poll
+    /// intervals (about half a second), re-judging open connections.
+    pub fn set_policies(&self, yaml: &str) -> Result<Vec<String>, LabError> {
+        let objects = k8s::parse_objects("policies", yaml)?;
+        let dir = self.cluster_dir();
+        for path in k8s::list(&dir) {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.is_some_and(|n| {
+                n.starts_with("authorizationpolicy.") || n.starts_with("peerauthentication.")
+            }) {
+                std::fs::remove_file(&path)
+                    .map_err(LabError::io(format!("remove {}", path.display())))?;
+            }
+        }
+        k8s::write_all(&dir, &objects)?;
+        Ok(objects.into_iter().map(|o| o.file).collect())
     }
 
     /// Adds or replaces the objects of a YAML file in the cluster.

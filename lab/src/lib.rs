@@ -13,7 +13,6 @@ mod error;
 mod host;
 pub mod k8s;
 mod lab;
-pub mod mesh;
 mod net;
 pub mod plan;
 pub mod process;

@@ -28,6 +28,8 @@ pub struct Plan {
     pub nodes: Vec<NodePlan>,
     pub pods: Vec<PodPlan>,
     pub services: Vec<ServicePlan>,
+    /// The lab's cgroup: every process of the lab runs below it.
+    pub cgroup: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +201,7 @@ impl Plan {
             nodes,
             pods,
             services,
+            cgroup: lab_cgroup,
         }
     }
 

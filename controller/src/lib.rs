@@ -9,6 +9,7 @@
 //! kept current in a mesh config file ([`local`]). The watchers, the
 //! config stream and the CA service come next.
 
+pub mod ca;
 pub mod cluster;
 pub mod crd;
 pub mod local;

@@ -159,6 +159,42 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// Server configuration of a service whose clients have no certificate
+/// yet (the CA: callers prove who they are with a token): presents `cert`,
+/// asks for none.
+pub fn bootstrap_server_config(cert: &WorkloadCert) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(FixedCert(cert.certified_key().clone())));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// Client configuration without a certificate (for reaching the CA before
+/// having one), accepting only a server chained to `roots` whose identity
+/// is one of `expected`.
+pub fn bootstrap_client_config(
+    roots: &[CertificateDer<'static>],
+    expected: Vec<Identity>,
+) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let anchors: Arc<[TrustAnchor<'static>]> = crate::x509::trust_anchors(roots)
+        .map_err(rustls::Error::General)?
+        .into();
+    let verifier = Arc::new(IdentityServerVerifier { anchors, expected });
+    let mut config = ClientConfig::builder_with_provider(provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
 /// The server name handed to rustls: never sent (SNI is off) nor checked
 /// (identities are), but rustls needs one.
 pub fn server_name(ip: std::net::IpAddr) -> ServerName<'static> {

@@ -11,6 +11,15 @@ pub mod policy;
 mod snapshot;
 pub mod source;
 
+/// The gRPC wire types and services (generated from `proto/`).
+pub mod proto {
+    /// The CA service.
+    #[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
+    pub mod ca {
+        tonic::include_proto!("ambit.ca.v1");
+    }
+}
+
 pub use config::{
     InboundProtocol, Locality, MeshConfig, Service, ServicePort, TrafficDistribution, WaypointRef,
     Workload,

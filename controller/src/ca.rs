@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use identity::{CaClient, CaClientError, CertificateAuthority, Identity, SignedChain};
@@ -88,11 +87,6 @@ impl BootstrapTokens {
             tokens.insert(e.token, caller);
         }
         Ok(Self(tokens))
-    }
-
-    pub fn read(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 }
 

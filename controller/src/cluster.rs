@@ -15,7 +15,7 @@ use model::{
     Workload,
 };
 
-use crate::crd::{AuthorizationPolicy, PeerAuthentication};
+use crate::crd::{AuthorizationPolicy, Condition, PeerAuthentication};
 use crate::translate;
 
 /// Namespaces (and pods, to opt out) join the mesh with this label.
@@ -204,8 +204,38 @@ impl Cluster {
     }
 
     /// The whole mesh config. Policies that are not accepted are left out
-    /// (their status says why).
+    /// (their status says why: [`Cluster::translate`]).
     pub fn mesh_config(&self) -> MeshConfig {
+        self.translate().0
+    }
+
+    /// The whole mesh config and the status of every policy, each policy
+    /// translated once.
+    pub fn translate(&self) -> (MeshConfig, Vec<PolicyStatus>) {
+        let mut statuses = Vec::new();
+        let object = |kind: &str, ns: Option<String>, name: String| {
+            format!("{kind} {}/{name}", ns.unwrap_or_default())
+        };
+        let mut authorization_policies = Vec::new();
+        for ap in &self.authorization_policies {
+            let t = translate::authorization_policy(ap);
+            statuses.push(PolicyStatus {
+                object: object("AuthorizationPolicy", ap.namespace(), ap.name_any()),
+                accepted: t.accepted,
+                enforced: t.enforced,
+            });
+            authorization_policies.extend(t.policy);
+        }
+        let mut peer_authentications = Vec::new();
+        for pa in &self.peer_authentications {
+            let t = translate::peer_authentication(pa);
+            statuses.push(PolicyStatus {
+                object: object("PeerAuthentication", pa.namespace(), pa.name_any()),
+                accepted: t.accepted,
+                enforced: t.enforced,
+            });
+            peer_authentications.extend(t.policy);
+        }
         let mut workloads: Vec<Workload> =
             self.pods.iter().filter_map(|p| self.workload(p)).collect();
         // Two pods claiming one IP (a finished pod not yet reported as
@@ -221,21 +251,38 @@ impl Cluster {
             .iter()
             .filter_map(|s| self.service(s, &by_uid))
             .collect();
-        MeshConfig {
+        let config = MeshConfig {
             trust_domain: self.trust_domain.clone(),
-            authorization_policies: self
-                .authorization_policies
-                .iter()
-                .filter_map(|p| translate::authorization_policy(p).policy)
-                .collect(),
-            peer_authentications: self
-                .peer_authentications
-                .iter()
-                .filter_map(|p| translate::peer_authentication(p).policy)
-                .collect(),
+            authorization_policies,
+            peer_authentications,
             services,
             workloads,
-        }
+        };
+        (config, statuses)
+    }
+}
+
+/// One policy object's conditions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyStatus {
+    /// `<Kind> <namespace>/<name>`.
+    pub object: String,
+    pub accepted: Condition,
+    pub enforced: Condition,
+}
+
+impl std::fmt::Display for PolicyStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: Accepted={} ({}), Enforced={} ({}: {})",
+            self.object,
+            self.accepted.status,
+            self.accepted.reason,
+            self.enforced.status,
+            self.enforced.reason,
+            self.enforced.message
+        )
     }
 }
 

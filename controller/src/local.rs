@@ -6,11 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use kube::ResourceExt;
-
-use crate::crd::Condition;
 use crate::manifests;
-use crate::translate;
 
 /// Keeps `mesh_file` equal to the translation of `manifests`.
 #[derive(Debug)]
@@ -20,7 +16,7 @@ pub struct LocalMode {
     pub trust_domain: String,
     /// The config written last (to skip unchanged writes).
     written: Option<String>,
-    /// Each policy's status line, to log changes only.
+    /// Each policy object's status line, to log changes only.
     statuses: BTreeMap<String, String>,
 }
 
@@ -29,13 +25,6 @@ pub struct LocalMode {
 pub enum Synced {
     Written,
     Unchanged,
-}
-
-fn status_line(accepted: &Condition, enforced: &Condition) -> String {
-    format!(
-        "Accepted={} ({}), Enforced={} ({}: {})",
-        accepted.status, accepted.reason, enforced.status, enforced.reason, enforced.message
-    )
 }
 
 impl LocalMode {
@@ -55,32 +44,17 @@ impl LocalMode {
     pub fn sync(&mut self) -> Result<Synced, String> {
         let cluster =
             manifests::read_dir(&self.manifests, &self.trust_domain).map_err(|e| e.to_string())?;
-        let mut statuses = BTreeMap::new();
-        for ap in &cluster.authorization_policies {
-            let t = translate::authorization_policy(ap);
-            let key = format!(
-                "AuthorizationPolicy {}/{}",
-                ap.namespace().unwrap_or_default(),
-                ap.name_any()
-            );
-            statuses.insert(key, status_line(&t.accepted, &t.enforced));
-        }
-        for pa in &cluster.peer_authentications {
-            let t = translate::peer_authentication(pa);
-            let key = format!(
-                "PeerAuthentication {}/{}",
-                pa.namespace().unwrap_or_default(),
-                pa.name_any()
-            );
-            statuses.insert(key, status_line(&t.accepted, &t.enforced));
-        }
-        for (key, line) in &statuses {
-            if self.statuses.get(key) != Some(line) {
-                eprintln!("{key}: {line}");
+        let (config, statuses) = cluster.translate();
+        let statuses: BTreeMap<String, String> = statuses
+            .into_iter()
+            .map(|s| (s.object.clone(), s.to_string()))
+            .collect();
+        for (object, line) in &statuses {
+            if self.statuses.get(object) != Some(line) {
+                eprintln!("{line}");
             }
         }
         self.statuses = statuses;
-        let config = cluster.mesh_config();
         // The data planes would refuse an invalid config whole; refuse it
         // here, with the same reason, and keep the last good one.
         model::Snapshot::new(config.clone(), 0).map_err(|e| format!("mesh config refused: {e}"))?;

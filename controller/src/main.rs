@@ -76,35 +76,13 @@ fn run() -> anyhow::Result<()> {
             trust_domain,
         } => {
             let cluster = controller::manifests::read_dir(&manifests, &trust_domain)?;
-            for ap in &cluster.authorization_policies {
-                let t = controller::translate::authorization_policy(ap);
-                report("AuthorizationPolicy", ap, &t.accepted, &t.enforced);
+            let (config, statuses) = cluster.translate();
+            // Status on stderr, so stdout stays the config.
+            for status in statuses {
+                eprintln!("{status}");
             }
-            for pa in &cluster.peer_authentications {
-                let t = controller::translate::peer_authentication(pa);
-                report("PeerAuthentication", pa, &t.accepted, &t.enforced);
-            }
-            print!("{}", serde_yaml::to_string(&cluster.mesh_config())?);
+            print!("{}", serde_yaml::to_string(&config)?);
         }
     }
     Ok(())
-}
-
-/// One status line per policy, on stderr so stdout stays the config.
-fn report(
-    kind: &str,
-    obj: &impl kube::ResourceExt,
-    accepted: &controller::crd::Condition,
-    enforced: &controller::crd::Condition,
-) {
-    eprintln!(
-        "{kind} {}/{}: Accepted={} ({}), Enforced={} ({}: {})",
-        obj.namespace().unwrap_or_default(),
-        obj.name_any(),
-        accepted.status,
-        accepted.reason,
-        enforced.status,
-        enforced.reason,
-        enforced.message
-    );
 }

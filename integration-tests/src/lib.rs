@@ -197,3 +197,22 @@ pub fn leftovers(name: &str) -> Vec<String> {
     }
     found
 }
+
+/// Polls `check` until it holds; fails the test after `timeout` with
+/// `what` and whatever `context` says then (a metrics page, a log).
+pub fn wait_until(
+    what: &str,
+    timeout: std::time::Duration,
+    context: impl Fn() -> String,
+    mut check: impl FnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never happened within {timeout:?}: {what}\n{}",
+            context()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

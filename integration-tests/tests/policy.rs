@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{TestLab, require_root, spec};
+use integration_tests::{TestLab, require_root, spec, wait_until};
 use lab::spec::{App, DeploymentSpec, NamespaceSpec};
 
 /// Namespace `app` is meshed (echo, sleep, probe); `legacy` is not (a
@@ -50,22 +50,12 @@ fn reaches(t: &TestLab, pod: &str, url: &str) -> bool {
         .success()
 }
 
-/// Waits up to 10 s (config poll and re-judgement included) for `check`.
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    eventually_or(what, String::new, &mut check);
-}
+/// Policy changes reach every ztunnel (controller and ztunnel polls,
+/// re-judgement) well within this.
+const PROPAGATION: Duration = Duration::from_secs(10);
 
-/// [`eventually`], with `context` in the failure report.
-fn eventually_or(what: &str, context: impl Fn() -> String, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "never happened: {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn eventually(what: &str, check: impl FnMut() -> bool) {
+    wait_until(what, PROPAGATION, String::new, check);
 }
 
 fn access_log(t: &TestLab, node: &str) -> Vec<String> {
@@ -273,11 +263,16 @@ fn connection_metrics_count_the_bytes_sent() {
             t.lab.ztunnel_metrics(&echo_node).unwrap_or_default()
         )
     };
-    eventually_or("both ztunnels counted the connection", pages, || {
-        let src = read(&probe_node, &source);
-        let dst = read(&echo_node, &destination);
-        (0..4).all(|i| src[i] - before.0[i] == want[i] && dst[i] - before.1[i] == want[i])
-    });
+    wait_until(
+        "both ztunnels counted the connection",
+        PROPAGATION,
+        pages,
+        || {
+            let src = read(&probe_node, &source);
+            let dst = read(&echo_node, &destination);
+            (0..4).all(|i| src[i] - before.0[i] == want[i] && dst[i] - before.1[i] == want[i])
+        },
+    );
     let text = t.lab.ztunnel_metrics(&echo_node).unwrap();
     assert!(
         text.contains("ambit_tcp_connection_duration_seconds_bucket{"),

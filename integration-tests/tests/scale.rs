@@ -6,9 +6,9 @@
 
 use std::io::BufRead;
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration_tests::{TestLab, require_root, spec};
+use integration_tests::{TestLab, require_root, spec, wait_until};
 
 const CONNECTIONS: u64 = 10_000;
 /// What one held connection may cost each ztunnel (client socket, tunnel
@@ -31,14 +31,6 @@ fn open_connections(t: &TestLab, node: &str) -> u64 {
     t.lab
         .ztunnel_metric(node, "ambit_ztunnel_open_connections")
         .unwrap()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 #[test]
@@ -92,9 +84,10 @@ fn ten_thousand_connections_are_held_with_bounded_memory() {
     let report: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("ambit-load said {line:?} ({e})"));
     assert_eq!(report["held"], CONNECTIONS, "{report}");
-    wait_for(
+    wait_until(
         "both ztunnels hold every connection",
         Duration::from_secs(10),
+        String::new,
         || {
             open_connections(&t, &client_node) >= CONNECTIONS
                 && open_connections(&t, &server_node) >= CONNECTIONS
@@ -115,7 +108,10 @@ fn ten_thousand_connections_are_held_with_bounded_memory() {
 
     // Closing the client releases every connection on both sides.
     drop(load);
-    wait_for("every connection released", Duration::from_secs(20), || {
-        open_connections(&t, &client_node) == 0 && open_connections(&t, &server_node) == 0
-    });
+    wait_until(
+        "every connection released",
+        Duration::from_secs(20),
+        String::new,
+        || open_connections(&t, &client_node) == 0 && open_connections(&t, &server_node) == 0,
+    );
 }

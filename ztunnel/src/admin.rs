@@ -156,12 +156,41 @@ impl Admin {
             .find_map(|kv| kv.strip_prefix("level="));
         match level {
             None => text(StatusCode::OK, format!("{}\n", control.current())),
-            Some(level) => match control.set(&level.replace("%2C", ",").replace("%3D", "=")) {
+            Some(level) => match percent_decode(level).and_then(|l| control.set(&l)) {
                 Ok(now) => text(StatusCode::OK, format!("{now}\n")),
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid level: {e}\n")),
             },
         }
     }
+}
+
+/// Decodes a query value (`%XX` escapes, `+` for space); a malformed
+/// escape is an error, not passed on.
+fn percent_decode(value: &str) -> Result<String, String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = value
+                    .get(i + 1..i + 3)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("malformed escape at {:?}", &value[i..]))?;
+                out.push(hex);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| "not UTF-8".to_string())
 }
 
 /// Serves HTTP/1.1 and HTTP/2 on `listener` with `route` until `stop`.
@@ -185,5 +214,21 @@ where
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn query_values_are_decoded_and_bad_escapes_refused() {
+        assert_eq!(
+            percent_decode("info%2Cztunnel%3Ddebug").as_deref(),
+            Ok("info,ztunnel=debug")
+        );
+        assert_eq!(percent_decode("a+b").as_deref(), Ok("a b"));
+        assert!(percent_decode("info%2").is_err());
+        assert!(percent_decode("%zz").is_err());
     }
 }

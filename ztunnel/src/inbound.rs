@@ -78,18 +78,36 @@ impl Inbound {
         record
     }
 
-    /// Judges a new connection; on refusal counts and logs it.
+    /// Judges a new connection from `peer` (with `identity` when it proved
+    /// one) to this pod's `port`; on refusal counts and logs it. Returns
+    /// what it was authorized on, for re-judging.
     fn admit(
         &self,
         snapshot: &Snapshot,
         record: &mut ConnRecord,
-        authorized: &Authorized,
-    ) -> Result<(), String> {
+        identity: Option<Identity>,
+        peer: SocketAddr,
+        port: u16,
+    ) -> Result<Authorized, String> {
+        // Policies match IPv4 blocks; a client they cannot place is refused
+        // rather than judged as some other address.
+        let Some(src_ip) = ipv4(peer.ip()) else {
+            let reason = format!("client address {} is not IPv4", peer.ip());
+            self.shared.metrics.failed(record, "unsupported_address");
+            record.log(0, 0, &reason);
+            return Err(reason);
+        };
+        let authorized = Authorized {
+            src_identity: identity,
+            src_ip,
+            dst: (*self.pod).clone(),
+            dst_port: port,
+        };
         let judgement = authorized.judge(snapshot);
-        record.policy = judgement.policy.clone();
+        record.policy = judgement.policy;
         record.note = judgement.note;
         if judgement.allowed {
-            return Ok(());
+            return Ok(authorized);
         }
         self.shared.metrics.failed(record, judgement.code);
         record.log(0, 0, &judgement.reason);
@@ -107,17 +125,11 @@ impl Inbound {
         };
         let snapshot = self.shared.snapshot();
         let mut record = self.record(&snapshot, peer, orig);
-        let authorized = Authorized {
-            src_identity: None,
-            src_ip: ipv4(peer.ip()).unwrap_or(Ipv4Addr::UNSPECIFIED),
-            dst: (*self.pod).clone(),
-            dst_port: orig.port(),
-        };
-        if self.admit(&snapshot, &mut record, &authorized).is_err() {
+        let Ok(authorized) = self.admit(&snapshot, &mut record, None, peer, orig.port()) else {
             // Dropping the socket closes it: the client sees the connection
             // end without any byte of the application.
             return;
-        }
+        };
         // The pod's address, not loopback: an application listening on
         // 127.0.0.1 only is not reachable from outside the pod directly,
         // and must not become reachable through the mesh.
@@ -163,16 +175,19 @@ impl Handler for Inbound {
             tunnel.reject(&Rejection::unavailable(reason));
             return;
         }
-        let authorized = Authorized {
-            src_identity: Some(req.peer_identity.clone()),
-            src_ip: ipv4(req.peer_addr.ip()).unwrap_or(Ipv4Addr::UNSPECIFIED),
-            dst: (*self.pod).clone(),
-            dst_port: req.authority.port(),
+        let authorized = match self.admit(
+            &snapshot,
+            &mut record,
+            Some(req.peer_identity.clone()),
+            req.peer_addr,
+            req.authority.port(),
+        ) {
+            Ok(authorized) => authorized,
+            Err(reason) => {
+                tunnel.reject(&Rejection::denied(reason));
+                return;
+            }
         };
-        if let Err(reason) = self.admit(&snapshot, &mut record, &authorized) {
-            tunnel.reject(&Rejection::denied(reason));
-            return;
-        }
         let upstream = match self
             .connect_app(req.peer_addr.ip(), req.authority.port())
             .await

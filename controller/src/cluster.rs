@@ -41,6 +41,24 @@ pub struct Cluster {
     pub peer_authentications: Vec<PeerAuthentication>,
 }
 
+impl Cluster {
+    /// How many objects of each kind, for metrics.
+    pub fn object_counts(&self) -> [(&'static str, u64); 7] {
+        [
+            ("Namespace", self.namespaces.len() as u64),
+            ("Node", self.nodes.len() as u64),
+            ("Pod", self.pods.len() as u64),
+            ("Service", self.services.len() as u64),
+            ("EndpointSlice", self.endpoint_slices.len() as u64),
+            (
+                "AuthorizationPolicy",
+                self.authorization_policies.len() as u64,
+            ),
+            ("PeerAuthentication", self.peer_authentications.len() as u64),
+        ]
+    }
+}
+
 fn label<'a>(labels: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
     labels.get(key).map(String::as_str)
 }

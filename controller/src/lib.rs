@@ -9,11 +9,16 @@
 //! kept current in a mesh config file ([`local`]). The watchers, the
 //! config stream and the CA service come next.
 
+pub mod auth;
 pub mod ca;
 pub mod cluster;
 pub mod crd;
 pub mod local;
 pub mod manifests;
+pub mod metrics;
+pub mod run;
+pub mod server;
+pub mod stream;
 pub mod translate;
 
 use kube::CustomResourceExt;

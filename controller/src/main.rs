@@ -13,19 +13,10 @@ struct Args {
 enum Command {
     /// Print the CustomResourceDefinitions of the Ambit resources (YAML).
     Crds,
-    /// Keep a mesh config file current with a directory of manifests
-    /// (local manifests mode), polling it; policy status on stderr.
-    Run {
-        #[arg(long)]
-        manifests: std::path::PathBuf,
-        /// The file ztunnels follow (`ztunnel --mesh-config`).
-        #[arg(long)]
-        mesh_file: std::path::PathBuf,
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
-        #[arg(long, default_value_t = 250)]
-        poll_ms: u64,
-    },
+    /// Serve the mesh from a directory of manifests (local manifests
+    /// mode): the CA and the config stream over TLS, health, readiness
+    /// and metrics over plain HTTP. Policy status goes to the log.
+    Run(controller::run::LocalOptions),
     /// Print the mesh config (YAML) the controller makes of the Kubernetes
     /// objects in a directory, and each policy's status.
     Mesh {
@@ -47,29 +38,27 @@ fn main() {
 fn run() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Crds => print!("{}", controller::crds_yaml()),
-        Command::Run {
-            manifests,
-            mesh_file,
-            trust_domain,
-            poll_ms,
-        } => {
-            let mut local = controller::local::LocalMode::new(manifests, mesh_file, trust_domain);
-            let mut last_error = None;
-            loop {
-                match local.sync() {
-                    Ok(controller::local::Synced::Written) => {
-                        eprintln!("mesh config written to {}", local.mesh_file.display());
-                        last_error = None;
-                    }
-                    Ok(controller::local::Synced::Unchanged) => last_error = None,
-                    Err(e) if last_error.as_ref() != Some(&e) => {
-                        eprintln!("error: {e}; the last good mesh config stays");
-                        last_error = Some(e);
-                    }
-                    Err(_) => {}
+        Command::Run(options) => {
+            tracing_subscriber::fmt()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let running = controller::run::start_local(options).await?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
                 }
-                std::thread::sleep(std::time::Duration::from_millis(poll_ms));
-            }
+                tracing::info!("shutting down");
+                running.shutdown().await;
+                anyhow::Ok(())
+            })?;
         }
         Command::Mesh {
             manifests,

@@ -56,7 +56,12 @@ pub fn read_dir(dir: &Path, trust_domain: &str) -> Result<Cluster, ManifestError
         ..Cluster::default()
     };
     for path in files {
-        let text = std::fs::read_to_string(&path).map_err(read_err(&path))?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            // Deleted since it was listed: as if it had not been there.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(read_err(&path)(e)),
+        };
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let value = serde_yaml::Value::deserialize(doc).map_err(|e| ManifestError::Parse {
                 path: path.clone(),

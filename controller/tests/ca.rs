@@ -6,9 +6,14 @@
 
 use std::sync::Arc;
 
-use controller::ca::{BootstrapTokens, CaService, GrpcCa, serve};
+use control_client::{Controller, GrpcCa, controller_identity};
+use controller::auth::BootstrapTokens;
+use controller::ca::CaService;
+use controller::metrics::Metrics;
+use controller::server::{ServingCert, serve};
 use identity::ca::DEFAULT_LEAF_TTL;
-use identity::{CertManager, CertificateAuthority, Identity, InProcessCa, TrustDomain};
+use identity::{CertManager, CertificateAuthority, Identity, TrustDomain};
+use model::proto::ca::certificate_service_server::CertificateServiceServer;
 use model::{MeshConfig, Snapshot};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -24,11 +29,8 @@ fn id(ns: &str, sa: &str) -> Identity {
 #[tokio::test]
 async fn callers_get_only_the_identities_they_may_hold() {
     let td: TrustDomain = "cluster.local".parse().unwrap();
-    let ca = Arc::new(CertificateAuthority::self_signed(td, DEFAULT_LEAF_TTL).unwrap());
-    let controller = id("ambit-system", "controller");
-    let own = CertManager::new(Arc::new(InProcessCa::new(ca.clone())));
-    let tls =
-        identity::tls::bootstrap_server_config(&own.fetch(&controller).await.unwrap()).unwrap();
+    let ca = Arc::new(CertificateAuthority::self_signed(td.clone(), DEFAULT_LEAF_TTL).unwrap());
+    let controller = controller_identity(&td);
     let config: MeshConfig = serde_yaml::from_str(
         "workloads:
   - {uid: a, name: web-0, namespace: shop, serviceAccount: web, ips: [10.0.0.1], node: n1}
@@ -43,17 +45,24 @@ async fn callers_get_only_the_identities_they_may_hold() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    let routes = tonic::service::Routes::new(CertificateServiceServer::new(CaService::new(
+        ca.clone(),
+        Arc::new(tokens),
+        rx,
+        metrics.clone(),
+    )));
     tokio::spawn(serve(
         listener,
-        tls,
-        CaService::new(ca.clone(), Arc::new(tokens), rx),
+        ServingCert::new(ca.clone()),
+        routes,
         stop.clone(),
     ));
     let roots = ca.roots().to_vec();
     let manager = |token: &str, expect: Identity| {
-        CertManager::new(Arc::new(
-            GrpcCa::new(addr, token.into(), &roots, expect).unwrap(),
-        ))
+        CertManager::new(Arc::new(GrpcCa::new(
+            Controller::new(addr, token.into(), &roots, expect).unwrap(),
+        )))
     };
 
     // n1's ztunnel gets its pod's identity, a certificate that works.
@@ -97,6 +106,8 @@ async fn callers_get_only_the_identities_they_may_hold() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("impostor"), "{err}");
+    assert_eq!(Metrics::get(&metrics.certificates_signed), 2);
+    assert_eq!(Metrics::get(&metrics.certificates_refused), 2);
     stop.cancel();
 }
 

@@ -367,7 +367,8 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+/// Every certificate of a PEM text; `what` names it in errors.
+pub fn certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CaError::Pem {

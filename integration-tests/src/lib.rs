@@ -151,6 +151,15 @@ impl TestLab {
     }
 
     /// `curl` from a pod; the echo server's JSON reply.
+    /// Whether `pod` gets an answer from `url` (3 s at most).
+    pub fn reaches(&self, pod: &str, url: &str) -> bool {
+        self.lab
+            .exec_captured(pod, &["curl", "-sS", "--max-time", "3", url])
+            .expect("run curl in the pod")
+            .status
+            .success()
+    }
+
     pub fn curl(&self, pod: &str, url: &str) -> serde_json::Value {
         let body = self.exec(pod, &["curl", "-sS", "--max-time", "5", url]);
         serde_json::from_str(&body)

@@ -219,22 +219,24 @@ fn a_server_with_the_wrong_identity_is_refused() {
     t.curl("app/sleep-0", &url);
 
     // The client's ztunnel now expects another identity for echo-0 (as if
-    // someone else answered on its address): the handshake must fail.
-    let mesh_file = Path::new(lab::STATE_ROOT)
-        .join(t.lab.name())
-        .join("mesh.yaml");
+    // someone else answered on its address): restarted with the
+    // controller's config, altered, as a local override.
     let mut config: model::MeshConfig =
-        serde_yaml::from_str(&std::fs::read_to_string(&mesh_file).unwrap()).unwrap();
+        serde_yaml::from_str(&std::fs::read_to_string(t.lab.mesh_file()).unwrap()).unwrap();
     let w = config
         .workloads
         .iter_mut()
         .find(|w| w.uid == echo.uid)
         .unwrap();
     w.service_account = "impostor-check".into();
-    // Replace atomically so the watcher never reads half a file.
-    let tmp = mesh_file.with_extension("tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(&config).unwrap()).unwrap();
-    std::fs::rename(&tmp, &mesh_file).unwrap();
+    let file = t.lab.mesh_file().with_file_name("override.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&config).unwrap()).unwrap();
+    t.lab
+        .restart_ztunnel(
+            &plan.nodes[client.node].name,
+            &["--mesh-config", &file.to_string_lossy()],
+        )
+        .unwrap();
 
     let node = plan.nodes[client.node].name.clone();
     let deadline = Instant::now() + Duration::from_secs(10);

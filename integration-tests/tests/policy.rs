@@ -42,14 +42,6 @@ fn authz(name: &str, spec: &str) -> String {
     )
 }
 
-fn reaches(t: &TestLab, pod: &str, url: &str) -> bool {
-    t.lab
-        .exec_captured(pod, &["curl", "-sS", "--max-time", "3", url])
-        .unwrap()
-        .status
-        .success()
-}
-
 /// Policy changes reach every ztunnel (controller and ztunnel polls,
 /// re-judgement) well within this.
 const PROPAGATION: Duration = Duration::from_secs(10);
@@ -92,7 +84,7 @@ fn policies_decide_who_reaches_a_workload() {
         .clone();
     let url = format!("http://{}:8080/", echo.ip);
     for client in ["app/sleep-0", "app/probe-0", "legacy/sleep-0"] {
-        assert!(reaches(&t, client, &url), "{client} before any policy");
+        assert!(t.reaches(client, &url), "{client} before any policy");
     }
 
     // DENY one principal: that client is refused (401 on its tunnel), the
@@ -103,9 +95,9 @@ fn policies_decide_who_reaches_a_workload() {
             "{action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/app/sa/sleep]}}]}]}",
         ))
         .unwrap();
-    eventually("sleep refused", || !reaches(&t, "app/sleep-0", &url));
-    assert!(reaches(&t, "app/probe-0", &url));
-    assert!(reaches(&t, "legacy/sleep-0", &url));
+    eventually("sleep refused", || !t.reaches("app/sleep-0", &url));
+    assert!(t.reaches("app/probe-0", &url));
+    assert!(t.reaches("legacy/sleep-0", &url));
     let log = access_log(&t, &echo_node);
     assert!(
         log.iter().any(|l| l.contains("policy=app/deny-sleep")
@@ -127,9 +119,9 @@ fn policies_decide_who_reaches_a_workload() {
              metadata: {name: strict, namespace: app}\nspec: {mtls: {mode: STRICT}}\n",
         )
         .unwrap();
-    eventually("plaintext refused", || !reaches(&t, "legacy/sleep-0", &url));
-    assert!(reaches(&t, "app/sleep-0", &url));
-    assert!(reaches(&t, "app/probe-0", &url));
+    eventually("plaintext refused", || !t.reaches("legacy/sleep-0", &url));
+    assert!(t.reaches("app/sleep-0", &url));
+    assert!(t.reaches("app/probe-0", &url));
     assert!(access_log(&t, &echo_node).iter().any(|l| {
         l.contains("plaintext refused: peer authentication is STRICT")
             && l.contains("policy=app/strict")
@@ -153,9 +145,9 @@ fn policies_decide_who_reaches_a_workload() {
         ))
         .unwrap();
     eventually("only probe allowed", || {
-        !reaches(&t, "app/sleep-0", &url) && !reaches(&t, "legacy/sleep-0", &url)
+        !t.reaches("app/sleep-0", &url) && !t.reaches("legacy/sleep-0", &url)
     });
-    assert!(reaches(&t, "app/probe-0", &url));
+    assert!(t.reaches("app/probe-0", &url));
     let log = access_log(&t, &echo_node);
     assert!(
         log.iter().any(|l| l.contains("policy=app/allow-probe")

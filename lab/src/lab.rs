@@ -56,6 +56,10 @@ const SPEC_FILE: &str = "lab.yaml";
 /// Where each node's ztunnel serves metrics, inside the node's namespace.
 const ZTUNNEL_METRICS: &str = "127.0.0.1:15020";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// The controller's CA and config endpoint (Istio's istiod uses 15012 too).
+const CONTROLLER_PORT: u16 = 15012;
+/// Its health, readiness and metrics, on the loopback of its namespace.
+const CONTROLLER_OPS: &str = "127.0.0.1:15014";
 
 impl Lab {
     /// Creates the lab described by `spec`. On failure, whatever was created
@@ -109,88 +113,135 @@ impl Lab {
         Ok(())
     }
 
-    /// One ztunnel per node, in the node's namespace, capturing the node's
-    /// meshed pods listed in its pods file.
+    /// The controller, then one ztunnel per node, in the node's namespace,
+    /// capturing the node's meshed pods listed in its pods file and taking
+    /// config and certificates from the controller.
     fn start_ztunnels(&self) -> Result<(), LabError> {
         let dir = self.state.join("ztunnel");
         std::fs::create_dir_all(&dir).map_err(LabError::io(format!("create {}", dir.display())))?;
-        let bin = self.bin_dir.join("ztunnel");
-        // One root for the lab; each ztunnel signs its own pods' certificates.
-        let ca_dir = self.state.join("ca");
-        let trust_domain: identity::TrustDomain = "cluster.local"
-            .parse()
-            .expect("a valid constant trust domain");
-        identity::CertificateAuthority::write_root(&ca_dir, &trust_domain).map_err(|e| {
-            LabError::Io {
-                what: format!("create the lab CA in {}", ca_dir.display()),
-                source: std::io::Error::other(e.to_string()),
-            }
-        })?;
+        self.write_tokens()?;
         self.start_controller()?;
-        let mesh_file = self.mesh_file();
-        let ca_dir = ca_dir.to_string_lossy();
-        let mesh_file = mesh_file.to_string_lossy();
         for node in &self.plan.nodes {
-            let pods: Vec<serde_json::Value> = self
-                .plan
-                .pods
-                .iter()
-                .filter(|p| p.node == node.index && p.meshed)
-                .map(|p| {
-                    serde_json::json!({
-                        "uid": p.uid,
-                        "name": p.name,
-                        "namespace": p.namespace,
-                        "ip": p.ip,
-                        "netns": Path::new("/var/run/netns").join(&p.netns),
-                        "cgroup": p.cgroup,
-                        "identity": pod_identity(p),
-                    })
-                })
-                .collect();
-            let file = dir.join(format!("{}.json", node.name));
-            let json = serde_json::to_string_pretty(&pods).expect("JSON values serialize");
-            std::fs::write(&file, json)
-                .map_err(LabError::io(format!("write {}", file.display())))?;
-            let cgroup = node.cgroup.join("ztunnel");
-            cgroup::create(&cgroup)?;
-            let place = Placement {
-                role: Role::Node,
-                netns: &node.netns,
-                cgroup: &cgroup,
-                env: vec![("NODE_NAME".into(), node.name.clone().into())],
-            };
-            let file = file.to_string_lossy();
-            // Each node pins its own maps: slots and pods are per ztunnel.
-            let bpf_dir = self.bpf_dir().join(&node.name);
-            let bpf_dir = bpf_dir.to_string_lossy();
-            let argv = [
-                &*bin.to_string_lossy(),
-                "--pods",
-                &file,
-                "--metrics",
-                ZTUNNEL_METRICS,
-                "--bpf-dir",
-                &bpf_dir,
-                "--mesh-config",
-                &mesh_file,
-                "--ca-dir",
-                &ca_dir,
-            ];
-            process::spawn_detached(
-                &place,
-                &argv,
-                &self.log_path(&format!("ztunnel/{}", node.name)),
-            )?;
+            self.start_ztunnel(&node.name, &[])?;
         }
         self.wait_captured()
     }
 
-    /// The controller in local manifests mode: it translates the cluster
-    /// directory (the objects `up` wrote, and what `apply` adds: policies)
-    /// into the mesh config every ztunnel follows. Waits for its first
-    /// config, so that ztunnels start with it.
-    fn start_controller(&self) -> Result<(), LabError> {
+    /// One bootstrap token per node: the controller's tokens file, and
+    /// each node's own (readable by root only).
+    fn write_tokens(&self) -> Result<(), LabError> {
+        let mut entries = String::from("tokens:\n");
+        for node in &self.plan.nodes {
+            let token = random_token()?;
+            entries.push_str(&format!("  - {{token: {token}, node: {}}}\n", node.name));
+            write_private(&self.token_file(&node.name), &token)?;
+        }
+        write_private(&self.state.join("controller-tokens.yaml"), &entries)
+    }
+
+    fn token_file(&self, node: &str) -> PathBuf {
+        self.state.join("ztunnel").join(format!("{node}.token"))
+    }
+
+    /// Starts a node's ztunnel; `extra` arguments go last (a test may
+    /// override its config with `--mesh-config`).
+    fn start_ztunnel(&self, name: &str, extra: &[&str]) -> Result<(), LabError> {
+        let node = self.node(name)?;
+        let pods: Vec<serde_json::Value> = self
+            .plan
+            .pods
+            .iter()
+            .filter(|p| p.node == node.index && p.meshed)
+            .map(|p| {
+                serde_json::json!({
+                    "uid": p.uid,
+                    "name": p.name,
+                    "namespace": p.namespace,
+                    "ip": p.ip,
+                    "netns": Path::new("/var/run/netns").join(&p.netns),
+                    "cgroup": p.cgroup,
+                    "identity": pod_identity(p),
+                })
+            })
+            .collect();
+        let file = self
+            .state
+            .join("ztunnel")
+            .join(format!("{}.json", node.name));
+        let json = serde_json::to_string_pretty(&pods).expect("JSON values serialize");
+        std::fs::write(&file, json).map_err(LabError::io(format!("write {}", file.display())))?;
+        let cgroup = node.cgroup.join("ztunnel");
+        cgroup::create(&cgroup)?;
+        let place = Placement {
+            role: Role::Node,
+            netns: &node.netns,
+            cgroup: &cgroup,
+            env: vec![("NODE_NAME".into(), node.name.clone().into())],
+        };
+        // Each node pins its own maps: slots and pods are per ztunnel.
+        let bpf_dir = self.bpf_dir().join(&node.name);
+        let controller = self.controller_addr();
+        let roots = self.ca_dir().join(identity::ca::ROOT_CERT_FILE);
+        let token = self.token_file(&node.name);
+        let bin = self.bin_dir.join("ztunnel");
+        let mut argv: Vec<String> = vec![
+            bin.to_string_lossy().into(),
+            "--pods".into(),
+            file.to_string_lossy().into(),
+            "--metrics".into(),
+            ZTUNNEL_METRICS.into(),
+            "--bpf-dir".into(),
+            bpf_dir.to_string_lossy().into(),
+            "--controller".into(),
+            controller,
+            "--controller-token".into(),
+            token.to_string_lossy().into(),
+            "--mesh-roots".into(),
+            roots.to_string_lossy().into(),
+        ];
+        argv.extend(extra.iter().map(|a| a.to_string()));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        process::spawn_detached(
+            &place,
+            &argv,
+            &self.log_path(&format!("ztunnel/{}", node.name)),
+        )
+    }
+
+    /// Kills a node's ztunnel and starts a new one with `extra` arguments;
+    /// returns once it captured the node's pods again.
+    pub fn restart_ztunnel(&self, node: &str, extra: &[&str]) -> Result<(), LabError> {
+        let cgroup = self.node(node)?.cgroup.join("ztunnel");
+        cgroup::kill_and_remove(&cgroup)?;
+        self.start_ztunnel(node, extra)?;
+        self.wait_captured()
+    }
+
+    fn node(&self, name: &str) -> Result<&crate::plan::NodePlan, LabError> {
+        self.plan
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| LabError::Spec {
+                reason: format!("no node {name:?} in lab {:?}", self.name()),
+            })
+    }
+
+    /// The CA and config endpoint, on the cluster network's bridge.
+    fn controller_addr(&self) -> String {
+        format!("{}:{CONTROLLER_PORT}", self.plan.bridge_ip)
+    }
+
+    /// The controller's CA directory (its root is created on first start).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state.join("ca")
+    }
+
+    /// The controller in local manifests mode, in the cluster network's
+    /// namespace: it translates the cluster directory (the objects `up`
+    /// wrote, and what `apply` adds: policies) and serves the config stream
+    /// and the CA to the ztunnels. Returns once it is ready.
+    pub fn start_controller(&self) -> Result<(), LabError> {
         let cgroup = self.plan.cgroup.join("controller");
         cgroup::create(&cgroup)?;
         let place = Placement {
@@ -199,27 +250,33 @@ impl Lab {
             cgroup: &cgroup,
             env: Vec::new(),
         };
-        let bin = self.bin_dir.join("controller");
-        let manifests = self.cluster_dir();
-        let mesh_file = self.mesh_file();
-        let _ = std::fs::remove_file(&mesh_file);
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
         let argv = [
-            &*bin.to_string_lossy(),
-            "run",
-            "--manifests",
-            &manifests.to_string_lossy(),
-            "--mesh-file",
-            &mesh_file.to_string_lossy(),
+            path(self.bin_dir.join("controller")),
+            "run".into(),
+            "--manifests".into(),
+            path(self.cluster_dir()),
+            "--listen".into(),
+            self.controller_addr(),
+            "--ops".into(),
+            CONTROLLER_OPS.into(),
+            "--ca-dir".into(),
+            path(self.ca_dir()),
+            "--tokens".into(),
+            path(self.state.join("controller-tokens.yaml")),
+            "--mesh-file".into(),
+            path(self.mesh_file()),
         ];
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let log = self.log_path("controller");
         process::spawn_detached(&place, &argv, &log)?;
         let deadline = Instant::now() + READY_TIMEOUT;
-        while !mesh_file.exists() {
-            if Instant::now() > deadline {
+        while self.controller_get("/ready").is_none() {
+            if Instant::now() > deadline || !cgroup::populated(&cgroup) {
                 return Err(LabError::Command {
                     command: "controller run".into(),
                     stderr: format!(
-                        "wrote no mesh config within {}s; see {}",
+                        "not ready within {}s; see {}",
                         READY_TIMEOUT.as_secs(),
                         log.display()
                     ),
@@ -228,6 +285,29 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// Kills the controller (data planes keep their last config).
+    pub fn stop_controller(&self) -> Result<(), LabError> {
+        cgroup::kill_and_remove(&self.plan.cgroup.join("controller"))
+    }
+
+    /// A page of the controller's ops endpoint (`/ready`, `/metrics`) when
+    /// it answers 2xx.
+    pub fn controller_get(&self, path: &str) -> Option<String> {
+        let cgroup = self.plan.cgroup.join("exec");
+        cgroup::create(&cgroup).ok()?;
+        let place = Placement {
+            role: Role::Node,
+            netns: &self.plan.net_netns,
+            cgroup: &cgroup,
+            env: Vec::new(),
+        };
+        let url = format!("http://{CONTROLLER_OPS}{path}");
+        let out = process::run_captured(&place, &["curl", "-sf", "--max-time", "2", &url]).ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Waits until every node's ztunnel reports its pods captured.
@@ -521,7 +601,7 @@ impl Lab {
             .collect()
     }
 
-    /// The mesh config every ztunnel of the lab follows.
+    /// The mesh config the controller serves, as a file for inspection.
     pub fn mesh_file(&self) -> PathBuf {
         self.state.join("mesh.yaml")
     }
@@ -623,4 +703,29 @@ fn check_ranges_free(spec: &LabSpec, root: &Path) -> Result<(), LabError> {
         }
     }
     Ok(())
+}
+
+/// 128 random bits, hex.
+fn random_token() -> Result<String, LabError> {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom")
+            .map_err(LabError::io("open /dev/urandom".to_string()))?,
+        &mut bytes,
+    )
+    .map_err(LabError::io("read /dev/urandom".to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes a secret readable by its owner only.
+fn write_private(path: &Path, text: &str) -> Result<(), LabError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .map_err(LabError::io(format!("write {}", path.display())))
 }

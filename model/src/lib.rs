@@ -8,6 +8,7 @@
 
 mod config;
 pub mod policy;
+pub mod resources;
 mod snapshot;
 pub mod source;
 
@@ -17,6 +18,12 @@ pub mod proto {
     #[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
     pub mod ca {
         tonic::include_proto!("ambit.ca.v1");
+    }
+
+    /// The config stream.
+    #[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
+    pub mod config {
+        tonic::include_proto!("ambit.config.v1");
     }
 }
 

@@ -323,9 +323,13 @@ impl PeerAuthentication {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    pub fn selects(&self, workload: &Workload) -> bool {
+        selects(self.scope, &self.namespace, &self.selector, workload)
+    }
+
     /// How specific it is for `workload`, when it applies at all.
     pub(crate) fn rank(&self, workload: &Workload) -> Option<u8> {
-        if !selects(self.scope, &self.namespace, &self.selector, workload) {
+        if !self.selects(workload) {
             return None;
         }
         Some(match (self.scope, self.selector.is_empty()) {

@@ -7,19 +7,12 @@
 //! - `GET /healthz/ready`: `200` once ztunnel serves with its config.
 //! - `GET|POST /logging?level=<filter>`: shows or changes the log filter.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+pub use admin_http::serve;
+use admin_http::{Method, Reply, Req, StatusCode, json, text};
 use serde::Serialize;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::agent::{NodeAgent, PodInfo};
 use crate::conns::ConnView;
@@ -63,35 +56,8 @@ fn unix(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-type Reply = Response<Full<Bytes>>;
-
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
-    let mut resp = Response::new(Full::new(body.into()));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    resp
-}
-
-fn json(value: &impl Serialize) -> Reply {
-    match serde_json::to_vec_pretty(value) {
-        Ok(body) => reply(StatusCode::OK, "application/json", body),
-        Err(e) => reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            e.to_string(),
-        ),
-    }
-}
-
-fn text(status: StatusCode, body: String) -> Reply {
-    reply(status, "text/plain; charset=utf-8", body)
-}
-
 impl Admin {
-    pub fn route(&self, req: &Request<Incoming>) -> Reply {
+    pub fn route(&self, req: &Req) -> Reply {
         let shared = self.agent.shared();
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/config_dump") => {
@@ -141,7 +107,7 @@ impl Admin {
         }
     }
 
-    fn logging(&self, req: &Request<Incoming>) -> Reply {
+    fn logging(&self, req: &Req) -> Reply {
         let Some(control) = &self.logging else {
             return text(
                 StatusCode::NOT_IMPLEMENTED,
@@ -191,30 +157,6 @@ fn percent_decode(value: &str) -> Result<String, String> {
         }
     }
     String::from_utf8(out).map_err(|_| "not UTF-8".to_string())
-}
-
-/// Serves HTTP/1.1 and HTTP/2 on `listener` with `route` until `stop`.
-pub async fn serve<F>(listener: TcpListener, route: F, stop: CancellationToken)
-where
-    F: Fn(&Request<Incoming>) -> Reply + Send + Sync + 'static,
-{
-    let route = Arc::new(route);
-    loop {
-        let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
-            () = stop.cancelled() => return,
-        };
-        let route = route.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let resp = route(&req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
 }
 
 #[cfg(test)]

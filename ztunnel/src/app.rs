@@ -5,12 +5,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use capture::Exclusions;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use control_client::{Controller, GrpcCa, StreamSource};
 use identity::{CertManager, CertificateAuthority, InProcessCa, PluggedCa, TrustDomain};
 use model::{ConfigSink, ConfigSource, FileSource};
 
@@ -41,10 +43,45 @@ pub struct Config {
     /// a cluster certificates come from the controller.
     pub ca_dir: Option<PathBuf>,
     pub trust_domain: String,
+    /// The controller: the config stream (unless `mesh_config` is given)
+    /// and certificates (unless `ca_dir` is given).
+    pub controller: Option<ControllerConfig>,
     /// Outbound destinations never captured (e.g. the API server, node
     /// networks reached by host-network agents' peers).
     pub exclusions: Exclusions,
 }
+
+/// How to reach the controller.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub addr: SocketAddr,
+    /// The bootstrap or service account token proving this node.
+    pub token_file: PathBuf,
+    /// The mesh root certificate(s), PEM, to check the controller's.
+    pub roots_file: PathBuf,
+}
+
+impl ControllerConfig {
+    fn connect(&self, trust_domain: &TrustDomain) -> anyhow::Result<Controller> {
+        let token = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| anyhow::anyhow!("read {}: {e}", self.token_file.display()))?;
+        let pem = std::fs::read_to_string(&self.roots_file)
+            .map_err(|e| anyhow::anyhow!("read {}: {e}", self.roots_file.display()))?;
+        let roots = identity::ca::certs(&pem, "mesh roots")
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.roots_file.display()))?;
+        Ok(Controller::new(
+            self.addr,
+            token.trim().to_string(),
+            &roots,
+            control_client::controller_identity(trust_domain),
+        )?)
+    }
+}
+
+/// How long start-up waits for the controller's first config before
+/// serving without one (connections to unknown destinations pass through
+/// until it arrives; pods are captured either way).
+const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(10);
 
 /// A running ztunnel.
 #[derive(Debug)]
@@ -73,9 +110,25 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         }
         tasks.spawn(Box::new(source).run(sink.clone(), stop.clone()));
     }
-    let certs = match &config.ca_dir {
-        Some(dir) => {
-            let trust_domain: TrustDomain = config.trust_domain.parse()?;
+    let trust_domain: TrustDomain = config.trust_domain.parse()?;
+    let controller = config
+        .controller
+        .as_ref()
+        .map(|c| c.connect(&trust_domain))
+        .transpose()?;
+    if let (Some(controller), None) = (&controller, &config.mesh_config) {
+        let mut first = sink.subscribe();
+        tasks
+            .spawn(Box::new(StreamSource::new(controller.clone())).run(sink.clone(), stop.clone()));
+        if tokio::time::timeout(FIRST_CONFIG_WAIT, first.changed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(controller = %controller.addr(), "no config from the controller yet; serving without one");
+        }
+    }
+    let certs = match (&config.ca_dir, &controller) {
+        (Some(dir), _) => {
             let ca = CertificateAuthority::plugged(
                 trust_domain,
                 identity::ca::DEFAULT_LEAF_TTL,
@@ -83,7 +136,10 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
             )?;
             Some(CertManager::new(Arc::new(InProcessCa::new(Arc::new(ca)))))
         }
-        None => None,
+        (None, Some(controller)) => {
+            Some(CertManager::new(Arc::new(GrpcCa::new(controller.clone()))))
+        }
+        (None, None) => None,
     };
     let agent = NodeAgent::new(
         &config.bpf_dir,
@@ -101,7 +157,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     let admin = Admin {
         agent: agent.clone(),
         logging: config.logging.clone(),
-        expects_config: config.mesh_config.is_some(),
+        expects_config: config.mesh_config.is_some() || config.controller.is_some(),
     };
     tasks.spawn(admin::serve(
         admin_listener,

@@ -46,6 +46,16 @@ struct Args {
     ca_dir: Option<PathBuf>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
+    /// The controller's address (config stream and CA, TLS).
+    #[arg(long, requires_all = ["controller_token", "mesh_roots"])]
+    controller: Option<SocketAddr>,
+    /// File holding the token this node presents to the controller.
+    #[arg(long)]
+    controller_token: Option<PathBuf>,
+    /// The mesh root certificate(s), PEM: the controller's certificate
+    /// must chain to them.
+    #[arg(long)]
+    mesh_roots: Option<PathBuf>,
     /// IPv4 networks whose outbound connections are never captured
     /// (repeat or comma-separate).
     #[arg(long, value_delimiter = ',')]
@@ -140,6 +150,14 @@ async fn run() -> anyhow::Result<()> {
         mesh_config: args.mesh_config,
         ca_dir: args.ca_dir,
         trust_domain: args.trust_domain,
+        controller: match (args.controller, args.controller_token, args.mesh_roots) {
+            (Some(addr), Some(token_file), Some(roots_file)) => Some(app::ControllerConfig {
+                addr,
+                token_file,
+                roots_file,
+            }),
+            _ => None,
+        },
         exclusions: Exclusions {
             nets: args
                 .exclude_outbound_cidr

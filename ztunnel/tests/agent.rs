@@ -52,6 +52,7 @@ fn config(
         mesh_config: None,
         ca_dir: None,
         trust_domain: "cluster.local".into(),
+        controller: None,
         exclusions: Default::default(),
     }
 }

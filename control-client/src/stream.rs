@@ -1,0 +1,211 @@
+//! The config stream, data plane side.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use model::proto::config::config_service_client::ConfigServiceClient;
+use model::proto::config::subscribe_request::Request as Message;
+use model::proto::config::{Ack, ConfigUpdate, Hello, Nack, ResourceVersion, SubscribeRequest};
+use model::resources::{Held, Item};
+use model::{ConfigSink, ConfigSource};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::channel::{ClientError, Controller};
+
+/// One open subscription: updates in, answers out.
+#[derive(Debug)]
+pub struct Subscription {
+    controller: Controller,
+    answers: mpsc::Sender<SubscribeRequest>,
+    updates: tonic::Streaming<ConfigUpdate>,
+}
+
+impl Subscription {
+    /// Connects and says hello; the first update follows.
+    pub async fn open(controller: &Controller, hello: Hello) -> Result<Self, ClientError> {
+        let channel = controller.channel().await?;
+        // The controller waits for each answer before the next update:
+        // a few slots are plenty.
+        let (answers, rx) = mpsc::channel(4);
+        answers
+            .send(SubscribeRequest {
+                request: Some(Message::Hello(hello)),
+            })
+            .await
+            .expect("the receiver is alive");
+        let req = controller.request(tokio_stream::wrappers::ReceiverStream::new(rx))?;
+        let updates = ConfigServiceClient::new(channel)
+            .subscribe(req)
+            .await
+            .map_err(|s| controller.status(s))?
+            .into_inner();
+        Ok(Self {
+            controller: controller.clone(),
+            answers,
+            updates,
+        })
+    }
+
+    /// The next update; `None` when the controller ended the stream.
+    pub async fn next(&mut self) -> Result<Option<ConfigUpdate>, ClientError> {
+        self.updates
+            .message()
+            .await
+            .map_err(|s| self.controller.status(s))
+    }
+
+    pub async fn ack(&self, version: u64) -> Result<(), ClientError> {
+        self.answer(Message::Ack(Ack { version })).await
+    }
+
+    pub async fn nack(&self, version: u64, reason: String) -> Result<(), ClientError> {
+        self.answer(Message::Nack(Nack { version, reason })).await
+    }
+
+    async fn answer(&self, message: Message) -> Result<(), ClientError> {
+        self.answers
+            .send(SubscribeRequest {
+                request: Some(message),
+            })
+            .await
+            .map_err(|_| ClientError::Protocol {
+                addr: self.controller.addr(),
+                reason: "the stream closed".into(),
+            })
+    }
+}
+
+/// Applies `update` to a copy of `held`; the result, or why it cannot be
+/// read.
+pub fn apply_update(held: &Held, update: &ConfigUpdate) -> Result<Held, String> {
+    let mut next = if update.full {
+        Held::new()
+    } else {
+        held.clone()
+    };
+    for key in &update.removals {
+        let kind = model::proto::config::Kind::try_from(key.kind)
+            .map_err(|_| format!("removal of {:?}: unknown kind {}", key.name, key.kind))?;
+        next.remove(&(kind, key.name.clone()));
+    }
+    for resource in &update.upserts {
+        let item = Item::decode(resource).map_err(|e| e.to_string())?;
+        next.insert(item.key(), (resource.digest, item));
+    }
+    Ok(next)
+}
+
+/// The controller's config stream as a config source. Each update is
+/// validated whole by the sink and acknowledged, or refused with the
+/// reason while the last good config keeps serving. When the controller
+/// is unreachable the data plane keeps its config and reconnects with
+/// backoff, telling the controller what it holds so that only the
+/// differences come back.
+#[derive(Debug)]
+pub struct StreamSource {
+    controller: Controller,
+    held: Held,
+    version: u64,
+}
+
+/// Backoff between reconnections.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl StreamSource {
+    pub fn new(controller: Controller) -> Self {
+        Self {
+            controller,
+            held: Held::new(),
+            version: 0,
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            held: self
+                .held
+                .iter()
+                .map(|((kind, name), (digest, _))| ResourceVersion {
+                    kind: (*kind).into(),
+                    name: name.clone(),
+                    digest: *digest,
+                })
+                .collect(),
+            version: self.version,
+        }
+    }
+
+    /// Follows one subscription until it ends; whether any update came.
+    async fn session(&mut self, sink: &ConfigSink) -> (bool, ClientError) {
+        let mut updated = false;
+        let mut sub = match Subscription::open(&self.controller, self.hello()).await {
+            Ok(sub) => sub,
+            Err(error) => return (updated, error),
+        };
+        tracing::info!(controller = %self.controller.addr(), held = self.held.len(), "subscribed to the controller");
+        loop {
+            let update = match sub.next().await {
+                Ok(Some(update)) => update,
+                Ok(None) => {
+                    let error = ClientError::Protocol {
+                        addr: self.controller.addr(),
+                        reason: "the controller ended the stream".into(),
+                    };
+                    return (updated, error);
+                }
+                Err(error) => return (updated, error),
+            };
+            updated = true;
+            let answer = match self.apply(sink, &update) {
+                Ok(()) => sub.ack(update.version).await,
+                Err(reason) => {
+                    tracing::warn!(version = update.version, %reason, "config update refused");
+                    sub.nack(update.version, reason).await
+                }
+            };
+            if let Err(error) = answer {
+                return (updated, error);
+            }
+        }
+    }
+
+    fn apply(&mut self, sink: &ConfigSink, update: &ConfigUpdate) -> Result<(), String> {
+        let next = apply_update(&self.held, update)?;
+        let config =
+            model::resources::assemble(&update.trust_domain, next.values().map(|(_, i)| i));
+        sink.apply(config).map_err(|e| e.to_string())?;
+        tracing::debug!(
+            version = update.version,
+            upserts = update.upserts.len(),
+            removals = update.removals.len(),
+            "config update applied"
+        );
+        self.held = next;
+        self.version = update.version;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ConfigSource for StreamSource {
+    async fn run(mut self: Box<Self>, sink: ConfigSink, stop: CancellationToken) {
+        let mut retry = RETRY_MIN;
+        loop {
+            let (updated, error) = tokio::select! {
+                ended = self.session(&sink) => ended,
+                () = stop.cancelled() => return,
+            };
+            if updated {
+                retry = RETRY_MIN;
+            }
+            tracing::warn!(%error, retry_in = ?retry, "config stream lost; serving the last good config");
+            tokio::select! {
+                () = tokio::time::sleep(retry) => {}
+                () = stop.cancelled() => return,
+            }
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Who is calling: data planes present a bearer token (a service account
+//! token in Kubernetes, a bootstrap token in local setups) on every gRPC
+//! request; an [`Authenticator`] turns it into a [`Caller`].
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use tonic::Status;
+
+/// Who a caller proved to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The ztunnel of a node.
+    Node(String),
+    /// A waypoint running as a service account.
+    Waypoint {
+        namespace: String,
+        service_account: String,
+    },
+}
+
+/// Turns a bearer token into a caller.
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate(&self, token: &str) -> Option<Caller>;
+}
+
+/// Tokens from a file, for setups without Kubernetes:
+/// `tokens: [{token: …, node: n1}, {token: …, waypoint: ns/sa}]`.
+#[derive(Debug, Default)]
+pub struct BootstrapTokens(HashMap<String, Caller>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    tokens: Vec<TokenEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    token: String,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    waypoint: Option<String>,
+}
+
+impl BootstrapTokens {
+    pub fn parse(yaml: &str) -> Result<Self, String> {
+        let file: TokenFile = serde_yaml::from_str(yaml).map_err(|e| e.to_string())?;
+        let mut tokens = HashMap::new();
+        for (i, e) in file.tokens.into_iter().enumerate() {
+            let caller = match (e.node, e.waypoint) {
+                (Some(node), None) => Caller::Node(node),
+                (None, Some(wp)) => match wp.split_once('/') {
+                    Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() => Caller::Waypoint {
+                        namespace: ns.into(),
+                        service_account: sa.into(),
+                    },
+                    _ => {
+                        return Err(format!(
+                            "token {i}: waypoint {wp:?} is not <namespace>/<sa>"
+                        ));
+                    }
+                },
+                _ => return Err(format!("token {i}: needs exactly one of node, waypoint")),
+            };
+            if e.token.len() < 16 {
+                return Err(format!("token {i}: shorter than 16 characters"));
+            }
+            tokens.insert(e.token, caller);
+        }
+        Ok(Self(tokens))
+    }
+}
+
+impl Authenticator for BootstrapTokens {
+    fn authenticate(&self, token: &str) -> Option<Caller> {
+        self.0.get(token).cloned()
+    }
+}
+
+/// The caller of a request, or `UNAUTHENTICATED` with the reason.
+pub fn authenticate(
+    auth: &dyn Authenticator,
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<Caller, Status> {
+    let token = metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Status::unauthenticated("no bearer token"))?;
+    auth.authenticate(token)
+        .ok_or_else(|| Status::unauthenticated("unknown token"))
+}

@@ -1,0 +1,514 @@
+//! The config stream, controller side: every published config becomes a
+//! versioned table of resources; each subscriber gets what it needs of it
+//! as deltas against what it holds, one update in flight at a time
+//! (later changes are folded into the next update), and answers each with
+//! an ACK or a NACK.
+//!
+//! Workloads and services go to every ztunnel (a pod may connect to any of
+//! them); policies only to the ztunnels of the workloads they select, and
+//! to the waypoints of their namespace. What a subscriber holds is known
+//! as "the table at version v" plus its policies, so a subscriber costs
+//! memory for its policies only, and an update is computed from the keys
+//! changed since v (kept for the last [`LOG_VERSIONS`] versions; a
+//! subscriber further behind gets a full update).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use model::MeshConfig;
+use model::proto::config::config_service_server::ConfigService;
+use model::proto::config::subscribe_request::Request as Message;
+use model::proto::config::{ConfigUpdate, Hello, Kind, Resource, SubscribeRequest};
+use model::resources::{Item, Key, items, wire_key};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{Authenticator, Caller, authenticate};
+use crate::metrics::Metrics;
+
+/// Versions whose changed keys are remembered for catching up.
+pub const LOG_VERSIONS: usize = 1024;
+
+/// One resource, encoded once for every subscriber.
+#[derive(Debug)]
+struct Entry {
+    item: Item,
+    resource: Resource,
+}
+
+/// One published config.
+#[derive(Debug, Default)]
+struct Table {
+    version: u64,
+    trust_domain: String,
+    entries: HashMap<Key, Arc<Entry>>,
+    /// Node → its workloads, to find the policies a node needs.
+    by_node: HashMap<String, Vec<Key>>,
+    policies: Vec<Key>,
+}
+
+impl Table {
+    /// Whether `caller` needs the policy `key`.
+    fn wants_policy(&self, caller: &Caller, entry: &Entry) -> bool {
+        match caller {
+            Caller::Node(node) => self
+                .by_node
+                .get(node)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| match self.entries.get(k).map(|e| &e.item) {
+                    Some(Item::Workload(w)) => Some(w),
+                    _ => None,
+                })
+                .any(|w| match &entry.item {
+                    Item::AuthorizationPolicy(p) => p.selects(w),
+                    Item::PeerAuthentication(p) => p.selects(w),
+                    _ => false,
+                }),
+            Caller::Waypoint { namespace, .. } => match &entry.item {
+                Item::AuthorizationPolicy(p) => {
+                    &p.namespace == namespace || p.scope == model::PolicyScope::Global
+                }
+                Item::PeerAuthentication(p) => {
+                    &p.namespace == namespace || p.scope == model::PolicyScope::Global
+                }
+                _ => false,
+            },
+        }
+    }
+
+    /// The policies `caller` needs: key → digest.
+    fn policies_for(&self, caller: &Caller) -> HashMap<Key, u64> {
+        self.policies
+            .iter()
+            .filter_map(|k| {
+                let entry = self.entries.get(k)?;
+                self.wants_policy(caller, entry)
+                    .then(|| (k.clone(), entry.resource.digest))
+            })
+            .collect()
+    }
+}
+
+fn is_policy(kind: Kind) -> bool {
+    matches!(kind, Kind::AuthorizationPolicy | Kind::PeerAuthentication)
+}
+
+#[derive(Debug)]
+struct Inner {
+    table: watch::Sender<Arc<Table>>,
+    /// (version, keys it changed), oldest first.
+    log: Mutex<VecDeque<(u64, Arc<[Key]>)>>,
+    auth: Arc<dyn Authenticator>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for dyn Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authenticator")
+    }
+}
+
+/// The config server; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ConfigServer {
+    inner: Arc<Inner>,
+}
+
+impl ConfigServer {
+    /// Sessions end (`UNAVAILABLE`) when `stop` is cancelled.
+    pub fn new(
+        auth: Arc<dyn Authenticator>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> Self {
+        let (table, _) = watch::channel(Arc::new(Table::default()));
+        Self {
+            inner: Arc::new(Inner {
+                table,
+                log: Mutex::new(VecDeque::new()),
+                auth,
+                metrics,
+                stop,
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The version of the last published config, 0 before the first.
+    pub fn version(&self) -> u64 {
+        self.inner.table.borrow().version
+    }
+
+    /// Makes `config` the one subscribers converge to; returns its version
+    /// (unchanged when nothing changed). The caller validates: a config
+    /// data planes would refuse comes back to it as NACKs.
+    pub fn publish(&self, config: MeshConfig) -> u64 {
+        let old = self.inner.table.borrow().clone();
+        let trust_domain = config.trust_domain.clone();
+        let mut entries = HashMap::with_capacity(old.entries.len());
+        let mut changed = Vec::new();
+        for item in items(config) {
+            let key = item.key();
+            let entry = match old.entries.get(&key) {
+                Some(e) if e.item == item => e.clone(),
+                _ => {
+                    changed.push(key.clone());
+                    Arc::new(Entry {
+                        resource: item.encode(),
+                        item,
+                    })
+                }
+            };
+            entries.insert(key, entry);
+        }
+        changed.extend(
+            old.entries
+                .keys()
+                .filter(|k| !entries.contains_key(*k))
+                .cloned(),
+        );
+        if changed.is_empty() && trust_domain == old.trust_domain && old.version > 0 {
+            return old.version;
+        }
+        let version = old.version + 1;
+        let mut by_node: HashMap<String, Vec<Key>> = HashMap::new();
+        let mut policies = Vec::new();
+        for (key, entry) in &entries {
+            match &entry.item {
+                Item::Workload(w) => by_node.entry(w.node.clone()).or_default().push(key.clone()),
+                Item::AuthorizationPolicy(_) | Item::PeerAuthentication(_) => {
+                    policies.push(key.clone());
+                }
+                Item::Service(_) => {}
+            }
+        }
+        {
+            let mut log = self
+                .inner
+                .log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            log.push_back((version, changed.into()));
+            while log.len() > LOG_VERSIONS {
+                log.pop_front();
+            }
+        }
+        self.inner
+            .metrics
+            .config_version
+            .store(version, std::sync::atomic::Ordering::Relaxed);
+        self.inner.table.send_replace(Arc::new(Table {
+            version,
+            trust_domain,
+            entries,
+            by_node,
+            policies,
+        }));
+        version
+    }
+
+    /// Keys changed after `base` up to the current version, or `None`
+    /// when the log no longer reaches back that far.
+    fn changed_since(&self, base: u64) -> Option<HashSet<Key>> {
+        let log = self
+            .inner
+            .log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match log.front() {
+            Some((first, _)) if *first <= base + 1 => {}
+            None => return Some(HashSet::new()),
+            Some(_) => return None,
+        }
+        Some(
+            log.iter()
+                .filter(|(v, _)| *v > base)
+                .flat_map(|(_, keys)| keys.iter().cloned())
+                .collect(),
+        )
+    }
+}
+
+/// What a subscriber holds: every workload and service of the table at
+/// `base`, and `policies`.
+#[derive(Debug, Clone)]
+struct Held {
+    base: u64,
+    policies: HashMap<Key, u64>,
+}
+
+/// An update and what the subscriber holds once it accepts it.
+struct Pending {
+    update: ConfigUpdate,
+    held: Held,
+}
+
+fn upsert(update: &mut ConfigUpdate, entry: &Entry) {
+    update.upserts.push(entry.resource.clone());
+}
+
+/// The first update: the differences between what the subscriber says it
+/// holds and what it needs.
+fn initial(table: &Table, caller: &Caller, hello: &Hello) -> Pending {
+    let held: HashMap<Key, u64> = hello
+        .held
+        .iter()
+        .filter_map(|r| Some(((Kind::try_from(r.kind).ok()?, r.name.clone()), r.digest)))
+        .collect();
+    let policies = table.policies_for(caller);
+    let mut update = empty_update(table);
+    for (key, entry) in &table.entries {
+        let wanted = !is_policy(key.0) || policies.contains_key(key);
+        if wanted && held.get(key) != Some(&entry.resource.digest) {
+            upsert(&mut update, entry);
+        }
+    }
+    for key in held.keys() {
+        let wanted =
+            table.entries.contains_key(key) && (!is_policy(key.0) || policies.contains_key(key));
+        if !wanted {
+            update.removals.push(wire_key(key));
+        }
+    }
+    Pending {
+        update,
+        held: Held {
+            base: table.version,
+            policies,
+        },
+    }
+}
+
+/// The next update for a subscriber holding `held`; empty when nothing
+/// it needs changed.
+fn next(server: &ConfigServer, table: &Table, caller: &Caller, held: &Held) -> Pending {
+    let policies = table.policies_for(caller);
+    let mut update = empty_update(table);
+    match server.changed_since(held.base) {
+        Some(changed) => {
+            for key in changed.iter().filter(|k| !is_policy(k.0)) {
+                match table.entries.get(key) {
+                    Some(entry) => upsert(&mut update, entry),
+                    None => update.removals.push(wire_key(key)),
+                }
+            }
+            for (key, digest) in &policies {
+                if held.policies.get(key) != Some(digest) {
+                    upsert(&mut update, &table.entries[key]);
+                }
+            }
+            for key in held.policies.keys().filter(|k| !policies.contains_key(*k)) {
+                update.removals.push(wire_key(key));
+            }
+        }
+        None => {
+            update.full = true;
+            for (key, entry) in &table.entries {
+                if !is_policy(key.0) || policies.contains_key(key) {
+                    upsert(&mut update, entry);
+                }
+            }
+        }
+    }
+    Pending {
+        update,
+        held: Held {
+            base: table.version,
+            policies,
+        },
+    }
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.update.upserts.is_empty() && self.update.removals.is_empty() && !self.update.full
+    }
+}
+
+fn empty_update(table: &Table) -> ConfigUpdate {
+    ConfigUpdate {
+        version: table.version,
+        trust_domain: table.trust_domain.clone(),
+        ..ConfigUpdate::default()
+    }
+}
+
+/// Why a subscription ended.
+enum End {
+    /// The subscriber closed it or went away.
+    Closed,
+    /// The subscriber broke the protocol; told with this status.
+    Refused(Status),
+    /// The controller is stopping.
+    Stopping,
+}
+
+/// Serves one subscriber until it leaves.
+async fn session(
+    server: ConfigServer,
+    caller: Caller,
+    hello: Hello,
+    mut requests: Streaming<SubscribeRequest>,
+    tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
+) -> End {
+    let mut tables = server.inner.table.subscribe();
+    let mut held: Option<Held> = None;
+    let mut in_flight: Option<(Pending, Instant)> = None;
+    // A refused version is not sent again: the next one may be better.
+    let mut refused: Option<u64> = None;
+    loop {
+        if in_flight.is_none() {
+            let table = tables.borrow_and_update().clone();
+            let pending = match &held {
+                _ if table.version == 0 || refused == Some(table.version) => None,
+                None => Some(initial(&table, &caller, &hello)),
+                Some(h) if h.base == table.version => None,
+                Some(h) => Some(next(&server, &table, &caller, h)),
+            };
+            match pending {
+                Some(p) if p.is_empty() && held.is_some() => held = Some(p.held),
+                Some(p) => {
+                    let (upserts, removals) = (p.update.upserts.len(), p.update.removals.len());
+                    if tx.send(Ok(p.update.clone())).await.is_err() {
+                        return End::Closed;
+                    }
+                    tracing::debug!(
+                        version = p.update.version,
+                        upserts,
+                        removals,
+                        full = p.update.full,
+                        "update sent"
+                    );
+                    let metrics = &server.inner.metrics;
+                    Metrics::add(&metrics.updates_sent, 1);
+                    Metrics::add(
+                        &metrics.update_bytes_sent,
+                        prost::Message::encoded_len(&p.update) as u64,
+                    );
+                    in_flight = Some((p, Instant::now()));
+                }
+                None => {}
+            }
+        }
+        let message = tokio::select! {
+            changed = tables.changed() => {
+                if changed.is_err() {
+                    return End::Stopping;
+                }
+                continue;
+            }
+            message = requests.message() => message,
+            () = server.inner.stop.cancelled() => return End::Stopping,
+        };
+        let message = match message {
+            Ok(Some(m)) => m.request,
+            Ok(None) | Err(_) => return End::Closed,
+        };
+        let answered = match &message {
+            Some(Message::Ack(a)) => a.version,
+            Some(Message::Nack(n)) => n.version,
+            Some(Message::Hello(_)) | None => {
+                return End::Refused(Status::invalid_argument("expected an ACK or a NACK"));
+            }
+        };
+        let Some((pending, sent)) = in_flight.take() else {
+            return End::Refused(Status::invalid_argument(format!(
+                "answer for version {answered}, but no update is waiting for one"
+            )));
+        };
+        if pending.update.version != answered {
+            return End::Refused(Status::invalid_argument(format!(
+                "answer for version {answered}, but version {} is waiting for one",
+                pending.update.version
+            )));
+        }
+        match message {
+            Some(Message::Nack(n)) => {
+                Metrics::add(&server.inner.metrics.nacks, 1);
+                tracing::warn!(version = n.version, reason = %n.reason, "config update refused by the subscriber; it keeps its last good config");
+                refused = Some(n.version);
+            }
+            _ => {
+                tracing::debug!(version = answered, elapsed = ?sent.elapsed(), "update acknowledged");
+                held = Some(pending.held);
+                refused = None;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ConfigService for ConfigServer {
+    type SubscribeStream = ReceiverStream<Result<ConfigUpdate, Status>>;
+
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = match authenticate(&*self.inner.auth, req.metadata()) {
+            Ok(caller) => caller,
+            Err(status) => {
+                tracing::warn!(peer = ?req.remote_addr(), reason = status.message(), "subscriber refused");
+                Metrics::add(&self.inner.metrics.subscribers_refused, 1);
+                return Err(status);
+            }
+        };
+        let mut requests = req.into_inner();
+        let hello = match requests.message().await? {
+            Some(SubscribeRequest {
+                request: Some(Message::Hello(hello)),
+            }) => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a Hello",
+                ));
+            }
+        };
+        let (tx, rx) = mpsc::channel(1);
+        let server = self.clone();
+        let span = tracing::info_span!("subscriber", ?caller);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                tracing::info!(
+                    held = hello.held.len(),
+                    version = hello.version,
+                    "subscribed"
+                );
+                let metrics = server.inner.metrics.clone();
+                metrics
+                    .subscribers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let end = session(server, caller, hello, requests, tx.clone()).await;
+                metrics
+                    .subscribers
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                match end {
+                    End::Closed => tracing::info!("unsubscribed"),
+                    End::Refused(status) => {
+                        Metrics::add(&metrics.subscribers_refused, 1);
+                        tracing::warn!(
+                            reason = status.message(),
+                            "subscription ended: protocol error"
+                        );
+                        let _ = tx.send(Err(status)).await;
+                    }
+                    End::Stopping => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("the controller is stopping")))
+                            .await;
+                    }
+                }
+            },
+            span,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

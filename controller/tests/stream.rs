@@ -1,0 +1,385 @@
+//! The config stream over TLS with the real data plane client: snapshot
+//! then deltas, per-node policies, ordering, NACK, reconnect and resume,
+//! a controller restart under running data planes, refused strangers.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control_client::{Controller, StreamSource, Subscription, controller_identity};
+use controller::auth::BootstrapTokens;
+use controller::metrics::Metrics;
+use controller::server::{ServingCert, serve};
+use controller::stream::ConfigServer;
+use identity::ca::DEFAULT_LEAF_TTL;
+use identity::{CertificateAuthority, TrustDomain};
+use model::proto::config::config_service_server::ConfigServiceServer;
+use model::proto::config::{Hello, Kind, ResourceVersion};
+use model::{ConfigSink, ConfigSource, MeshConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const NODES: [&str; 3] = ["n1", "n2", "n3"];
+
+fn token(node: &str) -> String {
+    format!("{node}-bootstrap-token-0123456789")
+}
+
+/// A controller's config endpoint on loopback.
+struct Server {
+    addr: SocketAddr,
+    config: ConfigServer,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+}
+
+async fn start(ca: &Arc<CertificateAuthority>, addr: SocketAddr) -> Server {
+    let tokens = NODES
+        .iter()
+        .map(|n| format!("{{token: {}, node: {n}}}", token(n)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let auth = Arc::new(BootstrapTokens::parse(&format!("tokens: [{tokens}]")).unwrap());
+    let metrics = Arc::new(Metrics::default());
+    let stop = CancellationToken::new();
+    let config = ConfigServer::new(auth, metrics.clone(), stop.clone());
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = tonic::service::Routes::new(ConfigServiceServer::new(config.clone()));
+    tokio::spawn(serve(
+        listener,
+        ServingCert::new(ca.clone()),
+        routes,
+        stop.clone(),
+    ));
+    Server {
+        addr,
+        config,
+        metrics,
+        stop,
+    }
+}
+
+fn new_ca() -> Arc<CertificateAuthority> {
+    let td: TrustDomain = "cluster.local".parse().unwrap();
+    Arc::new(CertificateAuthority::self_signed(td, DEFAULT_LEAF_TTL).unwrap())
+}
+
+fn controller(ca: &CertificateAuthority, addr: SocketAddr, token: String) -> Controller {
+    Controller::new(
+        addr,
+        token,
+        ca.roots(),
+        controller_identity(ca.trust_domain()),
+    )
+    .unwrap()
+}
+
+/// A ztunnel's config: its sink fed by the stream.
+fn subscribe(
+    ca: &CertificateAuthority,
+    addr: SocketAddr,
+    node: &str,
+) -> (ConfigSink, CancellationToken) {
+    let sink = ConfigSink::new();
+    let stop = CancellationToken::new();
+    let source = Box::new(StreamSource::new(controller(ca, addr, token(node))));
+    tokio::spawn(source.run(sink.clone(), stop.clone()));
+    (sink, stop)
+}
+
+/// Pods `web-<i>` on the nodes in turn, a service over all, and a policy
+/// selecting `app=web-0` (on n1) only.
+fn mesh(pods: usize, label: &str) -> MeshConfig {
+    let mut yaml = String::from("workloads:\n");
+    for i in 0..pods {
+        yaml.push_str(&format!(
+            "  - {{uid: u{i}, name: web-{i}, namespace: shop, serviceAccount: web, ips: [10.0.0.{}], node: {}, labels: {{app: web-{i}, rev: \"{label}\"}}}}\n",
+            i + 1,
+            NODES[i % NODES.len()]
+        ));
+    }
+    yaml.push_str("services:\n  - {name: web, namespace: shop, vips: [10.96.0.1], ports: [{port: 80}], endpoints: [");
+    yaml.push_str(
+        &(0..pods)
+            .map(|i| format!("u{i}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    yaml.push_str("]}\nauthorizationPolicies:\n  - {name: deny-legacy, namespace: shop, selector: {app: web-0}, action: DENY, rules: [{from: [{namespaces: [legacy]}]}]}\n");
+    serde_yaml::from_str(&yaml).unwrap()
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn rev(sink: &ConfigSink) -> Option<String> {
+    sink.current()
+        .config()
+        .workloads
+        .first()?
+        .labels
+        .get("rev")
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_subscribers_follow_ordered_updates_with_their_own_policies() {
+    let ca = new_ca();
+    let server = start(&ca, "127.0.0.1:0".parse().unwrap()).await;
+    server.config.publish(mesh(6, "0"));
+    let subs: Vec<_> = NODES
+        .iter()
+        .map(|n| subscribe(&ca, server.addr, n))
+        .collect();
+    for (sink, _) in &subs {
+        eventually("the first config", || async {
+            sink.current().config().workloads.len() == 6
+        })
+        .await;
+    }
+    // Every node gets every workload and service; the policy only goes to
+    // n1, whose pod it selects.
+    let policies: Vec<usize> = subs
+        .iter()
+        .map(|(s, _)| s.current().config().authorization_policies.len())
+        .collect();
+    assert_eq!(policies, [1, 0, 0]);
+    assert!(
+        subs.iter()
+            .all(|(s, _)| s.current().config().services.len() == 1)
+    );
+
+    // Twenty updates in a row: each subscriber sees the revisions in order
+    // (updates may be folded together, never reordered) and ends on the last.
+    let mut watchers: Vec<_> = subs.iter().map(|(s, _)| s.subscribe()).collect();
+    let seen = watchers
+        .iter_mut()
+        .map(|rx| {
+            let mut rx = rx.clone();
+            tokio::spawn(async move {
+                let mut revs = Vec::new();
+                while rx.changed().await.is_ok() {
+                    let r: u32 = rx.borrow_and_update().config().workloads[0].labels["rev"]
+                        .parse()
+                        .unwrap();
+                    revs.push(r);
+                    if r == 20 {
+                        break;
+                    }
+                }
+                revs
+            })
+        })
+        .collect::<Vec<_>>();
+    for r in 1..=20 {
+        server.config.publish(mesh(6, &r.to_string()));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for task in seen {
+        let revs = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            revs.windows(2).all(|w| w[0] < w[1]),
+            "out of order: {revs:?}"
+        );
+        assert_eq!(revs.last(), Some(&20));
+    }
+    // A policy that now selects n2's pod too reaches n2, and n1 keeps it.
+    let mut config = mesh(6, "20");
+    config.authorization_policies[0].selector.clear();
+    config.authorization_policies[0]
+        .selector
+        .insert("rev".into(), "20".into());
+    server.config.publish(config);
+    for (sink, _) in &subs {
+        eventually("the widened policy", || async {
+            sink.current().config().authorization_policies.len() == 1
+        })
+        .await;
+    }
+    assert_eq!(Metrics::get(&server.metrics.nacks), 0);
+    assert_eq!(
+        server
+            .metrics
+            .subscribers
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    for (_, stop) in subs {
+        stop.cancel();
+    }
+    server.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubscriber_gets_only_what_changed_since_what_it_holds() {
+    let ca = new_ca();
+    let server = start(&ca, "127.0.0.1:0".parse().unwrap()).await;
+    server.config.publish(mesh(30, "a"));
+    let ctl = controller(&ca, server.addr, token("n2"));
+
+    // From nothing: everything n2 needs (30 workloads and the service).
+    let mut sub = Subscription::open(&ctl, Hello::default()).await.unwrap();
+    let first = sub.next().await.unwrap().unwrap();
+    assert_eq!(first.upserts.len(), 31);
+    assert!(first.removals.is_empty());
+    sub.ack(first.version).await.unwrap();
+    let held: Vec<ResourceVersion> = first
+        .upserts
+        .iter()
+        .map(|r| ResourceVersion {
+            kind: r.kind,
+            name: r.name.clone(),
+            digest: r.digest,
+        })
+        .collect();
+    drop(sub);
+
+    // Meanwhile one pod changed and one went away.
+    let mut config = mesh(30, "a");
+    config.workloads[4]
+        .labels
+        .insert("extra".into(), "1".into());
+    config.workloads.remove(29);
+    config.services[0].endpoints.retain(|e| e != "u29");
+    server.config.publish(config);
+
+    // Back with what it holds: only the differences come.
+    let mut sub = Subscription::open(
+        &ctl,
+        Hello {
+            held,
+            version: first.version,
+        },
+    )
+    .await
+    .unwrap();
+    let update = sub.next().await.unwrap().unwrap();
+    let mut upserts: Vec<&str> = update.upserts.iter().map(|r| r.name.as_str()).collect();
+    upserts.sort_unstable();
+    assert_eq!(upserts, ["shop/web", "u4"]);
+    assert_eq!(update.removals.len(), 1);
+    assert_eq!(update.removals[0].name, "u29");
+    assert_eq!(update.removals[0].kind, i32::from(Kind::Workload));
+    assert!(!update.full);
+    server.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_update_is_reported_and_the_last_good_config_stays() {
+    let ca = new_ca();
+    let server = start(&ca, "127.0.0.1:0".parse().unwrap()).await;
+    server.config.publish(mesh(3, "good"));
+    let (sink, stop) = subscribe(&ca, server.addr, "n1");
+    eventually("the first config", || async {
+        rev(&sink).as_deref() == Some("good")
+    })
+    .await;
+
+    // Two pods on one IP: the data plane refuses the update whole.
+    let mut bad = mesh(3, "bad");
+    bad.workloads[1].ips = bad.workloads[0].ips.clone();
+    server.config.publish(bad);
+    eventually("the NACK", || async {
+        Metrics::get(&server.metrics.nacks) == 1
+    })
+    .await;
+    assert_eq!(rev(&sink).as_deref(), Some("good"));
+    assert_eq!(sink.rejected(), 1);
+
+    // The next good config is taken.
+    server.config.publish(mesh(3, "fixed"));
+    eventually("the fixed config", || async {
+        rev(&sink).as_deref() == Some("fixed")
+    })
+    .await;
+    assert_eq!(Metrics::get(&server.metrics.nacks), 1);
+    stop.cancel();
+    server.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_planes_keep_their_config_through_a_controller_restart() {
+    let ca = new_ca();
+    let server = start(&ca, "127.0.0.1:0".parse().unwrap()).await;
+    let addr = server.addr;
+    server.config.publish(mesh(6, "before"));
+    let subs: Vec<_> = NODES.iter().map(|n| subscribe(&ca, addr, n)).collect();
+    for (sink, _) in &subs {
+        eventually("the first config", || async {
+            rev(sink).as_deref() == Some("before")
+        })
+        .await;
+    }
+
+    // The controller goes away: the data planes keep serving what they had.
+    server.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (sink, _) in &subs {
+        assert_eq!(rev(sink).as_deref(), Some("before"));
+        assert_eq!(sink.current().config().workloads.len(), 6);
+    }
+
+    // A new controller (same CA, same address) with a newer config: every
+    // data plane reconnects and resyncs, sending what it holds, so only the
+    // changed workloads travel.
+    let server = start(&ca, addr).await;
+    let mut config = mesh(6, "before");
+    config.workloads[0]
+        .labels
+        .insert("rev".into(), "after".into());
+    server.config.publish(config);
+    for (sink, _) in &subs {
+        eventually("the resync", || async {
+            rev(sink).as_deref() == Some("after")
+        })
+        .await;
+    }
+    // One update per data plane, each carrying the one changed workload
+    // (n1's also its policy, which it held too: not resent).
+    assert_eq!(Metrics::get(&server.metrics.updates_sent), 3);
+    let one_workload = model::resources::items(mesh(1, "after"))
+        .next()
+        .unwrap()
+        .encode();
+    let bytes = Metrics::get(&server.metrics.update_bytes_sent);
+    assert!(
+        bytes < 3 * (prost::Message::encoded_len(&one_workload) as u64 + 64),
+        "{bytes} bytes resent"
+    );
+    for (_, stop) in subs {
+        stop.cancel();
+    }
+    server.stop.cancel();
+}
+
+#[tokio::test]
+async fn unauthenticated_subscribers_are_refused() {
+    let ca = new_ca();
+    let server = start(&ca, "127.0.0.1:0".parse().unwrap()).await;
+    server.config.publish(mesh(1, "x"));
+    let ctl = controller(&ca, server.addr, "not-a-known-token-at-all".into());
+    let err = match Subscription::open(&ctl, Hello::default()).await {
+        Err(e) => e,
+        Ok(mut sub) => sub.next().await.unwrap_err(),
+    };
+    let err = err.to_string();
+    assert!(err.contains("unknown token"), "{err}");
+    assert_eq!(Metrics::get(&server.metrics.subscribers_refused), 1);
+    server.stop.cancel();
+}

@@ -1,0 +1,167 @@
+//! The mesh config as a set of named resources, the unit of the config
+//! stream: each carries the JSON of its model type and a digest of it, so
+//! that two ends can tell which resources differ without sending them.
+
+use std::collections::BTreeMap;
+
+use crate::config::{MeshConfig, Service, Workload};
+use crate::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::proto::config::{Kind, Resource, ResourceKey};
+
+/// One resource of a config.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    Workload(Workload),
+    Service(Service),
+    AuthorizationPolicy(AuthorizationPolicy),
+    PeerAuthentication(PeerAuthentication),
+}
+
+/// A resource's identity in the stream: its kind and name.
+pub type Key = (Kind, String);
+
+/// Why a received resource could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResourceError {
+    #[error("resource {name:?} has no known kind ({kind})")]
+    UnknownKind { kind: i32, name: String },
+    #[error("{kind:?} {name:?}: {reason}")]
+    Invalid {
+        kind: Kind,
+        name: String,
+        reason: String,
+    },
+}
+
+impl Item {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Workload(_) => Kind::Workload,
+            Self::Service(_) => Kind::Service,
+            Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Self::PeerAuthentication(_) => Kind::PeerAuthentication,
+        }
+    }
+
+    /// Workloads are named by uid, the rest by `namespace/name`.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Workload(w) => w.uid.clone(),
+            Self::Service(s) => s.key(),
+            Self::AuthorizationPolicy(p) => p.key(),
+            Self::PeerAuthentication(p) => p.key(),
+        }
+    }
+
+    pub fn key(&self) -> Key {
+        (self.kind(), self.name())
+    }
+
+    /// The wire form, with its digest.
+    pub fn encode(&self) -> Resource {
+        let json = match self {
+            Self::Workload(w) => serde_json::to_vec(w),
+            Self::Service(s) => serde_json::to_vec(s),
+            Self::AuthorizationPolicy(p) => serde_json::to_vec(p),
+            Self::PeerAuthentication(p) => serde_json::to_vec(p),
+        }
+        .expect("model types serialize to JSON");
+        Resource {
+            kind: self.kind().into(),
+            name: self.name(),
+            digest: digest(&json),
+            json,
+        }
+    }
+
+    /// Reads a received resource, checking that its name is its content's.
+    pub fn decode(resource: &Resource) -> Result<Self, ResourceError> {
+        let kind = Kind::try_from(resource.kind)
+            .ok()
+            .filter(|k| *k != Kind::Unspecified)
+            .ok_or_else(|| ResourceError::UnknownKind {
+                kind: resource.kind,
+                name: resource.name.clone(),
+            })?;
+        let invalid = |reason: String| ResourceError::Invalid {
+            kind,
+            name: resource.name.clone(),
+            reason,
+        };
+        let json = &resource.json;
+        let item = match kind {
+            Kind::Workload => serde_json::from_slice(json).map(Self::Workload),
+            Kind::Service => serde_json::from_slice(json).map(Self::Service),
+            Kind::AuthorizationPolicy => {
+                serde_json::from_slice(json).map(Self::AuthorizationPolicy)
+            }
+            Kind::PeerAuthentication => serde_json::from_slice(json).map(Self::PeerAuthentication),
+            Kind::Unspecified => unreachable!("filtered above"),
+        }
+        .map_err(|e| invalid(e.to_string()))?;
+        if item.name() != resource.name {
+            return Err(invalid(format!("its content is named {:?}", item.name())));
+        }
+        Ok(item)
+    }
+}
+
+/// The first 8 bytes of the SHA-256 of `json`: stable across processes
+/// and versions, so a subscriber's digests still mean something to a
+/// restarted controller.
+pub fn digest(json: &[u8]) -> u64 {
+    let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, json);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.as_ref()[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// Splits a config into its resources.
+pub fn items(config: MeshConfig) -> impl Iterator<Item = Item> {
+    config
+        .workloads
+        .into_iter()
+        .map(Item::Workload)
+        .chain(config.services.into_iter().map(Item::Service))
+        .chain(
+            config
+                .authorization_policies
+                .into_iter()
+                .map(Item::AuthorizationPolicy),
+        )
+        .chain(
+            config
+                .peer_authentications
+                .into_iter()
+                .map(Item::PeerAuthentication),
+        )
+}
+
+/// Puts resources back together into a config, in key order so that the
+/// same set always makes the same config.
+pub fn assemble<'a>(trust_domain: &str, items: impl IntoIterator<Item = &'a Item>) -> MeshConfig {
+    let mut config = MeshConfig {
+        trust_domain: trust_domain.to_string(),
+        ..MeshConfig::default()
+    };
+    for item in items {
+        match item {
+            Item::Workload(w) => config.workloads.push(w.clone()),
+            Item::Service(s) => config.services.push(s.clone()),
+            Item::AuthorizationPolicy(p) => config.authorization_policies.push(p.clone()),
+            Item::PeerAuthentication(p) => config.peer_authentications.push(p.clone()),
+        }
+    }
+    config
+}
+
+/// A wire key.
+pub fn wire_key((kind, name): &Key) -> ResourceKey {
+    ResourceKey {
+        kind: (*kind).into(),
+        name: name.clone(),
+    }
+}
+
+/// Resources held by a data plane: key → (digest, item).
+pub type Held = BTreeMap<Key, (u64, Item)>;

@@ -19,9 +19,10 @@ pub enum Caller {
     },
 }
 
-/// Turns a bearer token into a caller.
+/// Turns a bearer token into a caller, or says why not.
+#[async_trait::async_trait]
 pub trait Authenticator: Send + Sync + 'static {
-    fn authenticate(&self, token: &str) -> Option<Caller>;
+    async fn authenticate(&self, token: &str) -> Result<Caller, String>;
 }
 
 /// Tokens from a file, for setups without Kubernetes:
@@ -74,14 +75,18 @@ impl BootstrapTokens {
     }
 }
 
+#[async_trait::async_trait]
 impl Authenticator for BootstrapTokens {
-    fn authenticate(&self, token: &str) -> Option<Caller> {
-        self.0.get(token).cloned()
+    async fn authenticate(&self, token: &str) -> Result<Caller, String> {
+        self.0
+            .get(token)
+            .cloned()
+            .ok_or_else(|| "unknown token".into())
     }
 }
 
 /// The caller of a request, or `UNAUTHENTICATED` with the reason.
-pub fn authenticate(
+pub async fn authenticate(
     auth: &dyn Authenticator,
     metadata: &tonic::metadata::MetadataMap,
 ) -> Result<Caller, Status> {
@@ -91,5 +96,6 @@ pub fn authenticate(
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| Status::unauthenticated("no bearer token"))?;
     auth.authenticate(token)
-        .ok_or_else(|| Status::unauthenticated("unknown token"))
+        .await
+        .map_err(Status::unauthenticated)
 }

@@ -83,7 +83,7 @@ impl CaService {
 #[tonic::async_trait]
 impl CertificateService for CaService {
     async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let caller = authenticate(&*self.auth, req.metadata())?;
+        let caller = authenticate(&*self.auth, req.metadata()).await?;
         let req = req.into_inner();
         let identity: Identity = req
             .identity

@@ -231,27 +231,26 @@ impl Cluster {
     /// translated once.
     pub fn translate(&self) -> (MeshConfig, Vec<PolicyStatus>) {
         let mut statuses = Vec::new();
-        let object = |kind: &str, ns: Option<String>, name: String| {
-            format!("{kind} {}/{name}", ns.unwrap_or_default())
-        };
         let mut authorization_policies = Vec::new();
         for ap in &self.authorization_policies {
             let t = translate::authorization_policy(ap);
-            statuses.push(PolicyStatus {
-                object: object("AuthorizationPolicy", ap.namespace(), ap.name_any()),
-                accepted: t.accepted,
-                enforced: t.enforced,
-            });
+            statuses.push(PolicyStatus::new(
+                "AuthorizationPolicy",
+                ap,
+                t.accepted,
+                t.enforced,
+            ));
             authorization_policies.extend(t.policy);
         }
         let mut peer_authentications = Vec::new();
         for pa in &self.peer_authentications {
             let t = translate::peer_authentication(pa);
-            statuses.push(PolicyStatus {
-                object: object("PeerAuthentication", pa.namespace(), pa.name_any()),
-                accepted: t.accepted,
-                enforced: t.enforced,
-            });
+            statuses.push(PolicyStatus::new(
+                "PeerAuthentication",
+                pa,
+                t.accepted,
+                t.enforced,
+            ));
             peer_authentications.extend(t.policy);
         }
         let mut workloads: Vec<Workload> =
@@ -280,13 +279,50 @@ impl Cluster {
     }
 }
 
-/// One policy object's conditions.
+/// One policy object's conditions, for the generation they judged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyStatus {
-    /// `<Kind> <namespace>/<name>`.
-    pub object: String,
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
     pub accepted: Condition,
     pub enforced: Condition,
+}
+
+impl PolicyStatus {
+    fn new(
+        kind: &'static str,
+        object: &impl ResourceExt,
+        accepted: Condition,
+        enforced: Condition,
+    ) -> Self {
+        let generation = object.meta().generation;
+        Self {
+            kind,
+            namespace: object.namespace().unwrap_or_default(),
+            name: object.name_any(),
+            accepted: Condition {
+                observed_generation: generation,
+                ..accepted
+            },
+            enforced: Condition {
+                observed_generation: generation,
+                ..enforced
+            },
+        }
+    }
+
+    /// `<Kind> <namespace>/<name>`.
+    pub fn object(&self) -> String {
+        format!("{} {}/{}", self.kind, self.namespace, self.name)
+    }
+
+    /// The `status` to write back.
+    pub fn status(&self) -> crate::crd::PolicyStatus {
+        crate::crd::PolicyStatus {
+            conditions: vec![self.accepted.clone(), self.enforced.clone()],
+        }
+    }
 }
 
 impl std::fmt::Display for PolicyStatus {
@@ -294,7 +330,7 @@ impl std::fmt::Display for PolicyStatus {
         write!(
             f,
             "{}: Accepted={} ({}), Enforced={} ({}: {})",
-            self.object,
+            self.object(),
             self.accepted.status,
             self.accepted.reason,
             self.enforced.status,

@@ -11,15 +11,20 @@
 
 pub mod auth;
 pub mod ca;
+pub mod ca_secret;
 pub mod cluster;
 pub mod crd;
+pub mod lease;
 pub mod local;
 pub mod manifests;
 pub mod metrics;
+pub mod pipeline;
 pub mod run;
 pub mod server;
 pub mod stream;
+pub mod token_review;
 pub mod translate;
+pub mod watch;
 
 use kube::CustomResourceExt;
 

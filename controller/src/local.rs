@@ -4,29 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use crate::manifests;
+use crate::pipeline::Pass;
 
 /// Follows a manifests directory.
 #[derive(Debug)]
 pub struct LocalMode {
     pub manifests: PathBuf,
     pub trust_domain: String,
-    /// The config translated last (to report changes only).
-    last: Option<model::MeshConfig>,
     /// Each policy object's status line, to log changes only.
     statuses: BTreeMap<String, String>,
-}
-
-/// A new valid config.
-#[derive(Debug)]
-pub struct Translated {
-    pub config: model::MeshConfig,
-    pub snapshot: model::Snapshot,
-    pub objects: [(&'static str, u64); 7],
-    /// Reading and translating the manifests.
-    pub took: Duration,
 }
 
 impl LocalMode {
@@ -34,23 +22,21 @@ impl LocalMode {
         Self {
             manifests,
             trust_domain,
-            last: None,
             statuses: BTreeMap::new(),
         }
     }
 
-    /// Reads, translates and validates the manifests: the config when it
-    /// changed, `None` when not. On an error the last good config stays
-    /// and the error says why. Policy status changes go to stderr.
-    pub fn sync(&mut self) -> Result<Option<Translated>, String> {
-        let started = Instant::now();
+    /// Reads and translates the manifests; the error names a broken file.
+    /// Policy status changes go to stderr (there is no API server to write
+    /// them to).
+    pub fn sync(&mut self) -> Result<Pass, String> {
         let cluster =
             manifests::read_dir(&self.manifests, &self.trust_domain).map_err(|e| e.to_string())?;
-        let (config, statuses) = cluster.translate();
-        let took = started.elapsed();
-        let statuses: BTreeMap<String, String> = statuses
-            .into_iter()
-            .map(|s| (s.object.clone(), s.to_string()))
+        let pass = Pass::of(&cluster);
+        let statuses: BTreeMap<String, String> = pass
+            .statuses
+            .iter()
+            .map(|s| (s.object(), s.to_string()))
             .collect();
         for (object, line) in &statuses {
             if self.statuses.get(object) != Some(line) {
@@ -58,19 +44,6 @@ impl LocalMode {
             }
         }
         self.statuses = statuses;
-        if self.last.as_ref() == Some(&config) {
-            return Ok(None);
-        }
-        // The data planes would refuse an invalid config whole; refuse it
-        // here, with the same reason, and keep the last good one.
-        let snapshot = model::Snapshot::new(config.clone(), 0)
-            .map_err(|e| format!("mesh config refused: {e}"))?;
-        self.last = Some(config.clone());
-        Ok(Some(Translated {
-            config,
-            snapshot,
-            objects: cluster.object_counts(),
-            took,
-        }))
+        Ok(pass)
     }
 }

@@ -17,6 +17,11 @@ enum Command {
     /// mode): the CA and the config stream over TLS, health, readiness
     /// and metrics over plain HTTP. Policy status goes to the log.
     Run(controller::run::LocalOptions),
+    /// Serve the mesh of the Kubernetes cluster it runs in (or the one of
+    /// `KUBECONFIG`): watches the API server, keeps the CA in a Secret,
+    /// authenticates data planes by TokenReview, and writes policy status
+    /// while it holds the Lease.
+    Serve(controller::run::KubeOptions),
     /// Print the mesh config (YAML) the controller makes of the Kubernetes
     /// objects in a directory, and each policy's status.
     Mesh {
@@ -39,27 +44,12 @@ fn run() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Crds => print!("{}", controller::crds_yaml()),
         Command::Run(options) => {
-            tracing_subscriber::fmt()
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(async {
-                let running = controller::run::start_local(options).await?;
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                tracing::info!("shutting down");
-                running.shutdown().await;
-                anyhow::Ok(())
-            })?;
+            serve_until_signal(async { controller::run::start_local(options).await })?
         }
+        Command::Serve(options) => serve_until_signal(async {
+            let client = kube::Client::try_default().await?;
+            controller::run::start_kubernetes(client, options).await
+        })?,
         Command::Mesh {
             manifests,
             trust_domain,
@@ -74,4 +64,28 @@ fn run() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Starts the controller with logging, runs until SIGTERM or ^C, then
+/// shuts it down gracefully.
+fn serve_until_signal(
+    start: impl Future<Output = anyhow::Result<controller::run::Running>>,
+) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let running = start.await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        running.shutdown().await;
+        Ok(())
+    })
 }

@@ -1,11 +1,12 @@
-//! The controller process in local manifests mode: the manifests pipeline,
-//! the CA and config services on one TLS port, and the ops endpoint
-//! (`/healthz`, `/ready`, `/metrics`). Built here rather than in `main`
+//! The controller process, in a cluster (watchers on the API server) or in
+//! local manifests mode: the pipeline, the CA and config services on one
+//! TLS port, and the ops endpoint (`/healthz`, `/ready`, `/metrics`). Built here rather than in `main`
 //! so that tests run the real thing in-process.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use admin_http::{Method, StatusCode, text};
@@ -15,16 +16,26 @@ use model::proto::ca::certificate_service_server::CertificateServiceServer;
 use model::proto::config::config_service_server::ConfigServiceServer;
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::BootstrapTokens;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client};
+use tokio::sync::Notify;
+
+use crate::auth::{Authenticator, BootstrapTokens};
 use crate::ca::CaService;
+use crate::cluster::PolicyStatus;
+use crate::lease::LeaseLock;
 use crate::local::LocalMode;
 use crate::metrics::Metrics;
+use crate::pipeline::{Pass, Publisher};
 use crate::server::{ServingCert, serve};
 use crate::stream::ConfigServer;
+use crate::token_review::TokenReviewer;
+use crate::{ca_secret, crd, watch};
 
 /// What `controller run` is given.
 #[derive(Debug, Clone, clap::Args)]
@@ -94,20 +105,28 @@ pub fn load_or_create_ca(
     )?)
 }
 
-pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
-    let trust_domain: TrustDomain = opts.trust_domain.parse()?;
-    let ca = Arc::new(load_or_create_ca(&opts.ca_dir, &trust_domain)?);
-    let tokens_text = std::fs::read_to_string(&opts.tokens)
-        .map_err(|e| anyhow::anyhow!("read {}: {e}", opts.tokens.display()))?;
-    let tokens = BootstrapTokens::parse(&tokens_text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.tokens.display()))?;
-    let auth: Arc<dyn crate::auth::Authenticator> = Arc::new(tokens);
+/// What both modes serve: the CA and config stream, and the ops endpoint.
+struct Serving {
+    running: Running,
+    mesh: tokio::sync::watch::Sender<Arc<model::Snapshot>>,
+}
+
+/// Answers `/ready`: what the controller is serving from, or why it is not
+/// ready yet.
+type Readiness = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+async fn serve_all(
+    ca: Arc<CertificateAuthority>,
+    auth: Arc<dyn Authenticator>,
+    listen: SocketAddr,
+    ops: SocketAddr,
+    ready: Readiness,
+) -> anyhow::Result<Serving> {
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let metrics = Arc::new(Metrics::default());
-    let (mesh_tx, mesh_rx) = watch::channel(Arc::new(model::Snapshot::empty()));
+    let (mesh, mesh_rx) = tokio::sync::watch::channel(Arc::new(model::Snapshot::empty()));
     let config = ConfigServer::new(auth.clone(), metrics.clone(), stop.clone());
-
     let routes = tonic::service::Routes::new(CertificateServiceServer::new(CaService::new(
         ca.clone(),
         auth,
@@ -115,9 +134,9 @@ pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
         metrics.clone(),
     )))
     .add_service(ConfigServiceServer::new(config.clone()));
-    let listener = TcpListener::bind(opts.listen)
+    let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("listen on {}: {e}", opts.listen))?;
+        .map_err(|e| anyhow::anyhow!("listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
     tasks.spawn(serve(
         listener,
@@ -126,49 +145,73 @@ pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
         stop.clone(),
     ));
 
-    let ops = TcpListener::bind(opts.ops)
+    let ops_listener = TcpListener::bind(ops)
         .await
-        .map_err(|e| anyhow::anyhow!("listen on {}: {e}", opts.ops))?;
-    let ops_addr = ops.local_addr()?;
+        .map_err(|e| anyhow::anyhow!("listen on {ops}: {e}"))?;
+    let ops_addr = ops_listener.local_addr()?;
     let (ops_config, ops_metrics) = (config.clone(), metrics.clone());
     tasks.spawn(admin_http::serve(
-        ops,
+        ops_listener,
         move |req| match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             // Ready once there is a config to serve.
-            (&Method::GET, "/ready") => match ops_config.version() {
-                0 => text(StatusCode::SERVICE_UNAVAILABLE, "no config yet\n".into()),
-                v => text(StatusCode::OK, format!("serving config version {v}\n")),
+            (&Method::GET, "/ready") => match (ready(), ops_config.version()) {
+                (Err(why), _) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                (Ok(_), 0) => text(StatusCode::SERVICE_UNAVAILABLE, "no config yet\n".into()),
+                (Ok(what), v) => text(
+                    StatusCode::OK,
+                    format!("serving config version {v}; {what}\n"),
+                ),
             },
             (&Method::GET, "/metrics") => text(StatusCode::OK, ops_metrics.render()),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         },
         stop.clone(),
     ));
+    tracing::info!(%addr, %ops_addr, "controller serving");
+    Ok(Serving {
+        running: Running {
+            addr,
+            ops_addr,
+            roots: ca.roots().to_vec(),
+            config,
+            metrics,
+            stop,
+            tasks,
+        },
+        mesh,
+    })
+}
 
+pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
+    let trust_domain: TrustDomain = opts.trust_domain.parse()?;
+    let ca = Arc::new(load_or_create_ca(&opts.ca_dir, &trust_domain)?);
+    let tokens_text = std::fs::read_to_string(&opts.tokens)
+        .map_err(|e| anyhow::anyhow!("read {}: {e}", opts.tokens.display()))?;
+    let tokens = BootstrapTokens::parse(&tokens_text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.tokens.display()))?;
+    let Serving { running, mesh } = serve_all(
+        ca,
+        Arc::new(tokens),
+        opts.listen,
+        opts.ops,
+        Arc::new(|| Ok("local manifests".to_string())),
+    )
+    .await?;
+    let mut publisher = Publisher::new(
+        running.config.clone(),
+        running.metrics.clone(),
+        mesh,
+        opts.mesh_file.clone(),
+    );
     let mut local = LocalMode::new(opts.manifests.clone(), opts.trust_domain.clone());
-    let (pipeline_config, pipeline_metrics, pipeline_stop) =
-        (config.clone(), metrics.clone(), stop.clone());
-    let (poll, mesh_file) = (Duration::from_millis(opts.poll_ms), opts.mesh_file.clone());
+    let (poll, stop) = (Duration::from_millis(opts.poll_ms), running.stop.clone());
     // Reading a directory blocks: the pipeline has its own thread.
-    tasks.spawn_blocking(move || {
+    running.tasks.spawn_blocking(move || {
         let mut last_error = None;
-        while !pipeline_stop.is_cancelled() {
-            match local.sync() {
-                Ok(Some(t)) => {
-                    pipeline_metrics.translated(t.took);
-                    pipeline_metrics.set_objects(t.objects);
-                    if let Some(path) = &mesh_file
-                        && let Err(error) = write_atomic(path, &t.config)
-                    {
-                        tracing::warn!(%error, "mesh file not written");
-                    }
-                    mesh_tx.send_replace(Arc::new(t.snapshot));
-                    let version = pipeline_config.publish(t.config);
-                    tracing::info!(version, took = ?t.took, "config published");
-                    last_error = None;
-                }
-                Ok(None) => last_error = None,
+        while !stop.is_cancelled() {
+            match local.sync().and_then(|pass| publisher.publish(pass)) {
+                Ok(_) => last_error = None,
                 Err(e) if last_error.as_ref() != Some(&e) => {
                     tracing::error!(error = %e, "the last good config stays");
                     last_error = Some(e);
@@ -178,21 +221,195 @@ pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
             std::thread::sleep(poll);
         }
     });
-    tracing::info!(%addr, %ops_addr, "controller serving");
-    Ok(Running {
-        addr,
-        ops_addr,
-        roots: ca.roots().to_vec(),
-        config,
-        metrics,
-        stop,
-        tasks,
-    })
+    Ok(running)
 }
 
-fn write_atomic(path: &Path, config: &model::MeshConfig) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(config)?)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+/// What `controller serve` (in a cluster) is given.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubeOptions {
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The CA and config stream (TLS).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// `/healthz`, `/ready`, `/metrics` (plain HTTP).
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    pub ops: SocketAddr,
+    /// The controller's namespace (its CA Secret and Lease live there;
+    /// ztunnel runs there too).
+    #[arg(long, env = "POD_NAMESPACE", default_value = control_client::CONTROLLER_NAMESPACE)]
+    pub namespace: String,
+    /// This replica, for leader election.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: String,
+    /// The Secret holding the mesh CA (created on first start).
+    #[arg(long, default_value = "ambit-ca")]
+    pub ca_secret: String,
+    /// The Lease electing the replica that writes status.
+    #[arg(long, default_value = "ambit-controller")]
+    pub lease: String,
+    #[arg(long, default_value_t = 15)]
+    pub lease_seconds: u64,
+    /// ztunnel's service account (its tokens stand for their node).
+    #[arg(long, default_value = "ztunnel")]
+    pub ztunnel_service_account: String,
+    /// The audience data planes' tokens are issued for.
+    #[arg(long, default_value = "ambit")]
+    pub token_audience: String,
+    /// Also write the config being served to this file, for inspection.
+    #[arg(long)]
+    pub mesh_file: Option<PathBuf>,
+}
+
+/// The controller in a cluster: watchers on the API server, TokenReview,
+/// the CA in a Secret, and status written by the Lease holder.
+pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Result<Running> {
+    let trust_domain: TrustDomain = opts.trust_domain.parse()?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &opts.namespace);
+    let ca = Arc::new(ca_secret::load_or_create(&secrets, &opts.ca_secret, &trust_domain).await?);
+    let auth = Arc::new(TokenReviewer::new(
+        client.clone(),
+        vec![opts.token_audience.clone()],
+        opts.namespace.clone(),
+        opts.ztunnel_service_account.clone(),
+    ));
+    let synced = Arc::new(AtomicBool::new(false));
+    let ready_synced = synced.clone();
+    let Serving { running, mesh } = serve_all(
+        ca,
+        auth,
+        opts.listen,
+        opts.ops,
+        Arc::new(move || {
+            if ready_synced.load(Ordering::Relaxed) {
+                Ok("watching the API server".into())
+            } else {
+                Err("the first lists from the API server are not complete".into())
+            }
+        }),
+    )
+    .await?;
+    let changed = Arc::new(Notify::new());
+    let watched = watch::watch_all(&client, &changed, &running.tasks, &running.stop);
+    let (leader_tx, leader) = tokio::sync::watch::channel(false);
+    let lock = LeaseLock {
+        api: Api::namespaced(client.clone(), &opts.namespace),
+        name: opts.lease.clone(),
+        holder: opts.pod_name.clone(),
+        duration: Duration::from_secs(opts.lease_seconds),
+    };
+    running
+        .tasks
+        .spawn(lock.run(leader_tx, running.stop.clone()));
+    let pipeline = KubePipeline {
+        watched,
+        changed,
+        leader,
+        publisher: Publisher::new(
+            running.config.clone(),
+            running.metrics.clone(),
+            mesh,
+            opts.mesh_file.clone(),
+        ),
+        status: StatusWriter { client },
+        trust_domain: opts.trust_domain.clone(),
+        synced,
+    };
+    running.tasks.spawn(pipeline.run(running.stop.clone()));
+    Ok(running)
+}
+
+/// How long the pipeline waits for further changes before translating.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+struct KubePipeline {
+    watched: watch::Watched,
+    changed: Arc<Notify>,
+    leader: tokio::sync::watch::Receiver<bool>,
+    publisher: Publisher,
+    status: StatusWriter,
+    trust_domain: String,
+    synced: Arc<AtomicBool>,
+}
+
+impl KubePipeline {
+    /// Translates on every change (changes arriving together are taken
+    /// together), publishes, and, on the leader, writes policy status.
+    async fn run(mut self, stop: CancellationToken) {
+        tokio::select! {
+            ready = self.watched.ready() => if ready.is_err() { return },
+            () = stop.cancelled() => return,
+        }
+        self.synced.store(true, Ordering::Relaxed);
+        loop {
+            let cluster = self.watched.cluster(&self.trust_domain);
+            let pass = match tokio::task::spawn_blocking(move || Pass::of(&cluster)).await {
+                Ok(pass) => pass,
+                Err(error) => {
+                    tracing::error!(%error, "translation failed");
+                    return;
+                }
+            };
+            let statuses = pass.statuses.clone();
+            if let Err(error) = self.publisher.publish(pass) {
+                tracing::error!(%error, "the last good config stays");
+            }
+            if *self.leader.borrow_and_update() {
+                self.status.write(&self.watched, &statuses).await;
+            }
+            tokio::select! {
+                () = self.changed.notified() => {}
+                _ = self.leader.changed() => {}
+                () = stop.cancelled() => return,
+            }
+            // Take a burst of changes (a rollout) in one pass.
+            tokio::time::sleep(DEBOUNCE).await;
+        }
+    }
+}
+
+/// Writes policy conditions to the `/status` subresource when they differ
+/// from what the object carries.
+struct StatusWriter {
+    client: Client,
+}
+
+impl StatusWriter {
+    async fn write(&self, watched: &watch::Watched, statuses: &[PolicyStatus]) {
+        for s in statuses {
+            let want = s.status();
+            let current = match s.kind {
+                "AuthorizationPolicy" => watched
+                    .authorization_policies
+                    .get(&ObjectRef::new(&s.name).within(&s.namespace))
+                    .map(|o| o.status.clone()),
+                _ => watched
+                    .peer_authentications
+                    .get(&ObjectRef::new(&s.name).within(&s.namespace))
+                    .map(|o| o.status.clone()),
+            };
+            // Gone meanwhile, or already saying this.
+            if current.is_none() || current == Some(Some(want.clone())) {
+                continue;
+            }
+            let patch = Patch::Merge(serde_json::json!({ "status": want }));
+            let params = PatchParams::default();
+            let result = match s.kind {
+                "AuthorizationPolicy" => {
+                    Api::<crd::AuthorizationPolicy>::namespaced(self.client.clone(), &s.namespace)
+                        .patch_status(&s.name, &params, &patch)
+                        .await
+                        .map(drop)
+                }
+                _ => Api::<crd::PeerAuthentication>::namespaced(self.client.clone(), &s.namespace)
+                    .patch_status(&s.name, &params, &patch)
+                    .await
+                    .map(drop),
+            };
+            match result {
+                Ok(()) => tracing::info!(status = %s, "status written"),
+                Err(error) => tracing::warn!(object = %s.object(), %error, "status not written"),
+            }
+        }
+    }
 }

@@ -453,7 +453,7 @@ impl ConfigService for ConfigServer {
         &self,
         req: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let caller = match authenticate(&*self.inner.auth, req.metadata()) {
+        let caller = match authenticate(&*self.inner.auth, req.metadata()).await {
             Ok(caller) => caller,
             Err(status) => {
                 tracing::warn!(peer = ?req.remote_addr(), reason = status.message(), "subscriber refused");

@@ -14,10 +14,10 @@ fn the_config_follows_the_manifests_and_survives_a_broken_one() {
     lab::k8s::write_all(&manifests, &lab::k8s::manifests(&plan)).unwrap();
     let mut local = LocalMode::new(manifests.clone(), "cluster.local".into());
 
-    let first = local.sync().unwrap().unwrap();
+    let first = local.sync().unwrap();
     assert_eq!(first.config.workloads.len(), plan.pods.len());
     assert!(first.objects.contains(&("Pod", plan.pods.len() as u64)));
-    assert!(local.sync().unwrap().is_none(), "unchanged");
+    assert_eq!(local.sync().unwrap().config, first.config, "unchanged");
 
     // A policy applied as a manifest reaches the config.
     std::fs::write(
@@ -25,11 +25,11 @@ fn the_config_follows_the_manifests_and_survives_a_broken_one() {
         "apiVersion: security.ambit.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: demo}\nspec: {action: DENY, rules: [{from: [{source: {namespaces: [legacy]}}]}]}\n",
     )
     .unwrap();
-    let next = local.sync().unwrap().unwrap();
+    let next = local.sync().unwrap();
     assert_eq!(next.config.authorization_policies[0].name, "deny");
 
-    // A broken manifest: the error names it, and once it is gone nothing
-    // changed.
+    // A broken manifest: the error names it, and once it is gone the
+    // config is as before.
     let broken = manifests.join("pod.demo.broken.yaml");
     std::fs::write(
         &broken,
@@ -39,5 +39,5 @@ fn the_config_follows_the_manifests_and_survives_a_broken_one() {
     let err = local.sync().unwrap_err();
     assert!(err.contains("pod.demo.broken.yaml"), "{err}");
     std::fs::remove_file(&broken).unwrap();
-    assert!(local.sync().unwrap().is_none());
+    assert_eq!(local.sync().unwrap().config, next.config);
 }

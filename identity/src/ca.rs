@@ -82,7 +82,7 @@ pub struct SignedChain {
 }
 
 /// PEM contents of a plugged-in root or intermediate CA.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PluggedCa {
     /// The certificate that signs workload certificates (a root or an intermediate).
     pub ca_cert_pem: String,
@@ -92,6 +92,15 @@ pub struct PluggedCa {
     pub root_cert_pem: String,
     /// Further intermediates between the CA certificate and the root, if any.
     pub cert_chain_pem: Option<String>,
+}
+
+impl std::fmt::Debug for PluggedCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("PluggedCa")
+            .field("intermediates", &self.cert_chain_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl PluggedCa {
@@ -165,8 +174,7 @@ impl CertificateAuthority {
     /// (`ca-cert.pem` = `root-cert.pem`, `ca-key.pem` readable by its owner
     /// only), for local setups that share one root between processes.
     pub fn write_root(dir: &Path, trust_domain: &TrustDomain) -> Result<(), CaError> {
-        let (params, key) = root_params(trust_domain)?;
-        let root = params.self_signed(&key)?;
+        let root = Self::generate_root(trust_domain)?;
         let write = |name: &str, text: &str, mode: u32| {
             use std::os::unix::fs::OpenOptionsExt;
             let path = dir.join(name);
@@ -183,9 +191,23 @@ impl CertificateAuthority {
             path: dir.to_path_buf(),
             source,
         })?;
-        write(CA_KEY_FILE, &key.serialize_pem(), 0o600)?;
-        write(CA_CERT_FILE, &root.pem(), 0o644)?;
-        write(ROOT_CERT_FILE, &root.pem(), 0o644)
+        write(CA_KEY_FILE, &root.ca_key_pem, 0o600)?;
+        write(CA_CERT_FILE, &root.ca_cert_pem, 0o644)?;
+        write(ROOT_CERT_FILE, &root.root_cert_pem, 0o644)
+    }
+
+    /// Generates a root CA in the plugged-in form (PEM texts), to be kept
+    /// somewhere durable (a directory, a Kubernetes Secret) and loaded with
+    /// [`CertificateAuthority::plugged`].
+    pub fn generate_root(trust_domain: &TrustDomain) -> Result<PluggedCa, CaError> {
+        let (params, key) = root_params(trust_domain)?;
+        let root = params.self_signed(&key)?;
+        Ok(PluggedCa {
+            ca_cert_pem: root.pem(),
+            ca_key_pem: key.serialize_pem(),
+            root_cert_pem: root.pem(),
+            cert_chain_pem: None,
+        })
     }
 
     /// Creates a CA with a freshly generated ECDSA P-256 root.

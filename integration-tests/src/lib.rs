@@ -6,6 +6,8 @@
 //! The loopback tests of the foundation crates live beside those crates
 //! (`identity/tests`, `hbone/tests`).
 
+pub mod fake_api;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

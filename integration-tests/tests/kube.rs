@@ -1,0 +1,271 @@
+//! The controller against a Kubernetes API server (the fake in
+//! `integration_tests::fake_api`, speaking the real list/watch protocol) with
+//! the real kube watchers and a real data plane client: labelling a
+//! namespace meshes its pods on the subscribed ztunnel, a deleted pod
+//! disappears, a policy gets its status written back, the CA root lives in
+//! a Secret, ztunnels authenticate by TokenReview and may obtain their own
+//! node's identities only, and of two replicas one leads.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control_client::{Controller, GrpcCa, StreamSource, controller_identity};
+use controller::run::{KubeOptions, Running, start_kubernetes};
+use controller::token_review::NODE_NAME_EXTRA;
+use identity::{CertManager, Identity};
+use integration_tests::fake_api::FakeApiServer;
+use model::{ConfigSink, ConfigSource, InboundProtocol};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const NAMESPACES: &str = "/api/v1/namespaces";
+const PODS: &str = "/api/v1/namespaces/shop/pods";
+const POLICIES: &str = "/apis/security.ambit.dev/v1alpha1/namespaces/shop/authorizationpolicies";
+const ZTUNNEL_SA: &str = "system:serviceaccount:ambit-system:ztunnel";
+
+fn pod(name: &str, ip: &str, node: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                     "labels": {"app": name.split('-').next().unwrap()}},
+        "spec": {"nodeName": node, "serviceAccountName": name.split('-').next().unwrap(),
+                 "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+}
+
+fn namespace(name: &str, ambient: bool) -> Value {
+    let labels = if ambient {
+        json!({"ambit.dev/dataplane-mode": "ambient"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+async fn cluster() -> FakeApiServer {
+    let api = FakeApiServer::start().await;
+    api.apply(NAMESPACES, namespace("shop", false));
+    api.apply(NAMESPACES, namespace("ambit-system", false));
+    for node in ["n1", "n2"] {
+        api.apply(
+            "/api/v1/nodes",
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
+        );
+    }
+    api.apply(PODS, pod("web-0", "10.1.0.2", "n1"));
+    api.apply(PODS, pod("db-0", "10.1.1.2", "n2"));
+    api.apply(
+        "/api/v1/namespaces/shop/services",
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.5", "clusterIPs": ["10.96.0.5"], "selector": {"app": "web"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+    );
+    api.apply(
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-abcde", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.1.0.2"], "conditions": {"ready": true},
+                           "targetRef": {"kind": "Pod", "name": "web-0", "namespace": "shop", "uid": "uid-web-0"}}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}),
+    );
+    api.add_token("ztunnel-n1-token", ZTUNNEL_SA, &[(NODE_NAME_EXTRA, "n1")]);
+    api
+}
+
+async fn controller(api: &FakeApiServer, pod_name: &str) -> Running {
+    let client = kube::Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap();
+    start_kubernetes(
+        client,
+        KubeOptions {
+            trust_domain: "cluster.local".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ops: "127.0.0.1:0".parse().unwrap(),
+            namespace: "ambit-system".into(),
+            pod_name: pod_name.into(),
+            ca_secret: "ambit-ca".into(),
+            lease: "ambit-controller".into(),
+            lease_seconds: 15,
+            ztunnel_service_account: "ztunnel".into(),
+            token_audience: "ambit".into(),
+            mesh_file: None,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn endpoint(running: &Running, token: &str) -> Controller {
+    Controller::new(
+        running.addr,
+        token.into(),
+        &running.roots,
+        controller_identity(&"cluster.local".parse().unwrap()),
+    )
+    .unwrap()
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn protocol(sink: &ConfigSink, name: &str) -> Option<InboundProtocol> {
+    let config = sink.current();
+    config
+        .config()
+        .workloads
+        .iter()
+        .find(|w| w.name == name)
+        .map(|w| w.protocol)
+}
+
+fn id(ns: &str, sa: &str) -> Identity {
+    Identity::new("cluster.local".parse().unwrap(), ns, sa).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_reaches_a_subscribed_ztunnel_and_status_goes_back() {
+    let api = cluster().await;
+    let running = controller(&api, "controller-0").await;
+
+    // The CA root was created in a Secret.
+    let secret = api
+        .get("/api/v1/namespaces/ambit-system/secrets", "ambit-ca")
+        .unwrap();
+    assert!(secret["data"]["ca-key.pem"].is_string());
+
+    // n1's ztunnel subscribes with its service account token.
+    let sink = ConfigSink::new();
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        Box::new(StreamSource::new(endpoint(&running, "ztunnel-n1-token")))
+            .run(sink.clone(), stop.clone()),
+    );
+    eventually("the pods, not meshed yet", || async {
+        protocol(&sink, "web-0") == Some(InboundProtocol::Tcp)
+            && protocol(&sink, "db-0") == Some(InboundProtocol::Tcp)
+    })
+    .await;
+    assert_eq!(sink.current().config().services[0].endpoints, ["uid-web-0"]);
+
+    // Label the namespace: its pods join the mesh.
+    api.apply(NAMESPACES, namespace("shop", true));
+    eventually("the pods meshed", || async {
+        protocol(&sink, "web-0") == Some(InboundProtocol::Hbone)
+            && protocol(&sink, "db-0") == Some(InboundProtocol::Hbone)
+    })
+    .await;
+
+    // n1's ztunnel obtains its own pod's identity, not n2's pod's.
+    let certs = CertManager::new(Arc::new(GrpcCa::new(endpoint(
+        &running,
+        "ztunnel-n1-token",
+    ))));
+    certs.fetch(&id("shop", "web")).await.unwrap();
+    let err = certs
+        .fetch(&id("shop", "db"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("node n1 runs no pod with identity"), "{err}");
+
+    // Delete a pod: it disappears.
+    api.delete(PODS, "db-0");
+    eventually("db-0 gone", || async { protocol(&sink, "db-0").is_none() }).await;
+
+    // A policy: enforced, and its status written back by the leader.
+    api.apply(
+        POLICIES,
+        json!({"apiVersion": "security.ambit.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-legacy", "namespace": "shop", "generation": 3},
+            "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["legacy"]}}]}]}}),
+    );
+    eventually("the policy at n1", || async {
+        sink.current().config().authorization_policies.len() == 1
+    })
+    .await;
+    eventually("the status written", || async {
+        api.get(POLICIES, "deny-legacy").is_some_and(|p| {
+            p["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| c.len() == 2)
+        })
+    })
+    .await;
+    let conditions = api.get(POLICIES, "deny-legacy").unwrap()["status"]["conditions"].clone();
+    assert_eq!(conditions[0]["type"], "Accepted");
+    assert_eq!(conditions[0]["status"], "True");
+    assert_eq!(conditions[1]["type"], "Enforced");
+    assert_eq!(conditions[1]["status"], "True");
+    assert_eq!(conditions[1]["observedGeneration"], 3);
+
+    // An invalid token is refused by TokenReview.
+    let stranger = CertManager::new(Arc::new(GrpcCa::new(endpoint(&running, "forged"))));
+    let err = stranger
+        .fetch(&id("shop", "web"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("invalid bearer token"), "{err}");
+
+    // The status was written by way of the /status subresource, by the
+    // Lease holder.
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with("PATCH ") && r.ends_with("/deny-legacy/status"))
+    );
+    let lease = api
+        .get(
+            "/apis/coordination.k8s.io/v1/namespaces/ambit-system/leases",
+            "ambit-controller",
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "controller-0");
+    stop.cancel();
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_root_and_one_leads() {
+    let api = cluster().await;
+    let (a, b) = tokio::join!(
+        controller(&api, "controller-a"),
+        controller(&api, "controller-b")
+    );
+    assert_eq!(
+        a.roots, b.roots,
+        "both replicas sign with the root of the one Secret"
+    );
+    let lease = "/apis/coordination.k8s.io/v1/namespaces/ambit-system/leases";
+    eventually("a leader", || async {
+        api.get(lease, "ambit-controller").is_some()
+    })
+    .await;
+    let holder = api.get(lease, "ambit-controller").unwrap()["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        holder == "controller-a" || holder == "controller-b",
+        "{holder}"
+    );
+    // Both serve config.
+    for running in [&a, &b] {
+        eventually("config served", || async { running.config.version() > 0 }).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

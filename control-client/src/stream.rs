@@ -35,7 +35,9 @@ impl Subscription {
             .await
             .expect("the receiver is alive");
         let req = controller.request(tokio_stream::wrappers::ReceiverStream::new(rx))?;
+        // Updates come in parts of about 1 MiB; one resource may be larger.
         let updates = ConfigServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
             .subscribe(req)
             .await
             .map_err(|s| controller.status(s))?
@@ -47,12 +49,38 @@ impl Subscription {
         })
     }
 
-    /// The next update; `None` when the controller ended the stream.
+    /// The next message, which may be one part of an update; `None` when
+    /// the controller ended the stream.
     pub async fn next(&mut self) -> Result<Option<ConfigUpdate>, ClientError> {
         self.updates
             .message()
             .await
             .map_err(|s| self.controller.status(s))
+    }
+
+    /// The next whole update, its parts joined.
+    pub async fn next_update(&mut self) -> Result<Option<ConfigUpdate>, ClientError> {
+        let Some(mut update) = self.next().await? else {
+            return Ok(None);
+        };
+        while update.more {
+            let Some(part) = self.next().await? else {
+                return Ok(None);
+            };
+            if part.version != update.version {
+                return Err(ClientError::Protocol {
+                    addr: self.controller.addr(),
+                    reason: format!(
+                        "part of version {} inside update {}",
+                        part.version, update.version
+                    ),
+                });
+            }
+            update.upserts.extend(part.upserts);
+            update.removals.extend(part.removals);
+            update.more = part.more;
+        }
+        Ok(Some(update))
     }
 
     pub async fn ack(&self, version: u64) -> Result<(), ClientError> {
@@ -109,6 +137,10 @@ pub struct StreamSource {
     version: u64,
 }
 
+/// The largest message accepted: one resource (a Service with very many
+/// endpoints) may exceed the usual part size.
+const MAX_MESSAGE: usize = 64 << 20;
+
 /// Backoff between reconnections.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -146,7 +178,7 @@ impl StreamSource {
         };
         tracing::info!(controller = %self.controller.addr(), held = self.held.len(), "subscribed to the controller");
         loop {
-            let update = match sub.next().await {
+            let update = match sub.next_update().await {
                 Ok(Some(update)) => update,
                 Ok(None) => {
                     let error = ClientError::Protocol {

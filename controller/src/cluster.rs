@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -28,17 +29,18 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const REGION_LABEL: &str = "topology.kubernetes.io/region";
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
-/// What the controller watches, as its reflector stores hold it.
+/// What the controller watches, as its reflector stores hold it (shared,
+/// so a pass copies pointers, not objects).
 #[derive(Debug, Default, Clone)]
 pub struct Cluster {
     pub trust_domain: String,
-    pub namespaces: Vec<Namespace>,
-    pub nodes: Vec<Node>,
-    pub pods: Vec<Pod>,
-    pub services: Vec<KubeService>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub authorization_policies: Vec<AuthorizationPolicy>,
-    pub peer_authentications: Vec<PeerAuthentication>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub nodes: Vec<Arc<Node>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<KubeService>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
 }
 
 impl Cluster {
@@ -67,14 +69,52 @@ fn ipv4s<'a>(ips: impl Iterator<Item = &'a str>) -> Vec<Ipv4Addr> {
     ips.filter_map(|ip| ip.parse().ok()).collect()
 }
 
-impl Cluster {
-    fn namespace(&self, name: &str) -> Option<&Namespace> {
-        self.namespaces.iter().find(|n| n.name_any() == name)
+/// The cluster indexed for one translation: every lookup by name is a
+/// hash lookup, so a pass is linear in the number of objects.
+struct View<'a> {
+    trust_domain: &'a str,
+    namespaces: HashMap<String, &'a Namespace>,
+    nodes: HashMap<String, &'a Node>,
+    services: HashMap<(String, String), &'a KubeService>,
+    /// (namespace, service name) → its slices.
+    slices: HashMap<(String, String), Vec<&'a EndpointSlice>>,
+}
+
+impl<'a> View<'a> {
+    fn new(cluster: &'a Cluster) -> Self {
+        let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in &cluster.endpoint_slices {
+            if let Some(service) = label(slice.labels(), SERVICE_NAME_LABEL) {
+                slices
+                    .entry((slice.namespace().unwrap_or_default(), service.to_string()))
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        Self {
+            trust_domain: &cluster.trust_domain,
+            namespaces: cluster
+                .namespaces
+                .iter()
+                .map(|n| (n.name_any(), &**n))
+                .collect(),
+            nodes: cluster.nodes.iter().map(|n| (n.name_any(), &**n)).collect(),
+            services: cluster
+                .services
+                .iter()
+                .map(|s| ((s.namespace().unwrap_or_default(), s.name_any()), &**s))
+                .collect(),
+            slices,
+        }
+    }
+
+    fn namespace(&self, name: &str) -> Option<&'a Namespace> {
+        self.namespaces.get(name).copied()
     }
 
     /// A pod is meshed when its namespace is labelled `ambient` and the
     /// pod does not opt out with `none`.
-    pub fn is_meshed(&self, pod: &Pod) -> bool {
+    fn is_meshed(&self, pod: &Pod) -> bool {
         let ns = pod.namespace().unwrap_or_default();
         let ns_ambient = self
             .namespace(&ns)
@@ -88,17 +128,15 @@ impl Cluster {
     fn waypoint(&self, namespace: &str, name: Option<&str>) -> Option<WaypointRef> {
         let name = name?;
         self.services
-            .iter()
-            .find(|s| s.name_any() == name && s.namespace().as_deref() == Some(namespace))
-            .and_then(cluster_ips)
+            .get(&(namespace.to_string(), name.to_string()))
+            .and_then(|s| cluster_ips(s))
             .and_then(|ips| ips.first().copied())
             .map(|address| WaypointRef { address })
     }
 
     fn locality(&self, node: &str) -> Locality {
         self.nodes
-            .iter()
-            .find(|n| n.name_any() == node)
+            .get(node)
             .map(|n| Locality {
                 region: label(n.labels(), REGION_LABEL).unwrap_or_default().into(),
                 zone: label(n.labels(), ZONE_LABEL).unwrap_or_default().into(),
@@ -156,14 +194,10 @@ impl Cluster {
         let spec = svc.spec.as_ref()?;
         let namespace = svc.namespace()?;
         let name = svc.name_any();
-        let slices: Vec<&EndpointSlice> = self
-            .endpoint_slices
-            .iter()
-            .filter(|s| {
-                s.namespace().as_deref() == Some(namespace.as_str())
-                    && label(s.labels(), SERVICE_NAME_LABEL) == Some(name.as_str())
-            })
-            .collect();
+        let slices: &[&EndpointSlice] = self
+            .slices
+            .get(&(namespace.clone(), name.clone()))
+            .map_or(&[], Vec::as_slice);
         // A named target port is resolved by the endpoint slices, which
         // carry the number under the service port's name.
         let slice_port = |port_name: Option<&str>| {
@@ -220,7 +254,9 @@ impl Cluster {
             },
         })
     }
+}
 
+impl Cluster {
     /// The whole mesh config. Policies that are not accepted are left out
     /// (their status says why: [`Cluster::translate`]).
     pub fn mesh_config(&self) -> MeshConfig {
@@ -236,7 +272,7 @@ impl Cluster {
             let t = translate::authorization_policy(ap);
             statuses.push(PolicyStatus::new(
                 "AuthorizationPolicy",
-                ap,
+                &**ap,
                 t.accepted,
                 t.enforced,
             ));
@@ -247,14 +283,15 @@ impl Cluster {
             let t = translate::peer_authentication(pa);
             statuses.push(PolicyStatus::new(
                 "PeerAuthentication",
-                pa,
+                &**pa,
                 t.accepted,
                 t.enforced,
             ));
             peer_authentications.extend(t.policy);
         }
+        let view = View::new(self);
         let mut workloads: Vec<Workload> =
-            self.pods.iter().filter_map(|p| self.workload(p)).collect();
+            self.pods.iter().filter_map(|p| view.workload(p)).collect();
         // Two pods claiming one IP (a finished pod not yet reported as
         // such): one is kept, the same one on every run (first by uid),
         // rather than the whole config being refused.
@@ -266,7 +303,7 @@ impl Cluster {
         let services = self
             .services
             .iter()
-            .filter_map(|s| self.service(s, &by_uid))
+            .filter_map(|s| view.service(s, &by_uid))
             .collect();
         let config = MeshConfig {
             trust_domain: self.trust_domain.clone(),

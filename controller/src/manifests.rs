@@ -3,6 +3,7 @@
 //! without an API server such as `ambit lab`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -72,13 +73,17 @@ pub fn read_dir(dir: &Path, trust_domain: &str) -> Result<Cluster, ManifestError
             }
             let kind = parse::<TypeMeta>(&path, value.clone())?.kind;
             match kind.as_str() {
-                "Namespace" => cluster.namespaces.push(parse(&path, value)?),
-                "Node" => cluster.nodes.push(parse(&path, value)?),
-                "Pod" => cluster.pods.push(parse(&path, value)?),
-                "Service" => cluster.services.push(parse(&path, value)?),
-                "EndpointSlice" => cluster.endpoint_slices.push(parse(&path, value)?),
-                "AuthorizationPolicy" => cluster.authorization_policies.push(parse(&path, value)?),
-                "PeerAuthentication" => cluster.peer_authentications.push(parse(&path, value)?),
+                "Namespace" => cluster.namespaces.push(Arc::new(parse(&path, value)?)),
+                "Node" => cluster.nodes.push(Arc::new(parse(&path, value)?)),
+                "Pod" => cluster.pods.push(Arc::new(parse(&path, value)?)),
+                "Service" => cluster.services.push(Arc::new(parse(&path, value)?)),
+                "EndpointSlice" => cluster.endpoint_slices.push(Arc::new(parse(&path, value)?)),
+                "AuthorizationPolicy" => cluster
+                    .authorization_policies
+                    .push(Arc::new(parse(&path, value)?)),
+                "PeerAuthentication" => cluster
+                    .peer_authentications
+                    .push(Arc::new(parse(&path, value)?)),
                 _ => {}
             }
         }

@@ -19,7 +19,7 @@ use std::time::Instant;
 use model::MeshConfig;
 use model::proto::config::config_service_server::ConfigService;
 use model::proto::config::subscribe_request::Request as Message;
-use model::proto::config::{ConfigUpdate, Hello, Kind, Resource, SubscribeRequest};
+use model::proto::config::{ConfigUpdate, Hello, Kind, Resource, ResourceKey, SubscribeRequest};
 use model::resources::{Item, Key, items, wire_key};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -105,6 +105,7 @@ struct Inner {
     auth: Arc<dyn Authenticator>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    syncs: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for dyn Authenticator {
@@ -134,6 +135,7 @@ impl ConfigServer {
                 auth,
                 metrics,
                 stop,
+                syncs: Arc::new(tokio::sync::Semaphore::new(SYNC_CONCURRENCY)),
             }),
         }
     }
@@ -215,6 +217,15 @@ impl ConfigServer {
         version
     }
 
+    async fn sync_permit(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.inner
+            .syncs
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
     /// Keys changed after `base` up to the current version, or `None`
     /// when the log no longer reaches back that far.
     fn changed_since(&self, base: u64) -> Option<HashSet<Key>> {
@@ -245,14 +256,68 @@ struct Held {
     policies: HashMap<Key, u64>,
 }
 
-/// An update and what the subscriber holds once it accepts it.
+/// An update and what the subscriber holds once it accepts it. Resources
+/// are referenced, not copied: an update for every subscriber costs a
+/// pointer per resource until it is sent, part by part.
 struct Pending {
-    update: ConfigUpdate,
+    version: u64,
+    trust_domain: String,
+    full: bool,
+    upserts: Vec<Arc<Entry>>,
+    removals: Vec<ResourceKey>,
     held: Held,
 }
 
-fn upsert(update: &mut ConfigUpdate, entry: &Entry) {
-    update.upserts.push(entry.resource.clone());
+impl Pending {
+    fn new(table: &Table, policies: HashMap<Key, u64>) -> Self {
+        Self {
+            version: table.version,
+            trust_domain: table.trust_domain.clone(),
+            full: false,
+            upserts: Vec::new(),
+            removals: Vec::new(),
+            held: Held {
+                base: table.version,
+                policies,
+            },
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removals.is_empty() && !self.full
+    }
+
+    /// The update as messages of at most [`PART_BYTES`] of resources each
+    /// (a single larger resource goes alone), made as they are sent; all
+    /// but the last say `more`.
+    fn parts(self) -> impl Iterator<Item = ConfigUpdate> {
+        let mut upserts = self.upserts.into_iter().peekable();
+        let mut removals = Some(self.removals);
+        let (version, trust_domain, full) = (self.version, self.trust_domain, self.full);
+        std::iter::from_fn(move || {
+            // Done once the removals went with the last part.
+            removals.as_ref()?;
+            let mut part = ConfigUpdate {
+                version,
+                full,
+                trust_domain: trust_domain.clone(),
+                ..ConfigUpdate::default()
+            };
+            let mut size = 0;
+            while let Some(e) = upserts
+                .next_if(|e| part.upserts.is_empty() || size + e.resource.json.len() <= PART_BYTES)
+            {
+                size += e.resource.json.len();
+                part.upserts.push(e.resource.clone());
+            }
+            if upserts.peek().is_none() {
+                part.removals = removals.take().unwrap_or_default();
+            } else {
+                part.more = true;
+            }
+            Some(part)
+        })
+    }
 }
 
 /// The first update: the differences between what the subscriber says it
@@ -263,83 +328,68 @@ fn initial(table: &Table, caller: &Caller, hello: &Hello) -> Pending {
         .iter()
         .filter_map(|r| Some(((Kind::try_from(r.kind).ok()?, r.name.clone()), r.digest)))
         .collect();
-    let policies = table.policies_for(caller);
-    let mut update = empty_update(table);
+    let mut pending = Pending::new(table, table.policies_for(caller));
+    let policies = &pending.held.policies;
     for (key, entry) in &table.entries {
         let wanted = !is_policy(key.0) || policies.contains_key(key);
         if wanted && held.get(key) != Some(&entry.resource.digest) {
-            upsert(&mut update, entry);
+            pending.upserts.push(entry.clone());
         }
     }
     for key in held.keys() {
         let wanted =
             table.entries.contains_key(key) && (!is_policy(key.0) || policies.contains_key(key));
         if !wanted {
-            update.removals.push(wire_key(key));
+            pending.removals.push(wire_key(key));
         }
     }
-    Pending {
-        update,
-        held: Held {
-            base: table.version,
-            policies,
-        },
-    }
+    pending
 }
 
-/// The next update for a subscriber holding `held`; empty when nothing
-/// it needs changed.
-fn next(server: &ConfigServer, table: &Table, caller: &Caller, held: &Held) -> Pending {
-    let policies = table.policies_for(caller);
-    let mut update = empty_update(table);
-    match server.changed_since(held.base) {
+/// The next update for a subscriber holding `held`, from the keys changed
+/// since (`changed`), or everything it needs when the log no longer
+/// reaches back (`None`); empty when nothing it needs changed.
+fn next(table: &Table, caller: &Caller, held: &Held, changed: Option<HashSet<Key>>) -> Pending {
+    let mut pending = Pending::new(table, table.policies_for(caller));
+    let policies = &pending.held.policies;
+    match changed {
         Some(changed) => {
             for key in changed.iter().filter(|k| !is_policy(k.0)) {
                 match table.entries.get(key) {
-                    Some(entry) => upsert(&mut update, entry),
-                    None => update.removals.push(wire_key(key)),
+                    Some(entry) => pending.upserts.push(entry.clone()),
+                    None => pending.removals.push(wire_key(key)),
                 }
             }
-            for (key, digest) in &policies {
+            for (key, digest) in policies {
                 if held.policies.get(key) != Some(digest) {
-                    upsert(&mut update, &table.entries[key]);
+                    pending.upserts.push(table.entries[key].clone());
                 }
             }
             for key in held.policies.keys().filter(|k| !policies.contains_key(*k)) {
-                update.removals.push(wire_key(key));
+                pending.removals.push(wire_key(key));
             }
         }
         None => {
-            update.full = true;
+            pending.full = true;
             for (key, entry) in &table.entries {
                 if !is_policy(key.0) || policies.contains_key(key) {
-                    upsert(&mut update, entry);
+                    pending.upserts.push(entry.clone());
                 }
             }
         }
     }
-    Pending {
-        update,
-        held: Held {
-            base: table.version,
-            policies,
-        },
-    }
+    pending
 }
 
-impl Pending {
-    fn is_empty(&self) -> bool {
-        self.update.upserts.is_empty() && self.update.removals.is_empty() && !self.update.full
-    }
-}
+/// At most this much of an update in one message: far below gRPC's
+/// default 4 MiB message limit, and a small buffer per subscriber.
+const PART_BYTES: usize = 256 << 10;
 
-fn empty_update(table: &Table) -> ConfigUpdate {
-    ConfigUpdate {
-        version: table.version,
-        trust_domain: table.trust_domain.clone(),
-        ..ConfigUpdate::default()
-    }
-}
+/// Whole-config syncs (a first subscription, a subscriber too far behind)
+/// in progress at once; the others wait their turn. Deltas do not wait.
+/// Bounds memory and keeps a controller restart under 1,000 reconnecting
+/// nodes from starving everything else.
+pub const SYNC_CONCURRENCY: usize = 32;
 
 /// Why a subscription ended.
 enum End {
@@ -361,39 +411,53 @@ async fn session(
 ) -> End {
     let mut tables = server.inner.table.subscribe();
     let mut held: Option<Held> = None;
-    let mut in_flight: Option<(Pending, Instant)> = None;
+    // The version sent, what the subscriber holds once it takes it, and
+    // when it was sent.
+    let mut in_flight: Option<(u64, Held, Instant)> = None;
     // A refused version is not sent again: the next one may be better.
     let mut refused: Option<u64> = None;
     loop {
         if in_flight.is_none() {
             let table = tables.borrow_and_update().clone();
+            // A whole-config sync waits for a permit, taken before the
+            // update is computed and held until it is sent.
+            let mut permit = None;
             let pending = match &held {
                 _ if table.version == 0 || refused == Some(table.version) => None,
-                None => Some(initial(&table, &caller, &hello)),
                 Some(h) if h.base == table.version => None,
-                Some(h) => Some(next(&server, &table, &caller, h)),
+                Some(h) => match server.changed_since(h.base) {
+                    Some(changed) => Some(next(&table, &caller, h, Some(changed))),
+                    None => {
+                        permit = Some(server.sync_permit().await);
+                        Some(next(&table, &caller, h, None))
+                    }
+                },
+                None => {
+                    permit = Some(server.sync_permit().await);
+                    Some(initial(&table, &caller, &hello))
+                }
             };
             match pending {
                 Some(p) if p.is_empty() && held.is_some() => held = Some(p.held),
                 Some(p) => {
-                    let (upserts, removals) = (p.update.upserts.len(), p.update.removals.len());
-                    if tx.send(Ok(p.update.clone())).await.is_err() {
-                        return End::Closed;
+                    let (version, upserts, removals, full) =
+                        (p.version, p.upserts.len(), p.removals.len(), p.full);
+                    let held_next = p.held.clone();
+                    let mut bytes = 0;
+                    for part in p.parts() {
+                        bytes += prost::Message::encoded_len(&part) as u64;
+                        // The channel holds one message: a large update is
+                        // encoded as fast as the subscriber reads it.
+                        if tx.send(Ok(part)).await.is_err() {
+                            return End::Closed;
+                        }
                     }
-                    tracing::debug!(
-                        version = p.update.version,
-                        upserts,
-                        removals,
-                        full = p.update.full,
-                        "update sent"
-                    );
+                    tracing::debug!(version, upserts, removals, full, bytes, "update sent");
                     let metrics = &server.inner.metrics;
                     Metrics::add(&metrics.updates_sent, 1);
-                    Metrics::add(
-                        &metrics.update_bytes_sent,
-                        prost::Message::encoded_len(&p.update) as u64,
-                    );
-                    in_flight = Some((p, Instant::now()));
+                    Metrics::add(&metrics.update_bytes_sent, bytes);
+                    drop(permit);
+                    in_flight = Some((version, held_next, Instant::now()));
                 }
                 None => {}
             }
@@ -419,15 +483,15 @@ async fn session(
                 return End::Refused(Status::invalid_argument("expected an ACK or a NACK"));
             }
         };
-        let Some((pending, sent)) = in_flight.take() else {
+        let Some((version, next_held, sent)) = in_flight.take() else {
             return End::Refused(Status::invalid_argument(format!(
                 "answer for version {answered}, but no update is waiting for one"
             )));
         };
-        if pending.update.version != answered {
+        if version != answered {
             return End::Refused(Status::invalid_argument(format!(
                 "answer for version {answered}, but version {} is waiting for one",
-                pending.update.version
+                version
             )));
         }
         match message {
@@ -438,7 +502,7 @@ async fn session(
             }
             _ => {
                 tracing::debug!(version = answered, elapsed = ?sent.elapsed(), "update acknowledged");
-                held = Some(pending.held);
+                held = Some(next_held);
                 refused = None;
             }
         }

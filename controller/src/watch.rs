@@ -111,11 +111,11 @@ impl Watched {
 
     /// A copy of everything, for one translation.
     pub fn cluster(&self, trust_domain: &str) -> Cluster {
-        fn all<K: Clone + Resource + 'static>(store: &Store<K>) -> Vec<K>
+        fn all<K: Clone + Resource + 'static>(store: &Store<K>) -> Vec<Arc<K>>
         where
             K::DynamicType: Eq + Hash + Clone,
         {
-            store.state().iter().map(|o| (**o).clone()).collect()
+            store.state()
         }
         Cluster {
             trust_domain: trust_domain.to_string(),

@@ -6,9 +6,9 @@
 use controller::cluster::Cluster;
 use model::{InboundProtocol, Snapshot};
 
-fn objects<T: serde::de::DeserializeOwned>(yaml: &str) -> Vec<T> {
+fn objects<T: serde::de::DeserializeOwned>(yaml: &str) -> Vec<std::sync::Arc<T>> {
     serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .map(|doc| std::sync::Arc::new(serde::Deserialize::deserialize(doc).unwrap()))
         .collect()
 }
 
@@ -171,7 +171,7 @@ spec: {rules: [{to: [{operation: {ports: [\"0\"]}}]}]}
 #[test]
 fn waypoint_labels_enroll_workloads_and_services() {
     let mut c = cluster();
-    c.namespaces[0]
+    std::sync::Arc::make_mut(&mut c.namespaces[0])
         .metadata
         .labels
         .as_mut()
@@ -180,7 +180,7 @@ fn waypoint_labels_enroll_workloads_and_services() {
     c.services.extend(objects::<k8s_openapi::api::core::v1::Service>(
         "apiVersion: v1\nkind: Service\nmetadata: {name: waypoint, namespace: shop}\nspec: {clusterIP: 10.96.0.50, ports: [{port: 15008}]}\n",
     ));
-    c.services[0]
+    std::sync::Arc::make_mut(&mut c.services[0])
         .metadata
         .labels
         .get_or_insert_default()

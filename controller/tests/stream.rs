@@ -97,8 +97,9 @@ fn mesh(pods: usize, label: &str) -> MeshConfig {
     let mut yaml = String::from("workloads:\n");
     for i in 0..pods {
         yaml.push_str(&format!(
-            "  - {{uid: u{i}, name: web-{i}, namespace: shop, serviceAccount: web, ips: [10.0.0.{}], node: {}, labels: {{app: web-{i}, rev: \"{label}\"}}}}\n",
-            i + 1,
+            "  - {{uid: u{i}, name: web-{i}, namespace: shop, serviceAccount: web, ips: [10.0.{}.{}], node: {}, labels: {{app: web-{i}, rev: \"{label}\"}}}}\n",
+            i / 250,
+            i % 250 + 1,
             NODES[i % NODES.len()]
         ));
     }
@@ -235,7 +236,7 @@ async fn a_resubscriber_gets_only_what_changed_since_what_it_holds() {
 
     // From nothing: everything n2 needs (30 workloads and the service).
     let mut sub = Subscription::open(&ctl, Hello::default()).await.unwrap();
-    let first = sub.next().await.unwrap().unwrap();
+    let first = sub.next_update().await.unwrap().unwrap();
     assert_eq!(first.upserts.len(), 31);
     assert!(first.removals.is_empty());
     sub.ack(first.version).await.unwrap();
@@ -269,7 +270,7 @@ async fn a_resubscriber_gets_only_what_changed_since_what_it_holds() {
     )
     .await
     .unwrap();
-    let update = sub.next().await.unwrap().unwrap();
+    let update = sub.next_update().await.unwrap().unwrap();
     let mut upserts: Vec<&str> = update.upserts.iter().map(|r| r.name.as_str()).collect();
     upserts.sort_unstable();
     assert_eq!(upserts, ["shop/web", "u4"]);
@@ -376,10 +377,45 @@ async fn unauthenticated_subscribers_are_refused() {
     let ctl = controller(&ca, server.addr, "not-a-known-token-at-all".into());
     let err = match Subscription::open(&ctl, Hello::default()).await {
         Err(e) => e,
-        Ok(mut sub) => sub.next().await.unwrap_err(),
+        Ok(mut sub) => sub.next_update().await.unwrap_err(),
     };
     let err = err.to_string();
     assert!(err.contains("unknown token"), "{err}");
     assert_eq!(Metrics::get(&server.metrics.subscribers_refused), 1);
+    server.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_update_arrives_in_parts_and_is_applied_whole() {
+    let ca = new_ca();
+    let server = start(&ca, "127.0.0.1:0".parse().unwrap()).await;
+    // About 8 MiB of workloads: more than one part, and more than gRPC's
+    // default message limit if it were sent at once.
+    let mut config = mesh(20_000, "big");
+    for w in &mut config.workloads {
+        w.labels.insert("padding".into(), "x".repeat(300));
+    }
+    server.config.publish(config);
+    let ctl = controller(&ca, server.addr, token("n1"));
+    let mut sub = Subscription::open(&ctl, Hello::default()).await.unwrap();
+    let mut parts = 0;
+    loop {
+        let part = sub.next().await.unwrap().unwrap();
+        parts += 1;
+        assert!(prost::Message::encoded_len(&part) < 2 << 20);
+        if !part.more {
+            break;
+        }
+    }
+    assert!(parts >= 5, "{parts} parts");
+    drop(sub);
+
+    let (sink, stop) = subscribe(&ca, server.addr, "n1");
+    eventually("the whole config", || async {
+        sink.current().config().workloads.len() == 20_000
+    })
+    .await;
+    assert_eq!(Metrics::get(&server.metrics.nacks), 0);
+    stop.cancel();
     server.stop.cancel();
 }

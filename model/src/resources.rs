@@ -70,7 +70,7 @@ impl Item {
             kind: self.kind().into(),
             name: self.name(),
             digest: digest(&json),
-            json,
+            json: json.into(),
         }
     }
 

@@ -4,6 +4,7 @@
 //! is refused with `PERMISSION_DENIED` and the reason. Data planes use it
 //! through `control_client::GrpcCa`.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use identity::{CertificateAuthority, Identity};
@@ -16,18 +17,32 @@ use tonic::{Request, Response, Status};
 use crate::auth::{Authenticator, Caller, authenticate};
 use crate::metrics::Metrics;
 
-/// Decides whether `caller` may hold `identity` in `mesh`; the error is
-/// the reason given to the caller.
-pub fn authorize(caller: &Caller, identity: &Identity, mesh: &Snapshot) -> Result<(), String> {
+/// Which identities each node's pods have: all the CA needs of the mesh
+/// to authorize a ztunnel.
+#[derive(Debug, Default)]
+pub struct Placement(HashMap<String, HashSet<Identity>>);
+
+impl Placement {
+    pub fn of(mesh: &Snapshot) -> Self {
+        let mut nodes: HashMap<String, HashSet<Identity>> = HashMap::new();
+        for w in &mesh.config().workloads {
+            if let Some(identity) = mesh.identity(w) {
+                nodes
+                    .entry(w.node.clone())
+                    .or_default()
+                    .insert(identity.clone());
+            }
+        }
+        Self(nodes)
+    }
+}
+
+/// Decides whether `caller` may hold `identity`; the error is the reason
+/// given to the caller.
+pub fn authorize(caller: &Caller, identity: &Identity, mesh: &Placement) -> Result<(), String> {
     match caller {
         Caller::Node(node) => {
-            let on_node = mesh
-                .config()
-                .workloads
-                .iter()
-                .filter(|w| &w.node == node)
-                .any(|w| mesh.identity(w) == Some(identity));
-            if on_node {
+            if mesh.0.get(node).is_some_and(|ids| ids.contains(identity)) {
                 Ok(())
             } else {
                 Err(format!(
@@ -54,7 +69,7 @@ pub fn authorize(caller: &Caller, identity: &Identity, mesh: &Snapshot) -> Resul
 pub struct CaService {
     ca: Arc<CertificateAuthority>,
     auth: Arc<dyn Authenticator>,
-    mesh: watch::Receiver<Arc<Snapshot>>,
+    mesh: watch::Receiver<Arc<Placement>>,
     metrics: Arc<Metrics>,
 }
 
@@ -68,7 +83,7 @@ impl CaService {
     pub fn new(
         ca: Arc<CertificateAuthority>,
         auth: Arc<dyn Authenticator>,
-        mesh: watch::Receiver<Arc<Snapshot>>,
+        mesh: watch::Receiver<Arc<Placement>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {

@@ -2,6 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+// As in the data planes (ADR 0004): with many threads and large churning
+// maps the system allocator kept freed memory resident.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "controller", version, about = "Ambit controller")]
 struct Args {
@@ -77,6 +82,11 @@ fn serve_until_signal(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    // Return freed pages to the kernel without waiting for the next
+    // allocation (a full sync frees much at once).
+    if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(%error, "jemalloc background purging not enabled");
+    }
     tokio::runtime::Runtime::new()?.block_on(async {
         let running = start.await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

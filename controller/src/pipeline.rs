@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use model::{MeshConfig, Snapshot};
 use tokio::sync::watch;
 
+use crate::ca::Placement;
 use crate::cluster::{Cluster, PolicyStatus};
 use crate::metrics::Metrics;
 use crate::stream::ConfigServer;
@@ -41,24 +42,22 @@ impl Pass {
 pub struct Publisher {
     config: ConfigServer,
     metrics: Arc<Metrics>,
-    mesh: watch::Sender<Arc<Snapshot>>,
+    placement: watch::Sender<Arc<Placement>>,
     mesh_file: Option<PathBuf>,
-    last: Option<MeshConfig>,
 }
 
 impl Publisher {
     pub fn new(
         config: ConfigServer,
         metrics: Arc<Metrics>,
-        mesh: watch::Sender<Arc<Snapshot>>,
+        placement: watch::Sender<Arc<Placement>>,
         mesh_file: Option<PathBuf>,
     ) -> Self {
         Self {
             config,
             metrics,
-            mesh,
+            placement,
             mesh_file,
-            last: None,
         }
     }
 
@@ -67,7 +66,7 @@ impl Publisher {
     pub fn publish(&mut self, pass: Pass) -> Result<Option<u64>, String> {
         self.metrics.translated(pass.took);
         self.metrics.set_objects(pass.objects);
-        if self.last.as_ref() == Some(&pass.config) {
+        if !self.config.would_change(&pass.config) {
             return Ok(None);
         }
         // The data planes would refuse an invalid config whole; refuse it
@@ -79,8 +78,9 @@ impl Publisher {
         {
             tracing::warn!(%error, path = %path.display(), "mesh file not written");
         }
-        self.mesh.send_replace(Arc::new(snapshot));
-        self.last = Some(pass.config.clone());
+        self.placement
+            .send_replace(Arc::new(Placement::of(&snapshot)));
+        drop(snapshot);
         let version = self.config.publish(pass.config);
         tracing::info!(version, took = ?pass.took, "config published");
         Ok(Some(version))

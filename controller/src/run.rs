@@ -26,7 +26,7 @@ use kube::{Api, Client};
 use tokio::sync::Notify;
 
 use crate::auth::{Authenticator, BootstrapTokens};
-use crate::ca::CaService;
+use crate::ca::{CaService, Placement};
 use crate::cluster::PolicyStatus;
 use crate::lease::LeaseLock;
 use crate::local::LocalMode;
@@ -108,7 +108,7 @@ pub fn load_or_create_ca(
 /// What both modes serve: the CA and config stream, and the ops endpoint.
 struct Serving {
     running: Running,
-    mesh: tokio::sync::watch::Sender<Arc<model::Snapshot>>,
+    placement: tokio::sync::watch::Sender<Arc<Placement>>,
 }
 
 /// Answers `/ready`: what the controller is serving from, or why it is not
@@ -125,12 +125,12 @@ async fn serve_all(
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let metrics = Arc::new(Metrics::default());
-    let (mesh, mesh_rx) = tokio::sync::watch::channel(Arc::new(model::Snapshot::empty()));
+    let (placement, placement_rx) = tokio::sync::watch::channel(Arc::new(Placement::default()));
     let config = ConfigServer::new(auth.clone(), metrics.clone(), stop.clone());
     let routes = tonic::service::Routes::new(CertificateServiceServer::new(CaService::new(
         ca.clone(),
         auth,
-        mesh_rx,
+        placement_rx,
         metrics.clone(),
     )))
     .add_service(ConfigServiceServer::new(config.clone()));
@@ -179,7 +179,7 @@ async fn serve_all(
             stop,
             tasks,
         },
-        mesh,
+        placement,
     })
 }
 
@@ -190,7 +190,7 @@ pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("read {}: {e}", opts.tokens.display()))?;
     let tokens = BootstrapTokens::parse(&tokens_text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", opts.tokens.display()))?;
-    let Serving { running, mesh } = serve_all(
+    let Serving { running, placement } = serve_all(
         ca,
         Arc::new(tokens),
         opts.listen,
@@ -201,7 +201,7 @@ pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
     let mut publisher = Publisher::new(
         running.config.clone(),
         running.metrics.clone(),
-        mesh,
+        placement,
         opts.mesh_file.clone(),
     );
     let mut local = LocalMode::new(opts.manifests.clone(), opts.trust_domain.clone());
@@ -275,7 +275,7 @@ pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Resu
     ));
     let synced = Arc::new(AtomicBool::new(false));
     let ready_synced = synced.clone();
-    let Serving { running, mesh } = serve_all(
+    let Serving { running, placement } = serve_all(
         ca,
         auth,
         opts.listen,
@@ -308,7 +308,7 @@ pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Resu
         publisher: Publisher::new(
             running.config.clone(),
             running.metrics.clone(),
-            mesh,
+            placement,
             opts.mesh_file.clone(),
         ),
         status: StatusWriter { client },

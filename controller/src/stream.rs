@@ -226,6 +226,52 @@ impl ConfigServer {
             .expect("the semaphore is never closed")
     }
 
+    /// Whether publishing `config` would make a new version.
+    pub fn would_change(&self, config: &MeshConfig) -> bool {
+        let table = self.inner.table.borrow().clone();
+        let count = config.workloads.len()
+            + config.services.len()
+            + config.authorization_policies.len()
+            + config.peer_authentications.len();
+        if table.version == 0
+            || config.trust_domain != table.trust_domain
+            || count != table.entries.len()
+        {
+            return true;
+        }
+        let same = |kind: Kind, name: String, equal: &dyn Fn(&Item) -> bool| {
+            table
+                .entries
+                .get(&(kind, name))
+                .is_some_and(|e| equal(&e.item))
+        };
+        config.workloads.iter().any(|w| {
+            !same(
+                Kind::Workload,
+                w.uid.clone(),
+                &|i| matches!(i, Item::Workload(x) if x == w),
+            )
+        }) || config.services.iter().any(|s| {
+            !same(
+                Kind::Service,
+                s.key(),
+                &|i| matches!(i, Item::Service(x) if x == s),
+            )
+        }) || config.authorization_policies.iter().any(|p| {
+            !same(
+                Kind::AuthorizationPolicy,
+                p.key(),
+                &|i| matches!(i, Item::AuthorizationPolicy(x) if x == p),
+            )
+        }) || config.peer_authentications.iter().any(|p| {
+            !same(
+                Kind::PeerAuthentication,
+                p.key(),
+                &|i| matches!(i, Item::PeerAuthentication(x) if x == p),
+            )
+        })
+    }
+
     /// Keys changed after `base` up to the current version, or `None`
     /// when the log no longer reaches back that far.
     fn changed_since(&self, base: u64) -> Option<HashSet<Key>> {

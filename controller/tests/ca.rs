@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use control_client::{Controller, GrpcCa, controller_identity};
 use controller::auth::BootstrapTokens;
-use controller::ca::CaService;
+use controller::ca::{CaService, Placement};
 use controller::metrics::Metrics;
 use controller::server::{ServingCert, serve};
 use identity::ca::DEFAULT_LEAF_TTL;
@@ -37,7 +37,7 @@ async fn callers_get_only_the_identities_they_may_hold() {
   - {uid: b, name: db-0, namespace: shop, serviceAccount: db, ips: [10.0.0.2], node: n2}",
     )
     .unwrap();
-    let (_mesh, rx) = watch::channel(Arc::new(Snapshot::new(config, 1).unwrap()));
+    let (_mesh, rx) = watch::channel(Arc::new(Placement::of(&Snapshot::new(config, 1).unwrap())));
     let tokens = BootstrapTokens::parse(&format!(
         "tokens: [{{token: {NODE_ONE}, node: n1}}, {{token: {WAYPOINT}, waypoint: shop/wp}}]"
     ))

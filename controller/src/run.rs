@@ -37,12 +37,9 @@ use crate::stream::ConfigServer;
 use crate::token_review::TokenReviewer;
 use crate::{ca_secret, crd, watch};
 
-/// What `controller run` is given.
+/// What both modes serve and where.
 #[derive(Debug, Clone, clap::Args)]
-pub struct LocalOptions {
-    /// Directory of YAML manifests (the cluster's objects).
-    #[arg(long)]
-    pub manifests: PathBuf,
+pub struct Serve {
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
     /// The CA and config stream (TLS).
@@ -51,6 +48,16 @@ pub struct LocalOptions {
     /// `/healthz`, `/ready`, `/metrics` (plain HTTP).
     #[arg(long, default_value = "0.0.0.0:15014")]
     pub ops: SocketAddr,
+}
+
+/// What `controller run` is given.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LocalOptions {
+    /// Directory of YAML manifests (the cluster's objects).
+    #[arg(long)]
+    pub manifests: PathBuf,
+    #[command(flatten)]
+    pub serving: Serve,
     /// The CA's directory (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`);
     /// a root is created there on first start when it is empty.
     #[arg(long)]
@@ -184,7 +191,7 @@ async fn serve_all(
 }
 
 pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
-    let trust_domain: TrustDomain = opts.trust_domain.parse()?;
+    let trust_domain: TrustDomain = opts.serving.trust_domain.parse()?;
     let ca = Arc::new(load_or_create_ca(&opts.ca_dir, &trust_domain)?);
     let tokens_text = std::fs::read_to_string(&opts.tokens)
         .map_err(|e| anyhow::anyhow!("read {}: {e}", opts.tokens.display()))?;
@@ -193,8 +200,8 @@ pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
     let Serving { running, placement } = serve_all(
         ca,
         Arc::new(tokens),
-        opts.listen,
-        opts.ops,
+        opts.serving.listen,
+        opts.serving.ops,
         Arc::new(|| Ok("local manifests".to_string())),
     )
     .await?;
@@ -204,7 +211,7 @@ pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
         placement,
         opts.mesh_file.clone(),
     );
-    let mut local = LocalMode::new(opts.manifests.clone(), opts.trust_domain.clone());
+    let mut local = LocalMode::new(opts.manifests.clone(), opts.serving.trust_domain.clone());
     let (poll, stop) = (Duration::from_millis(opts.poll_ms), running.stop.clone());
     // Reading a directory blocks: the pipeline has its own thread.
     running.tasks.spawn_blocking(move || {
@@ -227,14 +234,8 @@ pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
 /// What `controller serve` (in a cluster) is given.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KubeOptions {
-    #[arg(long, default_value = "cluster.local")]
-    pub trust_domain: String,
-    /// The CA and config stream (TLS).
-    #[arg(long, default_value = "0.0.0.0:15012")]
-    pub listen: SocketAddr,
-    /// `/healthz`, `/ready`, `/metrics` (plain HTTP).
-    #[arg(long, default_value = "0.0.0.0:15014")]
-    pub ops: SocketAddr,
+    #[command(flatten)]
+    pub serving: Serve,
     /// The controller's namespace (its CA Secret and Lease live there;
     /// ztunnel runs there too).
     #[arg(long, env = "POD_NAMESPACE", default_value = control_client::CONTROLLER_NAMESPACE)]
@@ -264,7 +265,7 @@ pub struct KubeOptions {
 /// The controller in a cluster: watchers on the API server, TokenReview,
 /// the CA in a Secret, and status written by the Lease holder.
 pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Result<Running> {
-    let trust_domain: TrustDomain = opts.trust_domain.parse()?;
+    let trust_domain: TrustDomain = opts.serving.trust_domain.parse()?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &opts.namespace);
     let ca = Arc::new(ca_secret::load_or_create(&secrets, &opts.ca_secret, &trust_domain).await?);
     let auth = Arc::new(TokenReviewer::new(
@@ -278,8 +279,8 @@ pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Resu
     let Serving { running, placement } = serve_all(
         ca,
         auth,
-        opts.listen,
-        opts.ops,
+        opts.serving.listen,
+        opts.serving.ops,
         Arc::new(move || {
             if ready_synced.load(Ordering::Relaxed) {
                 Ok("watching the API server".into())
@@ -312,7 +313,7 @@ pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Resu
             opts.mesh_file.clone(),
         ),
         status: StatusWriter { client },
-        trust_domain: opts.trust_domain.clone(),
+        trust_domain: opts.serving.trust_domain.clone(),
         synced,
     };
     running.tasks.spawn(pipeline.run(running.stop.clone()));

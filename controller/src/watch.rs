@@ -7,11 +7,11 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec, PodStatus, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -46,13 +46,13 @@ pub fn watch_all(
         stop,
     };
     Watched {
-        namespaces: w.reflect(Api::all(client.clone())),
-        nodes: w.reflect(Api::all(client.clone())),
-        pods: w.reflect(Api::all(client.clone())),
-        services: w.reflect(Api::all(client.clone())),
-        endpoint_slices: w.reflect(Api::all(client.clone())),
-        authorization_policies: w.reflect(Api::all(client.clone())),
-        peer_authentications: w.reflect(Api::all(client.clone())),
+        namespaces: w.reflect(Api::all(client.clone()), trim_meta),
+        nodes: w.reflect(Api::all(client.clone()), trim_node),
+        pods: w.reflect(Api::all(client.clone()), trim_pod),
+        services: w.reflect(Api::all(client.clone()), trim_meta),
+        endpoint_slices: w.reflect(Api::all(client.clone()), trim_meta),
+        authorization_policies: w.reflect(Api::all(client.clone()), trim_meta),
+        peer_authentications: w.reflect(Api::all(client.clone()), trim_meta),
     }
 }
 
@@ -63,15 +63,18 @@ struct Watcher<'a> {
 }
 
 impl Watcher<'_> {
-    fn reflect<K>(&self, api: Api<K>) -> Store<K>
+    fn reflect<K>(&self, api: Api<K>, trim: fn(&mut K)) -> Store<K>
     where
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
         K::DynamicType: Default + Eq + Hash + Clone,
     {
         let kind = K::kind(&K::DynamicType::default()).into_owned();
         let (reader, writer) = reflector::store();
-        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff();
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default()).modify(trim),
+        )
+        .default_backoff();
         let (changed, stop) = (self.changed.clone(), self.stop.clone());
         self.tasks.spawn(async move {
             let mut stream = std::pin::pin!(stream);
@@ -94,6 +97,41 @@ impl Watcher<'_> {
             }
         });
         reader
+    }
+}
+
+/// What the translation never reads is not kept: in a real cluster
+/// managed fields, annotations and pods' container specs and statuses are
+/// most of an object's size.
+fn trim_meta<K: ResourceExt>(object: &mut K) {
+    object.managed_fields_mut().clear();
+    object.annotations_mut().clear();
+}
+
+fn trim_node(node: &mut Node) {
+    trim_meta(node);
+    // Only labels (locality) are read.
+    node.spec = None;
+    node.status = None;
+}
+
+fn trim_pod(pod: &mut Pod) {
+    trim_meta(pod);
+    if let Some(spec) = &pod.spec {
+        pod.spec = Some(PodSpec {
+            node_name: spec.node_name.clone(),
+            service_account_name: spec.service_account_name.clone(),
+            host_network: spec.host_network,
+            ..PodSpec::default()
+        });
+    }
+    if let Some(status) = &pod.status {
+        pod.status = Some(PodStatus {
+            phase: status.phase.clone(),
+            pod_ip: status.pod_ip.clone(),
+            pod_ips: status.pod_ips.clone(),
+            ..PodStatus::default()
+        });
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use control_client::{Controller, GrpcCa, StreamSource, controller_identity};
-use controller::run::{KubeOptions, Running, start_kubernetes};
+use controller::run::{KubeOptions, Running, Serve, start_kubernetes};
 use controller::token_review::NODE_NAME_EXTRA;
 use identity::{CertManager, Identity};
 use integration_tests::fake_api::FakeApiServer;
@@ -82,9 +82,11 @@ async fn controller(api: &FakeApiServer, pod_name: &str) -> Running {
     start_kubernetes(
         client,
         KubeOptions {
-            trust_domain: "cluster.local".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ops: "127.0.0.1:0".parse().unwrap(),
+            serving: Serve {
+                trust_domain: "cluster.local".into(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                ops: "127.0.0.1:0".parse().unwrap(),
+            },
             namespace: "ambit-system".into(),
             pod_name: pod_name.into(),
             ca_secret: "ambit-ca".into(),

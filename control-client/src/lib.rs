@@ -12,7 +12,7 @@ mod stream;
 
 pub use ca::GrpcCa;
 pub use channel::{ClientError, Controller};
-pub use stream::{StreamSource, Subscription, apply_update};
+pub use stream::{StreamSource, Subscription};
 
 /// The namespace and service account the controller runs as; data planes
 /// expect its certificate to carry that identity.

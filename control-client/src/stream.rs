@@ -106,7 +106,7 @@ impl Subscription {
 
 /// Applies `update` to a copy of `held`; the result, or why it cannot be
 /// read.
-pub fn apply_update(held: &Held, update: &ConfigUpdate) -> Result<Held, String> {
+fn apply_update(held: &Held, update: &ConfigUpdate) -> Result<Held, String> {
     let mut next = if update.full {
         Held::new()
     } else {

@@ -25,10 +25,25 @@ pub trait Authenticator: Send + Sync + 'static {
     async fn authenticate(&self, token: &str) -> Result<Caller, String>;
 }
 
+impl std::fmt::Debug for dyn Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authenticator")
+    }
+}
+
 /// Tokens from a file, for setups without Kubernetes:
 /// `tokens: [{token: …, node: n1}, {token: …, waypoint: ns/sa}]`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct BootstrapTokens(HashMap<String, Caller>);
+
+impl std::fmt::Debug for BootstrapTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the tokens themselves.
+        f.debug_struct("BootstrapTokens")
+            .field("callers", &self.0.len())
+            .finish()
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -2,12 +2,15 @@
 //! translates the cluster into the mesh model, streams it to ztunnels and
 //! waypoints, and runs the CA (`identity::CertificateAuthority`).
 //!
-//! Here so far: the Ambit custom resources ([`crd`]) and their translation
-//! into the mesh model with honest status ([`translate`]), and the
-//! translation of the cluster's objects into the whole mesh config
-//! ([`cluster`]), read from a directory of manifests ([`manifests`]) and
-//! kept current in a mesh config file ([`local`]). The watchers, the
-//! config stream and the CA service come next.
+//! The Ambit custom resources ([`crd`]) and their translation with honest
+//! status ([`translate`]); the cluster's objects into the whole mesh
+//! config ([`cluster`], one [`pipeline`] pass), from the API server
+//! ([`watch`]) or a directory of manifests ([`manifests`], [`local`]); the
+//! config stream ([`stream`]) and the CA ([`ca`]) on one TLS endpoint
+//! ([`server`]), callers authenticated by token ([`auth`],
+//! [`token_review`]); the CA root in a Secret ([`ca_secret`]), leader
+//! election ([`lease`]), metrics ([`metrics`]); both modes wired in
+//! [`run`].
 
 pub mod auth;
 pub mod ca;

@@ -108,12 +108,6 @@ struct Inner {
     syncs: Arc<tokio::sync::Semaphore>,
 }
 
-impl std::fmt::Debug for dyn Authenticator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Authenticator")
-    }
-}
-
 /// The config server; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ConfigServer {

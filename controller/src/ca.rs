@@ -4,45 +4,23 @@
 //! is refused with `PERMISSION_DENIED` and the reason. Data planes use it
 //! through `control_client::GrpcCa`.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use identity::{CertificateAuthority, Identity};
-use model::Snapshot;
 use model::proto::ca::certificate_service_server::CertificateService;
 use model::proto::ca::{SignRequest, SignResponse};
-use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, Caller, authenticate};
 use crate::metrics::Metrics;
-
-/// Which identities each node's pods have: all the CA needs of the mesh
-/// to authorize a ztunnel.
-#[derive(Debug, Default)]
-pub struct Placement(HashMap<String, HashSet<Identity>>);
-
-impl Placement {
-    pub fn of(mesh: &Snapshot) -> Self {
-        let mut nodes: HashMap<String, HashSet<Identity>> = HashMap::new();
-        for w in &mesh.config().workloads {
-            if let Some(identity) = mesh.identity(w) {
-                nodes
-                    .entry(w.node.clone())
-                    .or_default()
-                    .insert(identity.clone());
-            }
-        }
-        Self(nodes)
-    }
-}
+use crate::stream::{ConfigServer, Placement};
 
 /// Decides whether `caller` may hold `identity`; the error is the reason
 /// given to the caller.
 pub fn authorize(caller: &Caller, identity: &Identity, mesh: &Placement) -> Result<(), String> {
     match caller {
         Caller::Node(node) => {
-            if mesh.0.get(node).is_some_and(|ids| ids.contains(identity)) {
+            if mesh.runs(node, identity) {
                 Ok(())
             } else {
                 Err(format!(
@@ -69,7 +47,7 @@ pub fn authorize(caller: &Caller, identity: &Identity, mesh: &Placement) -> Resu
 pub struct CaService {
     ca: Arc<CertificateAuthority>,
     auth: Arc<dyn Authenticator>,
-    mesh: watch::Receiver<Arc<Placement>>,
+    mesh: ConfigServer,
     metrics: Arc<Metrics>,
 }
 
@@ -83,7 +61,7 @@ impl CaService {
     pub fn new(
         ca: Arc<CertificateAuthority>,
         auth: Arc<dyn Authenticator>,
-        mesh: watch::Receiver<Arc<Placement>>,
+        mesh: ConfigServer,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -104,7 +82,7 @@ impl CertificateService for CaService {
             .identity
             .parse()
             .map_err(|e| Status::invalid_argument(format!("identity {:?}: {e}", req.identity)))?;
-        let mesh = self.mesh.borrow().clone();
+        let mesh = self.mesh.placement();
         if let Err(reason) = authorize(&caller, &identity, &mesh) {
             tracing::warn!(?caller, %identity, %reason, "certificate refused");
             Metrics::add(&self.metrics.certificates_refused, 1);

@@ -3,9 +3,10 @@
 //! waypoints, and runs the CA (`identity::CertificateAuthority`).
 //!
 //! The Ambit custom resources ([`crd`]) and their translation with honest
-//! status ([`translate`]); the cluster's objects into the whole mesh
-//! config ([`cluster`], one [`pipeline`] pass), from the API server
-//! ([`watch`]) or a directory of manifests ([`manifests`], [`local`]); the
+//! status ([`translate`]); the cluster's objects into the mesh config,
+//! incrementally ([`translator`], published by the [`pipeline`]; whole:
+//! [`cluster`]), from the API server ([`watch`]) or a directory of
+//! manifests ([`manifests`], [`local`]); the
 //! config stream ([`stream`]) and the CA ([`ca`]) on one TLS endpoint
 //! ([`server`]), callers authenticated by token ([`auth`],
 //! [`token_review`]); the CA root in a Secret ([`ca_secret`]), leader
@@ -27,6 +28,7 @@ pub mod server;
 pub mod stream;
 pub mod token_review;
 pub mod translate;
+pub mod translator;
 pub mod watch;
 
 use kube::CustomResourceExt;

@@ -23,18 +23,20 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client};
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 
 use crate::auth::{Authenticator, BootstrapTokens};
-use crate::ca::{CaService, Placement};
+use crate::ca::CaService;
 use crate::cluster::PolicyStatus;
 use crate::lease::LeaseLock;
 use crate::local::LocalMode;
 use crate::metrics::Metrics;
-use crate::pipeline::{Pass, Publisher};
+use crate::pipeline::Pipeline;
 use crate::server::{ServingCert, serve};
 use crate::stream::ConfigServer;
 use crate::token_review::TokenReviewer;
+use crate::translator::ObjectKind;
+use crate::watch::Touch;
 use crate::{ca_secret, crd, watch};
 
 /// What both modes serve and where.
@@ -112,12 +114,6 @@ pub fn load_or_create_ca(
     )?)
 }
 
-/// What both modes serve: the CA and config stream, and the ops endpoint.
-struct Serving {
-    running: Running,
-    placement: tokio::sync::watch::Sender<Arc<Placement>>,
-}
-
 /// Answers `/ready`: what the controller is serving from, or why it is not
 /// ready yet.
 type Readiness = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
@@ -128,16 +124,15 @@ async fn serve_all(
     listen: SocketAddr,
     ops: SocketAddr,
     ready: Readiness,
-) -> anyhow::Result<Serving> {
+) -> anyhow::Result<Running> {
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let metrics = Arc::new(Metrics::default());
-    let (placement, placement_rx) = tokio::sync::watch::channel(Arc::new(Placement::default()));
     let config = ConfigServer::new(auth.clone(), metrics.clone(), stop.clone());
     let routes = tonic::service::Routes::new(CertificateServiceServer::new(CaService::new(
         ca.clone(),
         auth,
-        placement_rx,
+        config.clone(),
         metrics.clone(),
     )))
     .add_service(ConfigServiceServer::new(config.clone()));
@@ -176,17 +171,14 @@ async fn serve_all(
         stop.clone(),
     ));
     tracing::info!(%addr, %ops_addr, "controller serving");
-    Ok(Serving {
-        running: Running {
-            addr,
-            ops_addr,
-            roots: ca.roots().to_vec(),
-            config,
-            metrics,
-            stop,
-            tasks,
-        },
-        placement,
+    Ok(Running {
+        addr,
+        ops_addr,
+        roots: ca.roots().to_vec(),
+        config,
+        metrics,
+        stop,
+        tasks,
     })
 }
 
@@ -197,7 +189,7 @@ pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("read {}: {e}", opts.tokens.display()))?;
     let tokens = BootstrapTokens::parse(&tokens_text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", opts.tokens.display()))?;
-    let Serving { running, placement } = serve_all(
+    let running = serve_all(
         ca,
         Arc::new(tokens),
         opts.serving.listen,
@@ -205,19 +197,19 @@ pub async fn start_local(opts: LocalOptions) -> anyhow::Result<Running> {
         Arc::new(|| Ok("local manifests".to_string())),
     )
     .await?;
-    let mut publisher = Publisher::new(
+    let mut pipeline = Pipeline::new(
+        &opts.serving.trust_domain,
         running.config.clone(),
         running.metrics.clone(),
-        placement,
         opts.mesh_file.clone(),
     );
-    let mut local = LocalMode::new(opts.manifests.clone(), opts.serving.trust_domain.clone());
+    let local = LocalMode::new(opts.manifests.clone(), opts.serving.trust_domain.clone());
     let (poll, stop) = (Duration::from_millis(opts.poll_ms), running.stop.clone());
     // Reading a directory blocks: the pipeline has its own thread.
     running.tasks.spawn_blocking(move || {
         let mut last_error = None;
         while !stop.is_cancelled() {
-            match local.sync().and_then(|pass| publisher.publish(pass)) {
+            match local.sync(&mut pipeline) {
                 Ok(_) => last_error = None,
                 Err(e) if last_error.as_ref() != Some(&e) => {
                     tracing::error!(error = %e, "the last good config stays");
@@ -276,7 +268,7 @@ pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Resu
     ));
     let synced = Arc::new(AtomicBool::new(false));
     let ready_synced = synced.clone();
-    let Serving { running, placement } = serve_all(
+    let running = serve_all(
         ca,
         auth,
         opts.serving.listen,
@@ -290,8 +282,8 @@ pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Resu
         }),
     )
     .await?;
-    let changed = Arc::new(Notify::new());
-    let watched = watch::watch_all(&client, &changed, &running.tasks, &running.stop);
+    let (touched, touches) = mpsc::unbounded_channel();
+    let watched = watch::watch_all(&client, &touched, &running.tasks, &running.stop);
     let (leader_tx, leader) = tokio::sync::watch::channel(false);
     let lock = LeaseLock {
         api: Api::namespaced(client.clone(), &opts.namespace),
@@ -304,16 +296,15 @@ pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Resu
         .spawn(lock.run(leader_tx, running.stop.clone()));
     let pipeline = KubePipeline {
         watched,
-        changed,
+        touches,
         leader,
-        publisher: Publisher::new(
+        pipeline: Some(Pipeline::new(
+            &opts.serving.trust_domain,
             running.config.clone(),
             running.metrics.clone(),
-            placement,
             opts.mesh_file.clone(),
-        ),
+        )),
         status: StatusWriter { client },
-        trust_domain: opts.serving.trust_domain.clone(),
         synced,
     };
     running.tasks.spawn(pipeline.run(running.stop.clone()));
@@ -325,46 +316,91 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 
 struct KubePipeline {
     watched: watch::Watched,
-    changed: Arc<Notify>,
+    touches: mpsc::UnboundedReceiver<Touch>,
     leader: tokio::sync::watch::Receiver<bool>,
-    publisher: Publisher,
+    /// Taken by the translation while it runs on a blocking thread.
+    pipeline: Option<Pipeline>,
     status: StatusWriter,
-    trust_domain: String,
     synced: Arc<AtomicBool>,
 }
 
 impl KubePipeline {
-    /// Translates on every change (changes arriving together are taken
-    /// together), publishes, and, on the leader, writes policy status.
+    /// Translates what every change touched (changes arriving together
+    /// are taken together), publishes, and, on the leader, writes policy
+    /// status: all of it on becoming leader, then what was translated
+    /// again.
     async fn run(mut self, stop: CancellationToken) {
         tokio::select! {
             ready = self.watched.ready() => if ready.is_err() { return },
             () = stop.cancelled() => return,
         }
         self.synced.store(true, Ordering::Relaxed);
+        // Everything, once: the stores as first listed.
+        let mut touched: Vec<Touch> = ObjectKind::ALL.into_iter().map(Touch::Relisted).collect();
+        let mut was_leader = false;
         loop {
-            let cluster = self.watched.cluster(&self.trust_domain);
-            let pass = match tokio::task::spawn_blocking(move || Pass::of(&cluster)).await {
-                Ok(pass) => pass,
-                Err(error) => {
-                    tracing::error!(%error, "translation failed");
-                    return;
-                }
+            let Some(statuses) = self.translate(std::mem::take(&mut touched)).await else {
+                return;
             };
-            let statuses = pass.statuses.clone();
-            if let Err(error) = self.publisher.publish(pass) {
-                tracing::error!(%error, "the last good config stays");
-            }
-            if *self.leader.borrow_and_update() {
+            let leader = *self.leader.borrow_and_update();
+            if leader && !was_leader {
+                let all: Vec<PolicyStatus> = self
+                    .pipeline
+                    .iter()
+                    .flat_map(|p| p.translator.statuses().cloned())
+                    .collect();
+                self.status.write(&self.watched, &all).await;
+            } else if leader {
                 self.status.write(&self.watched, &statuses).await;
             }
+            was_leader = leader;
             tokio::select! {
-                () = self.changed.notified() => {}
+                touch = self.touches.recv() => match touch {
+                    Some(touch) => touched.push(touch),
+                    None => return,
+                },
                 _ = self.leader.changed() => {}
                 () = stop.cancelled() => return,
             }
-            // Take a burst of changes (a rollout) in one pass.
+            // Take a burst of changes (a rollout) in one flush.
             tokio::time::sleep(DEBOUNCE).await;
+            while let Ok(touch) = self.touches.try_recv() {
+                touched.push(touch);
+            }
+        }
+    }
+
+    /// Gives what was touched to the translator, flushes, and returns the
+    /// conditions translated again; `None` when the translation panicked.
+    async fn translate(&mut self, touched: Vec<Touch>) -> Option<Vec<PolicyStatus>> {
+        let mut pipeline = self.pipeline.take()?;
+        let watched = self.watched.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let unique: std::collections::HashSet<Touch> = touched.into_iter().collect();
+            for touch in unique {
+                match touch {
+                    Touch::Object(kind, name) => match watched.get(kind, &name) {
+                        Some(object) => pipeline.translator.apply(object),
+                        None => pipeline.translator.delete(kind, &name),
+                    },
+                    Touch::Relisted(kind) => {
+                        pipeline.translator.replace_all(kind, watched.all(kind));
+                    }
+                }
+            }
+            let statuses = pipeline.flush();
+            (pipeline, statuses)
+        })
+        .await;
+        match done {
+            Ok((pipeline, statuses)) => {
+                self.pipeline = Some(pipeline);
+                Some(statuses)
+            }
+            Err(error) => {
+                tracing::error!(%error, "translation failed");
+                None
+            }
         }
     }
 }

@@ -39,35 +39,72 @@ struct Entry {
     resource: Resource,
 }
 
-/// One published config.
-#[derive(Debug, Default)]
+/// One published config. Persistent maps: a new version shares all but
+/// what changed with the one before, so publishing costs what changed.
+#[derive(Debug, Default, Clone)]
 struct Table {
     version: u64,
     trust_domain: String,
-    entries: HashMap<Key, Arc<Entry>>,
-    /// Node → its workloads, to find the policies a node needs.
-    by_node: HashMap<String, Vec<Key>>,
-    policies: Vec<Key>,
+    entries: imbl::HashMap<Key, Arc<Entry>>,
+    /// Node → its workloads, to find the policies a node needs and what
+    /// identities its ztunnel may hold.
+    by_node: imbl::HashMap<String, imbl::HashSet<Key>>,
+    policies: imbl::HashSet<Key>,
 }
 
 impl Table {
+    fn index(&mut self, key: &Key, item: &Item) {
+        match item {
+            Item::Workload(w) => {
+                self.by_node
+                    .entry(w.node.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
+            Item::AuthorizationPolicy(_) | Item::PeerAuthentication(_) => {
+                self.policies.insert(key.clone());
+            }
+            Item::Service(_) => {}
+        }
+    }
+
+    fn unindex(&mut self, key: &Key, item: &Item) {
+        match item {
+            Item::Workload(w) => {
+                if let Some(keys) = self.by_node.get_mut(&w.node) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        self.by_node.remove(&w.node);
+                    }
+                }
+            }
+            Item::AuthorizationPolicy(_) | Item::PeerAuthentication(_) => {
+                self.policies.remove(key);
+            }
+            Item::Service(_) => {}
+        }
+    }
+
+    /// The workloads scheduled on `node`.
+    fn node_workloads(&self, node: &str) -> impl Iterator<Item = &model::Workload> {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| match self.entries.get(k).map(|e| &e.item) {
+                Some(Item::Workload(w)) => Some(w),
+                _ => None,
+            })
+    }
+
     /// Whether `caller` needs the policy `key`.
     fn wants_policy(&self, caller: &Caller, entry: &Entry) -> bool {
         match caller {
-            Caller::Node(node) => self
-                .by_node
-                .get(node)
-                .into_iter()
-                .flatten()
-                .filter_map(|k| match self.entries.get(k).map(|e| &e.item) {
-                    Some(Item::Workload(w)) => Some(w),
-                    _ => None,
-                })
-                .any(|w| match &entry.item {
-                    Item::AuthorizationPolicy(p) => p.selects(w),
-                    Item::PeerAuthentication(p) => p.selects(w),
-                    _ => false,
-                }),
+            Caller::Node(node) => self.node_workloads(node).any(|w| match &entry.item {
+                Item::AuthorizationPolicy(p) => p.selects(w),
+                Item::PeerAuthentication(p) => p.selects(w),
+                _ => false,
+            }),
             Caller::Waypoint { namespace, .. } => match &entry.item {
                 Item::AuthorizationPolicy(p) => {
                     &p.namespace == namespace || p.scope == model::PolicyScope::Global
@@ -108,6 +145,22 @@ struct Inner {
     syncs: Arc<tokio::sync::Semaphore>,
 }
 
+/// Which identities the pods of each node have, in one published config:
+/// what the CA needs to authorize a ztunnel.
+#[derive(Debug, Clone)]
+pub struct Placement(Arc<Table>);
+
+impl Placement {
+    /// Whether `node` runs a pod with `identity`.
+    pub fn runs(&self, node: &str, identity: &identity::Identity) -> bool {
+        self.0.trust_domain == identity.trust_domain().as_str()
+            && self.0.node_workloads(node).any(|w| {
+                w.namespace == identity.namespace()
+                    && w.service_account == identity.service_account()
+            })
+    }
+}
+
 /// The config server; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ConfigServer {
@@ -143,49 +196,63 @@ impl ConfigServer {
         self.inner.table.borrow().version
     }
 
-    /// Makes `config` the one subscribers converge to; returns its version
-    /// (unchanged when nothing changed). The caller validates: a config
-    /// data planes would refuse comes back to it as NACKs.
+    /// Makes `config` the one subscribers converge to, whole; returns its
+    /// version (unchanged when nothing changed). The caller validates: a
+    /// config data planes would refuse comes back to it as NACKs.
     pub fn publish(&self, config: MeshConfig) -> u64 {
-        let old = self.inner.table.borrow().clone();
         let trust_domain = config.trust_domain.clone();
-        let mut entries = HashMap::with_capacity(old.entries.len());
+        let mut changes: HashMap<Key, Option<Item>> = self
+            .inner
+            .table
+            .borrow()
+            .entries
+            .keys()
+            .map(|k| (k.clone(), None))
+            .collect();
+        changes.extend(items(config).map(|item| (item.key(), Some(item))));
+        self.apply(&trust_domain, changes)
+    }
+
+    /// Applies changes (`None`: removed) to the current config; returns
+    /// the new version, or the current one when nothing changed. Costs
+    /// what changed, not the size of the config.
+    pub fn apply(
+        &self,
+        trust_domain: &str,
+        changes: impl IntoIterator<Item = (Key, Option<Item>)>,
+    ) -> u64 {
+        let old = self.inner.table.borrow().clone();
+        let mut table = Table::clone(&old);
         let mut changed = Vec::new();
-        for item in items(config) {
-            let key = item.key();
-            let entry = match old.entries.get(&key) {
-                Some(e) if e.item == item => e.clone(),
-                _ => {
-                    changed.push(key.clone());
-                    Arc::new(Entry {
+        for (key, item) in changes {
+            let current = table.entries.get(&key).cloned();
+            match item {
+                Some(item) if current.as_ref().is_some_and(|e| e.item == item) => continue,
+                Some(item) => {
+                    if let Some(e) = &current {
+                        table.unindex(&key, &e.item);
+                    }
+                    table.index(&key, &item);
+                    let entry = Arc::new(Entry {
                         resource: item.encode(),
                         item,
-                    })
+                    });
+                    table.entries.insert(key.clone(), entry);
                 }
-            };
-            entries.insert(key, entry);
+                None => {
+                    let Some(e) = current else { continue };
+                    table.unindex(&key, &e.item);
+                    table.entries.remove(&key);
+                }
+            }
+            changed.push(key);
         }
-        changed.extend(
-            old.entries
-                .keys()
-                .filter(|k| !entries.contains_key(*k))
-                .cloned(),
-        );
         if changed.is_empty() && trust_domain == old.trust_domain && old.version > 0 {
             return old.version;
         }
         let version = old.version + 1;
-        let mut by_node: HashMap<String, Vec<Key>> = HashMap::new();
-        let mut policies = Vec::new();
-        for (key, entry) in &entries {
-            match &entry.item {
-                Item::Workload(w) => by_node.entry(w.node.clone()).or_default().push(key.clone()),
-                Item::AuthorizationPolicy(_) | Item::PeerAuthentication(_) => {
-                    policies.push(key.clone());
-                }
-                Item::Service(_) => {}
-            }
-        }
+        table.version = version;
+        table.trust_domain = trust_domain.to_string();
         {
             let mut log = self
                 .inner
@@ -201,14 +268,31 @@ impl ConfigServer {
             .metrics
             .config_version
             .store(version, std::sync::atomic::Ordering::Relaxed);
-        self.inner.table.send_replace(Arc::new(Table {
-            version,
-            trust_domain,
-            entries,
-            by_node,
-            policies,
-        }));
+        self.inner.table.send_replace(Arc::new(table));
         version
+    }
+
+    /// The config being served, whole (for inspection: the mesh file).
+    pub fn config(&self) -> MeshConfig {
+        let table = self.inner.table.borrow().clone();
+        let mut config = model::resources::assemble(
+            &table.trust_domain,
+            table.entries.values().map(|e| &e.item),
+        );
+        config.workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        config.services.sort_by_key(model::Service::key);
+        config
+            .authorization_policies
+            .sort_by_key(model::AuthorizationPolicy::key);
+        config
+            .peer_authentications
+            .sort_by_key(model::PeerAuthentication::key);
+        config
+    }
+
+    /// Where the pods of the config being served run, for the CA.
+    pub fn placement(&self) -> Placement {
+        Placement(self.inner.table.borrow().clone())
     }
 
     async fn sync_permit(&self) -> tokio::sync::OwnedSemaphorePermit {
@@ -218,52 +302,6 @@ impl ConfigServer {
             .acquire_owned()
             .await
             .expect("the semaphore is never closed")
-    }
-
-    /// Whether publishing `config` would make a new version.
-    pub fn would_change(&self, config: &MeshConfig) -> bool {
-        let table = self.inner.table.borrow().clone();
-        let count = config.workloads.len()
-            + config.services.len()
-            + config.authorization_policies.len()
-            + config.peer_authentications.len();
-        if table.version == 0
-            || config.trust_domain != table.trust_domain
-            || count != table.entries.len()
-        {
-            return true;
-        }
-        let same = |kind: Kind, name: String, equal: &dyn Fn(&Item) -> bool| {
-            table
-                .entries
-                .get(&(kind, name))
-                .is_some_and(|e| equal(&e.item))
-        };
-        config.workloads.iter().any(|w| {
-            !same(
-                Kind::Workload,
-                w.uid.clone(),
-                &|i| matches!(i, Item::Workload(x) if x == w),
-            )
-        }) || config.services.iter().any(|s| {
-            !same(
-                Kind::Service,
-                s.key(),
-                &|i| matches!(i, Item::Service(x) if x == s),
-            )
-        }) || config.authorization_policies.iter().any(|p| {
-            !same(
-                Kind::AuthorizationPolicy,
-                p.key(),
-                &|i| matches!(i, Item::AuthorizationPolicy(x) if x == p),
-            )
-        }) || config.peer_authentications.iter().any(|p| {
-            !same(
-                Kind::PeerAuthentication,
-                p.key(),
-                &|i| matches!(i, Item::PeerAuthentication(x) if x == p),
-            )
-        })
     }
 
     /// Keys changed after `base` up to the current version, or `None`

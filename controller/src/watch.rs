@@ -1,6 +1,6 @@
 //! The cluster's objects from the API server: one watcher and reflector
-//! store per kind, and a notification on every change, from which the
-//! pipeline takes a consistent copy of all stores.
+//! store per kind, and for every change the name of what changed (or, after
+//! a re-list, the kind), from which the pipeline reads the stores.
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -13,12 +13,22 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::Cluster;
 use crate::crd::{AuthorizationPolicy, PeerAuthentication};
+use crate::translator::{Name, Object, ObjectKind};
+
+/// What changed in the stores.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Touch {
+    /// This object was created, changed or deleted.
+    Object(ObjectKind, Name),
+    /// The kind was listed again (after a watch expired): objects deleted
+    /// meanwhile were never announced, so the whole kind is compared.
+    Relisted(ObjectKind),
+}
 
 /// One reflector store per watched kind.
 #[derive(Debug, Clone)]
@@ -32,38 +42,43 @@ pub struct Watched {
     pub peer_authentications: Store<PeerAuthentication>,
 }
 
-/// Watches every kind the controller translates; `changed` is notified on
-/// every change once a kind's first list is complete.
+/// Watches every kind the controller translates; every change is sent to
+/// `touched`.
 pub fn watch_all(
     client: &Client,
-    changed: &Arc<Notify>,
+    touched: &mpsc::UnboundedSender<Touch>,
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> Watched {
+    use ObjectKind as K;
     let w = Watcher {
-        changed,
+        touched,
         tasks,
         stop,
     };
     Watched {
-        namespaces: w.reflect(Api::all(client.clone()), trim_meta),
-        nodes: w.reflect(Api::all(client.clone()), trim_node),
-        pods: w.reflect(Api::all(client.clone()), trim_pod),
-        services: w.reflect(Api::all(client.clone()), trim_meta),
-        endpoint_slices: w.reflect(Api::all(client.clone()), trim_meta),
-        authorization_policies: w.reflect(Api::all(client.clone()), trim_meta),
-        peer_authentications: w.reflect(Api::all(client.clone()), trim_meta),
+        namespaces: w.reflect(K::Namespace, Api::all(client.clone()), trim_meta),
+        nodes: w.reflect(K::Node, Api::all(client.clone()), trim_node),
+        pods: w.reflect(K::Pod, Api::all(client.clone()), trim_pod),
+        services: w.reflect(K::Service, Api::all(client.clone()), trim_meta),
+        endpoint_slices: w.reflect(K::EndpointSlice, Api::all(client.clone()), trim_meta),
+        authorization_policies: w.reflect(
+            K::AuthorizationPolicy,
+            Api::all(client.clone()),
+            trim_meta,
+        ),
+        peer_authentications: w.reflect(K::PeerAuthentication, Api::all(client.clone()), trim_meta),
     }
 }
 
 struct Watcher<'a> {
-    changed: &'a Arc<Notify>,
+    touched: &'a mpsc::UnboundedSender<Touch>,
     tasks: &'a TaskTracker,
     stop: &'a CancellationToken,
 }
 
 impl Watcher<'_> {
-    fn reflect<K>(&self, api: Api<K>, trim: fn(&mut K)) -> Store<K>
+    fn reflect<K>(&self, object_kind: ObjectKind, api: Api<K>, trim: fn(&mut K)) -> Store<K>
     where
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
         K::DynamicType: Default + Eq + Hash + Clone,
@@ -75,7 +90,8 @@ impl Watcher<'_> {
             watcher(api, watcher::Config::default()).modify(trim),
         )
         .default_backoff();
-        let (changed, stop) = (self.changed.clone(), self.stop.clone());
+        let (touched, stop) = (self.touched.clone(), self.stop.clone());
+        let name = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
         self.tasks.spawn(async move {
             let mut stream = std::pin::pin!(stream);
             loop {
@@ -83,16 +99,21 @@ impl Watcher<'_> {
                     event = stream.next() => event,
                     () = stop.cancelled() => return,
                 };
-                match event {
-                    Some(Ok(
-                        watcher::Event::Apply(_)
-                        | watcher::Event::Delete(_)
-                        | watcher::Event::InitDone,
-                    )) => changed.notify_one(),
-                    Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
+                let touch = match event {
+                    Some(Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o))) => {
+                        Touch::Object(object_kind, name(&o))
+                    }
+                    Some(Ok(watcher::Event::InitDone)) => Touch::Relisted(object_kind),
+                    Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => continue,
                     // The backoff retries; the stores keep their contents.
-                    Some(Err(error)) => tracing::warn!(%kind, %error, "watch failed; retrying"),
+                    Some(Err(error)) => {
+                        tracing::warn!(%kind, %error, "watch failed; retrying");
+                        continue;
+                    }
                     None => return,
+                };
+                if touched.send(touch).is_err() {
+                    return;
                 }
             }
         });
@@ -147,23 +168,59 @@ impl Watched {
         self.peer_authentications.wait_until_ready().await
     }
 
-    /// A copy of everything, for one translation.
-    pub fn cluster(&self, trust_domain: &str) -> Cluster {
-        fn all<K: Clone + Resource + 'static>(store: &Store<K>) -> Vec<Arc<K>>
+    /// The object `name` of `kind`, `None` when there is none.
+    pub fn get(&self, kind: ObjectKind, (namespace, name): &Name) -> Option<Object> {
+        fn one<K: Clone + Resource + 'static>(
+            store: &Store<K>,
+            ns: &str,
+            name: &str,
+        ) -> Option<Arc<K>>
+        where
+            K::DynamicType: Default + Eq + Hash + Clone,
+        {
+            let key = reflector::ObjectRef::new(name);
+            store.get(&if ns.is_empty() { key } else { key.within(ns) })
+        }
+        Some(match kind {
+            ObjectKind::Namespace => Object::Namespace(one(&self.namespaces, namespace, name)?),
+            ObjectKind::Node => Object::Node(one(&self.nodes, namespace, name)?),
+            ObjectKind::Pod => Object::Pod(one(&self.pods, namespace, name)?),
+            ObjectKind::Service => Object::Service(one(&self.services, namespace, name)?),
+            ObjectKind::EndpointSlice => {
+                Object::EndpointSlice(one(&self.endpoint_slices, namespace, name)?)
+            }
+            ObjectKind::AuthorizationPolicy => {
+                Object::AuthorizationPolicy(one(&self.authorization_policies, namespace, name)?)
+            }
+            ObjectKind::PeerAuthentication => {
+                Object::PeerAuthentication(one(&self.peer_authentications, namespace, name)?)
+            }
+        })
+    }
+
+    /// Every object of `kind` (shared with the store).
+    pub fn all(&self, kind: ObjectKind) -> Vec<Object> {
+        fn every<K: Clone + Resource + 'static>(
+            store: &Store<K>,
+            f: fn(Arc<K>) -> Object,
+        ) -> Vec<Object>
         where
             K::DynamicType: Eq + Hash + Clone,
         {
-            store.state()
+            store.state().into_iter().map(f).collect()
         }
-        Cluster {
-            trust_domain: trust_domain.to_string(),
-            namespaces: all(&self.namespaces),
-            nodes: all(&self.nodes),
-            pods: all(&self.pods),
-            services: all(&self.services),
-            endpoint_slices: all(&self.endpoint_slices),
-            authorization_policies: all(&self.authorization_policies),
-            peer_authentications: all(&self.peer_authentications),
+        match kind {
+            ObjectKind::Namespace => every(&self.namespaces, Object::Namespace),
+            ObjectKind::Node => every(&self.nodes, Object::Node),
+            ObjectKind::Pod => every(&self.pods, Object::Pod),
+            ObjectKind::Service => every(&self.services, Object::Service),
+            ObjectKind::EndpointSlice => every(&self.endpoint_slices, Object::EndpointSlice),
+            ObjectKind::AuthorizationPolicy => {
+                every(&self.authorization_policies, Object::AuthorizationPolicy)
+            }
+            ObjectKind::PeerAuthentication => {
+                every(&self.peer_authentications, Object::PeerAuthentication)
+            }
         }
     }
 }

@@ -8,15 +8,15 @@ use std::sync::Arc;
 
 use control_client::{Controller, GrpcCa, controller_identity};
 use controller::auth::BootstrapTokens;
-use controller::ca::{CaService, Placement};
+use controller::ca::CaService;
 use controller::metrics::Metrics;
 use controller::server::{ServingCert, serve};
+use controller::stream::ConfigServer;
 use identity::ca::DEFAULT_LEAF_TTL;
 use identity::{CertManager, CertificateAuthority, Identity, TrustDomain};
+use model::MeshConfig;
 use model::proto::ca::certificate_service_server::CertificateServiceServer;
-use model::{MeshConfig, Snapshot};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const NODE_ONE: &str = "node-one-bootstrap-token";
@@ -37,19 +37,22 @@ async fn callers_get_only_the_identities_they_may_hold() {
   - {uid: b, name: db-0, namespace: shop, serviceAccount: db, ips: [10.0.0.2], node: n2}",
     )
     .unwrap();
-    let (_mesh, rx) = watch::channel(Arc::new(Placement::of(&Snapshot::new(config, 1).unwrap())));
-    let tokens = BootstrapTokens::parse(&format!(
-        "tokens: [{{token: {NODE_ONE}, node: n1}}, {{token: {WAYPOINT}, waypoint: shop/wp}}]"
-    ))
-    .unwrap();
+    let tokens = Arc::new(
+        BootstrapTokens::parse(&format!(
+            "tokens: [{{token: {NODE_ONE}, node: n1}}, {{token: {WAYPOINT}, waypoint: shop/wp}}]"
+        ))
+        .unwrap(),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
+    let mesh = ConfigServer::new(tokens.clone(), metrics.clone(), stop.clone());
+    mesh.publish(config);
     let routes = tonic::service::Routes::new(CertificateServiceServer::new(CaService::new(
         ca.clone(),
-        Arc::new(tokens),
-        rx,
+        tokens,
+        mesh,
         metrics.clone(),
     )));
     tokio::spawn(serve(

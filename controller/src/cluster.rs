@@ -7,19 +7,22 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use model::MeshConfig;
 
 use crate::crd::{AuthorizationPolicy, Condition, PeerAuthentication};
+use crate::gateway::Gateway;
 use crate::translator::Translator;
 
 /// Namespaces (and pods, to opt out) join the mesh with this label.
 pub const DATAPLANE_MODE: &str = "ambit.dev/dataplane-mode";
-/// A namespace, Service or pod labelled with a waypoint's name sends its
-/// inbound traffic through that waypoint (its Service in the same
-/// namespace).
+/// A namespace, service account, Service or pod labelled with a
+/// waypoint's name sends its inbound traffic through that waypoint (the
+/// Gateway of class `ambit-waypoint` of that name in the same namespace);
+/// `none` opts out of a namespace's waypoint.
 pub const USE_WAYPOINT: &str = "ambit.dev/use-waypoint";
 pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub(crate) const REGION_LABEL: &str = "topology.kubernetes.io/region";
@@ -37,6 +40,9 @@ pub struct Cluster {
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    pub service_accounts: Vec<Arc<ServiceAccount>>,
+    pub gateways: Vec<Arc<Gateway>>,
+    pub deployments: Vec<Arc<Deployment>>,
 }
 
 pub(crate) fn label<'a>(labels: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
@@ -60,7 +66,7 @@ impl Cluster {
 
     /// The whole mesh config and the status of every policy: what the
     /// incremental translator makes of these objects from scratch.
-    pub fn translate(&self) -> (MeshConfig, Vec<PolicyStatus>) {
+    pub fn translate(&self) -> (MeshConfig, Vec<ObjectStatus>) {
         let mut translator = Translator::new(&self.trust_domain);
         translator.sync(self);
         translator.flush();
@@ -69,36 +75,37 @@ impl Cluster {
     }
 }
 
-/// One policy object's conditions, for the generation they judged.
+/// One object's conditions for the generation they judged: a policy's
+/// `Accepted` and `Enforced`, a waypoint Gateway's `Accepted` and
+/// `Programmed` (and its addresses).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyStatus {
+pub struct ObjectStatus {
     pub kind: &'static str,
     pub namespace: String,
     pub name: String,
-    pub accepted: Condition,
-    pub enforced: Condition,
+    pub conditions: Vec<Condition>,
+    pub addresses: Vec<Ipv4Addr>,
 }
 
-impl PolicyStatus {
+impl ObjectStatus {
     pub(crate) fn new(
         kind: &'static str,
         object: &impl ResourceExt,
-        accepted: Condition,
-        enforced: Condition,
+        conditions: Vec<Condition>,
     ) -> Self {
         let generation = object.meta().generation;
         Self {
             kind,
             namespace: object.namespace().unwrap_or_default(),
             name: object.name_any(),
-            accepted: Condition {
-                observed_generation: generation,
-                ..accepted
-            },
-            enforced: Condition {
-                observed_generation: generation,
-                ..enforced
-            },
+            conditions: conditions
+                .into_iter()
+                .map(|c| Condition {
+                    observed_generation: generation,
+                    ..c
+                })
+                .collect(),
+            addresses: Vec::new(),
         }
     }
 
@@ -107,26 +114,37 @@ impl PolicyStatus {
         format!("{} {}/{}", self.kind, self.namespace, self.name)
     }
 
-    /// The `status` to write back.
-    pub fn status(&self) -> crate::crd::PolicyStatus {
-        crate::crd::PolicyStatus {
-            conditions: vec![self.accepted.clone(), self.enforced.clone()],
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    /// The `status` to write back (without transition times: the writer
+    /// keeps those of conditions that did not change).
+    pub fn status(&self) -> serde_json::Value {
+        let mut status = serde_json::json!({ "conditions": self.conditions });
+        if self.kind == "Gateway" {
+            status["addresses"] = self
+                .addresses
+                .iter()
+                .map(|a| serde_json::json!({"type": "IPAddress", "value": a.to_string()}))
+                .collect();
         }
+        status
     }
 }
 
-impl std::fmt::Display for PolicyStatus {
+impl std::fmt::Display for ObjectStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: Accepted={} ({}), Enforced={} ({}: {})",
-            self.object(),
-            self.accepted.status,
-            self.accepted.reason,
-            self.enforced.status,
-            self.enforced.reason,
-            self.enforced.message
-        )
+        write!(f, "{}:", self.object())?;
+        for (i, c) in self.conditions.iter().enumerate() {
+            let sep = if i == 0 { " " } else { ", " };
+            write!(
+                f,
+                "{sep}{}={} ({}: {})",
+                c.type_, c.status, c.reason, c.message
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -214,6 +214,10 @@ pub struct Condition {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// When `status` last changed (RFC 3339); kept by the status writer
+    /// while the status stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
 }
 
 impl Condition {
@@ -224,6 +228,7 @@ impl Condition {
             reason: reason.into(),
             message: message.into(),
             observed_generation: None,
+            last_transition_time: None,
         }
     }
 

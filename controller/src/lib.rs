@@ -18,6 +18,7 @@ pub mod ca;
 pub mod ca_secret;
 pub mod cluster;
 pub mod crd;
+pub mod gateway;
 pub mod lease;
 pub mod local;
 pub mod manifests;
@@ -30,6 +31,7 @@ pub mod token_review;
 pub mod translate;
 pub mod translator;
 pub mod watch;
+pub mod waypoints;
 
 use kube::CustomResourceExt;
 

@@ -31,7 +31,8 @@ impl LocalMode {
         let cluster =
             manifests::read_dir(&self.manifests, &self.trust_domain).map_err(|e| e.to_string())?;
         pipeline.translator.sync(&cluster);
-        for status in pipeline.flush() {
+        // Waypoints are not deployed here: there is nothing to deploy to.
+        for status in pipeline.flush().statuses {
             eprintln!("{status}");
         }
         Ok(())

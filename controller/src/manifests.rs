@@ -38,7 +38,7 @@ fn parse<T: DeserializeOwned>(path: &Path, value: serde_yaml::Value) -> Result<T
 }
 
 /// Reads every `*.yaml` / `*.yml` file of `dir` into a [`Cluster`]. Kinds
-/// the controller does not use (ServiceAccounts, Deployments…) are
+/// the controller does not use (ConfigMaps, ReplicaSets…) are
 /// skipped; a file that is not YAML, or an object of a known kind that
 /// does not parse, is an error naming the file.
 pub fn read_dir(dir: &Path, trust_domain: &str) -> Result<Cluster, ManifestError> {
@@ -84,6 +84,11 @@ pub fn read_dir(dir: &Path, trust_domain: &str) -> Result<Cluster, ManifestError
                 "PeerAuthentication" => cluster
                     .peer_authentications
                     .push(Arc::new(parse(&path, value)?)),
+                "ServiceAccount" => cluster
+                    .service_accounts
+                    .push(Arc::new(parse(&path, value)?)),
+                "Gateway" => cluster.gateways.push(Arc::new(parse(&path, value)?)),
+                "Deployment" => cluster.deployments.push(Arc::new(parse(&path, value)?)),
                 _ => {}
             }
         }

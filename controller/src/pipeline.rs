@@ -1,17 +1,25 @@
 //! The pipeline: the incremental translator and where its output goes.
 //! Each flush publishes what changed as one new config version (nothing
-//! when nothing changed) and returns the policy conditions translated
-//! again, for the caller to write back or log.
+//! when nothing changed) and returns the conditions translated again, for
+//! the caller to write back or log, and the waypoints to deploy.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use model::MeshConfig;
 
-use crate::cluster::PolicyStatus;
+use crate::cluster::ObjectStatus;
 use crate::metrics::Metrics;
 use crate::stream::ConfigServer;
-use crate::translator::Translator;
+use crate::translator::{Name, Translator};
+
+/// What a flush leaves to the caller.
+#[derive(Debug, Default)]
+pub struct Flushed {
+    pub statuses: Vec<ObjectStatus>,
+    /// Waypoints whose resources are to be applied.
+    pub waypoints: Vec<Name>,
+}
 
 #[derive(Debug)]
 pub struct Pipeline {
@@ -38,9 +46,8 @@ impl Pipeline {
         }
     }
 
-    /// Translates what changed, publishes it, and returns the conditions
-    /// of the policies translated again.
-    pub fn flush(&mut self) -> Vec<PolicyStatus> {
+    /// Translates what changed and publishes it.
+    pub fn flush(&mut self) -> Flushed {
         let delta = self.translator.flush();
         self.metrics.translated(delta.took);
         self.metrics.set_objects(self.translator.object_counts());
@@ -54,7 +61,10 @@ impl Pipeline {
                 tracing::warn!(%error, path = %path.display(), "mesh file not written");
             }
         }
-        delta.statuses
+        Flushed {
+            statuses: delta.statuses,
+            waypoints: delta.waypoints,
+        }
     }
 }
 

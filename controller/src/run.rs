@@ -21,23 +21,26 @@ use tokio_util::task::TaskTracker;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Client};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::auth::{Authenticator, BootstrapTokens};
 use crate::ca::CaService;
-use crate::cluster::PolicyStatus;
+use crate::cluster::ObjectStatus;
+use crate::gateway::Gateway;
 use crate::lease::LeaseLock;
 use crate::local::LocalMode;
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Flushed, Pipeline};
 use crate::server::{ServingCert, serve};
 use crate::stream::ConfigServer;
 use crate::token_review::TokenReviewer;
-use crate::translator::ObjectKind;
+use crate::translator::{Name, ObjectKind};
 use crate::watch::Touch;
-use crate::{ca_secret, crd, watch};
+use crate::waypoints::WaypointOptions;
+use crate::{ca_secret, crd, watch, waypoints};
 
 /// What both modes serve and where.
 #[derive(Debug, Clone, clap::Args)]
@@ -252,6 +255,8 @@ pub struct KubeOptions {
     /// Also write the config being served to this file, for inspection.
     #[arg(long)]
     pub mesh_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub waypoints: WaypointOptions,
 }
 
 /// The controller in a cluster: watchers on the API server, TokenReview,
@@ -282,8 +287,25 @@ pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Resu
         }),
     )
     .await?;
+    let gateway_api = watch::gateway_api_installed(&client).await?;
+    if !gateway_api {
+        tracing::warn!(
+            "the Gateway API is not installed (no gateway.networking.k8s.io/v1 Gateways): no waypoints until it is and the controller restarts"
+        );
+    }
     let (touched, touches) = mpsc::unbounded_channel();
-    let watched = watch::watch_all(&client, &touched, &running.tasks, &running.stop);
+    let watched = watch::watch_all(
+        gateway_api,
+        &client,
+        &touched,
+        &running.tasks,
+        &running.stop,
+    );
+    let roots_pem: String = running
+        .roots
+        .iter()
+        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
+        .collect();
     let (leader_tx, leader) = tokio::sync::watch::channel(false);
     let lock = LeaseLock {
         api: Api::namespaced(client.clone(), &opts.namespace),
@@ -304,7 +326,14 @@ pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Resu
             running.metrics.clone(),
             opts.mesh_file.clone(),
         )),
-        status: StatusWriter { client },
+        status: StatusWriter {
+            client: client.clone(),
+        },
+        deployer: Deployer {
+            client,
+            roots_pem,
+            options: opts.waypoints.clone(),
+        },
         synced,
     };
     running.tasks.spawn(pipeline.run(running.stop.clone()));
@@ -321,14 +350,15 @@ struct KubePipeline {
     /// Taken by the translation while it runs on a blocking thread.
     pipeline: Option<Pipeline>,
     status: StatusWriter,
+    deployer: Deployer,
     synced: Arc<AtomicBool>,
 }
 
 impl KubePipeline {
     /// Translates what every change touched (changes arriving together
-    /// are taken together), publishes, and, on the leader, writes policy
-    /// status: all of it on becoming leader, then what was translated
-    /// again.
+    /// are taken together), publishes, and, on the leader, writes status
+    /// and deploys waypoints: all of them on becoming leader, then what
+    /// changed.
     async fn run(mut self, stop: CancellationToken) {
         tokio::select! {
             ready = self.watched.ready() => if ready.is_err() { return },
@@ -339,19 +369,28 @@ impl KubePipeline {
         let mut touched: Vec<Touch> = ObjectKind::ALL.into_iter().map(Touch::Relisted).collect();
         let mut was_leader = false;
         loop {
-            let Some(statuses) = self.translate(std::mem::take(&mut touched)).await else {
+            let Some(mut flushed) = self.translate(std::mem::take(&mut touched)).await else {
                 return;
             };
             let leader = *self.leader.borrow_and_update();
-            if leader && !was_leader {
-                let all: Vec<PolicyStatus> = self
-                    .pipeline
-                    .iter()
-                    .flat_map(|p| p.translator.statuses().cloned())
-                    .collect();
-                self.status.write(&self.watched, &all).await;
-            } else if leader {
-                self.status.write(&self.watched, &statuses).await;
+            if leader
+                && !was_leader
+                && let Some(p) = &self.pipeline
+            {
+                flushed = Flushed {
+                    statuses: p.translator.statuses().cloned().collect(),
+                    waypoints: p
+                        .translator
+                        .waypoints()
+                        .map(|g| (g.namespace().unwrap_or_default(), g.name_any()))
+                        .collect(),
+                };
+            }
+            if leader {
+                self.deployer
+                    .deploy(&self.watched, &flushed.waypoints)
+                    .await;
+                self.status.write(&self.watched, &flushed.statuses).await;
             }
             was_leader = leader;
             tokio::select! {
@@ -372,7 +411,7 @@ impl KubePipeline {
 
     /// Gives what was touched to the translator, flushes, and returns the
     /// conditions translated again; `None` when the translation panicked.
-    async fn translate(&mut self, touched: Vec<Touch>) -> Option<Vec<PolicyStatus>> {
+    async fn translate(&mut self, touched: Vec<Touch>) -> Option<Flushed> {
         let mut pipeline = self.pipeline.take()?;
         let watched = self.watched.clone();
         let done = tokio::task::spawn_blocking(move || {
@@ -388,14 +427,14 @@ impl KubePipeline {
                     }
                 }
             }
-            let statuses = pipeline.flush();
-            (pipeline, statuses)
+            let flushed = pipeline.flush();
+            (pipeline, flushed)
         })
         .await;
         match done {
-            Ok((pipeline, statuses)) => {
+            Ok((pipeline, flushed)) => {
                 self.pipeline = Some(pipeline);
-                Some(statuses)
+                Some(flushed)
             }
             Err(error) => {
                 tracing::error!(%error, "translation failed");
@@ -405,43 +444,66 @@ impl KubePipeline {
     }
 }
 
-/// Writes policy conditions to the `/status` subresource when they differ
-/// from what the object carries.
+/// Applies waypoints' resources.
+struct Deployer {
+    client: Client,
+    roots_pem: String,
+    options: WaypointOptions,
+}
+
+impl Deployer {
+    async fn deploy(&self, watched: &watch::Watched, waypoints: &[Name]) {
+        for name in waypoints {
+            let Some(crate::translator::Object::Gateway(gateway)) =
+                watched.get(ObjectKind::Gateway, name)
+            else {
+                continue;
+            };
+            let object = format!("Gateway {}/{}", name.0, name.1);
+            match waypoints::apply(&self.client, &gateway, &self.roots_pem, &self.options).await {
+                Ok(()) => tracing::info!(%object, "waypoint resources applied"),
+                Err(error) => tracing::warn!(%object, %error, "waypoint resources not applied"),
+            }
+        }
+    }
+}
+
+/// Writes conditions to the `/status` subresource when they differ from
+/// what the object carries.
 struct StatusWriter {
     client: Client,
 }
 
 impl StatusWriter {
-    async fn write(&self, watched: &watch::Watched, statuses: &[PolicyStatus]) {
+    async fn write(&self, watched: &watch::Watched, statuses: &[ObjectStatus]) {
+        let now = k8s_openapi::jiff::Timestamp::now()
+            .round(k8s_openapi::jiff::Unit::Second)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
         for s in statuses {
-            let want = s.status();
-            let current = match s.kind {
-                "AuthorizationPolicy" => watched
-                    .authorization_policies
-                    .get(&ObjectRef::new(&s.name).within(&s.namespace))
-                    .map(|o| o.status.clone()),
-                _ => watched
-                    .peer_authentications
-                    .get(&ObjectRef::new(&s.name).within(&s.namespace))
-                    .map(|o| o.status.clone()),
+            let Some(kind) = ObjectKind::parse(s.kind) else {
+                continue;
             };
-            // Gone meanwhile, or already saying this.
-            if current.is_none() || current == Some(Some(want.clone())) {
+            // Gone meanwhile: nothing to write to.
+            let Some(object) = watched.get(kind, &(s.namespace.clone(), s.name.clone())) else {
+                continue;
+            };
+            let current = object.status();
+            let want = with_transition_times(s.status(), &current, &now);
+            if says_already(&current, &want) {
                 continue;
             }
             let patch = Patch::Merge(serde_json::json!({ "status": want }));
-            let params = PatchParams::default();
-            let result = match s.kind {
-                "AuthorizationPolicy" => {
-                    Api::<crd::AuthorizationPolicy>::namespaced(self.client.clone(), &s.namespace)
-                        .patch_status(&s.name, &params, &patch)
-                        .await
-                        .map(drop)
+            let (client, ns, name) = (&self.client, &s.namespace, &s.name);
+            let result = match kind {
+                ObjectKind::AuthorizationPolicy => {
+                    patch_status::<crd::AuthorizationPolicy>(client, ns, name, &patch).await
                 }
-                _ => Api::<crd::PeerAuthentication>::namespaced(self.client.clone(), &s.namespace)
-                    .patch_status(&s.name, &params, &patch)
-                    .await
-                    .map(drop),
+                ObjectKind::PeerAuthentication => {
+                    patch_status::<crd::PeerAuthentication>(client, ns, name, &patch).await
+                }
+                ObjectKind::Gateway => patch_status::<Gateway>(client, ns, name, &patch).await,
+                _ => continue,
             };
             match result {
                 Ok(()) => tracing::info!(status = %s, "status written"),
@@ -449,4 +511,48 @@ impl StatusWriter {
             }
         }
     }
+}
+
+async fn patch_status<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    patch: &Patch<Value>,
+) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    Api::<K>::namespaced(client.clone(), namespace)
+        .patch_status(name, &PatchParams::default(), patch)
+        .await
+        .map(drop)
+}
+
+/// A condition keeps its `lastTransitionTime` while its status stays the
+/// same; a new or changed one gets `now`.
+fn with_transition_times(mut want: Value, current: &Value, now: &str) -> Value {
+    let held = current["conditions"].as_array();
+    if let Some(conditions) = want["conditions"].as_array_mut() {
+        for c in conditions {
+            let since = held
+                .into_iter()
+                .flatten()
+                .find(|h| h["type"] == c["type"] && h["status"] == c["status"])
+                .and_then(|h| h.get("lastTransitionTime"))
+                .cloned()
+                .unwrap_or_else(|| Value::String(now.to_string()));
+            c["lastTransitionTime"] = since;
+        }
+    }
+    want
+}
+
+/// Whether the object's status already says everything `want` says.
+fn says_already(current: &Value, want: &Value) -> bool {
+    want.as_object()
+        .is_some_and(|w| w.iter().all(|(k, v)| current.get(k) == Some(v)))
 }

@@ -1,8 +1,9 @@
 //! The translation, incremental. The cluster's objects are kept by name
 //! with indexes of what depends on what, and a change recomputes only what
 //! depends on it: a pod its workload (and the Services whose endpoints name
-//! it, when it appears or disappears), a namespace its pods, a node its
-//! pods' locality, a waypoint's Service the pods and Services it serves.
+//! it, when it appears or disappears), a namespace its pods and Services,
+//! a service account or a node its pods, a waypoint (its Gateway, its
+//! Service) the pods and Services it serves and its own status.
 //! [`Translator::flush`] returns the changes to the mesh config since the
 //! last flush.
 //!
@@ -20,7 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use identity::{Identity, TrustDomain};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -32,10 +34,11 @@ use model::{
 };
 
 use crate::cluster::{
-    Cluster, DATAPLANE_MODE, PolicyStatus, REGION_LABEL, SERVICE_NAME_LABEL, USE_WAYPOINT,
+    Cluster, DATAPLANE_MODE, ObjectStatus, REGION_LABEL, SERVICE_NAME_LABEL, USE_WAYPOINT,
     ZONE_LABEL, cluster_ips, ipv4s, label, owner_name,
 };
-use crate::crd::{AuthorizationPolicy, PeerAuthentication};
+use crate::crd::{AuthorizationPolicy, Condition, PeerAuthentication};
+use crate::gateway::{GATEWAY_NAME_LABEL, Gateway};
 use crate::translate;
 
 /// An object's namespace (empty for cluster-scoped kinds) and name.
@@ -51,10 +54,15 @@ pub enum ObjectKind {
     EndpointSlice,
     AuthorizationPolicy,
     PeerAuthentication,
+    ServiceAccount,
+    Gateway,
+    /// Waypoints' Deployments only (their availability is the Gateway's
+    /// `Programmed`).
+    Deployment,
 }
 
 impl ObjectKind {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 10] = [
         Self::Namespace,
         Self::Node,
         Self::Pod,
@@ -62,7 +70,14 @@ impl ObjectKind {
         Self::EndpointSlice,
         Self::AuthorizationPolicy,
         Self::PeerAuthentication,
+        Self::ServiceAccount,
+        Self::Gateway,
+        Self::Deployment,
     ];
+
+    pub fn parse(kind: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == kind)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -73,6 +88,9 @@ impl ObjectKind {
             Self::EndpointSlice => "EndpointSlice",
             Self::AuthorizationPolicy => "AuthorizationPolicy",
             Self::PeerAuthentication => "PeerAuthentication",
+            Self::ServiceAccount => "ServiceAccount",
+            Self::Gateway => "Gateway",
+            Self::Deployment => "Deployment",
         }
     }
 }
@@ -88,6 +106,9 @@ pub enum Object {
     EndpointSlice(Arc<EndpointSlice>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     PeerAuthentication(Arc<PeerAuthentication>),
+    ServiceAccount(Arc<ServiceAccount>),
+    Gateway(Arc<Gateway>),
+    Deployment(Arc<Deployment>),
 }
 
 impl Object {
@@ -100,6 +121,9 @@ impl Object {
             Self::EndpointSlice(_) => ObjectKind::EndpointSlice,
             Self::AuthorizationPolicy(_) => ObjectKind::AuthorizationPolicy,
             Self::PeerAuthentication(_) => ObjectKind::PeerAuthentication,
+            Self::ServiceAccount(_) => ObjectKind::ServiceAccount,
+            Self::Gateway(_) => ObjectKind::Gateway,
+            Self::Deployment(_) => ObjectKind::Deployment,
         }
     }
 
@@ -115,7 +139,21 @@ impl Object {
             Self::EndpointSlice(o) => of(&**o),
             Self::AuthorizationPolicy(o) => of(&**o),
             Self::PeerAuthentication(o) => of(&**o),
+            Self::ServiceAccount(o) => of(&**o),
+            Self::Gateway(o) => of(&**o),
+            Self::Deployment(o) => of(&**o),
         }
+    }
+
+    /// The object's `status`, as JSON (`null` when it has none).
+    pub fn status(&self) -> serde_json::Value {
+        let json = match self {
+            Self::AuthorizationPolicy(o) => serde_json::to_value(&o.status),
+            Self::PeerAuthentication(o) => serde_json::to_value(&o.status),
+            Self::Gateway(o) => serde_json::to_value(&o.status),
+            _ => Ok(serde_json::Value::Null),
+        };
+        json.unwrap_or_default()
     }
 }
 
@@ -136,6 +174,9 @@ fn objects(cluster: &Cluster, kind: ObjectKind) -> Vec<Object> {
         ObjectKind::PeerAuthentication => {
             wrap(&cluster.peer_authentications, Object::PeerAuthentication)
         }
+        ObjectKind::ServiceAccount => wrap(&cluster.service_accounts, Object::ServiceAccount),
+        ObjectKind::Gateway => wrap(&cluster.gateways, Object::Gateway),
+        ObjectKind::Deployment => wrap(&cluster.deployments, Object::Deployment),
     }
 }
 
@@ -145,9 +186,13 @@ pub struct Delta {
     /// Upserts (`Some`) and removals (`None`) of mesh config resources.
     pub changes: Vec<(Key, Option<Item>)>,
     /// The conditions of the policies translated again.
-    pub statuses: Vec<PolicyStatus>,
-    /// How many pods, Services and policies were translated again.
+    pub statuses: Vec<ObjectStatus>,
+    /// How many pods, Services, policies and Gateways were translated
+    /// again.
     pub translated: usize,
+    /// Waypoints whose Gateway changed, or whose Deployment or Service went
+    /// away: their resources are to be applied.
+    pub waypoints: Vec<Name>,
     pub took: Duration,
 }
 
@@ -172,6 +217,7 @@ struct PodOut {
     /// The workload, when the pod is one (it may still not own its IPs).
     workload: Option<Workload>,
     node: String,
+    service_account: Option<Name>,
     waypoint: Option<Name>,
     /// The uid under which it is in the config.
     published: Option<String>,
@@ -193,7 +239,7 @@ struct ServiceOut {
 #[derive(Debug)]
 struct PolicyOut {
     item: Option<Item>,
-    status: PolicyStatus,
+    status: ObjectStatus,
 }
 
 /// The incremental translator.
@@ -209,9 +255,15 @@ pub struct Translator {
     slices: HashMap<Name, Arc<EndpointSlice>>,
     authorization_policies: HashMap<Name, Arc<AuthorizationPolicy>>,
     peer_authentications: HashMap<Name, Arc<PeerAuthentication>>,
+    service_accounts: HashMap<Name, Arc<ServiceAccount>>,
+    /// Waypoints only.
+    gateways: HashMap<Name, Arc<Gateway>>,
+    deployments: HashMap<Name, Arc<Deployment>>,
 
     /// What depends on what.
     pods_in_namespace: HashMap<String, HashSet<Name>>,
+    services_in_namespace: HashMap<String, HashSet<Name>>,
+    pods_of_service_account: HashMap<Name, HashSet<Name>>,
     pods_on_node: HashMap<String, HashSet<Name>>,
     slices_of_service: HashMap<Name, BTreeSet<Name>>,
     services_naming_uid: HashMap<String, HashSet<Name>>,
@@ -222,10 +274,13 @@ pub struct Translator {
     pod_out: HashMap<Name, PodOut>,
     service_out: HashMap<Name, ServiceOut>,
     policy_out: BTreeMap<(ObjectKind, Name), PolicyOut>,
+    gateway_out: BTreeMap<Name, ObjectStatus>,
 
     dirty_pods: HashSet<Name>,
     dirty_services: HashSet<Name>,
     dirty_policies: BTreeSet<(ObjectKind, Name)>,
+    dirty_gateways: BTreeSet<Name>,
+    reconcile: BTreeSet<Name>,
     changes: HashMap<Key, Option<Item>>,
 }
 
@@ -248,7 +303,12 @@ impl Translator {
             slices: HashMap::new(),
             authorization_policies: HashMap::new(),
             peer_authentications: HashMap::new(),
+            service_accounts: HashMap::new(),
+            gateways: HashMap::new(),
+            deployments: HashMap::new(),
             pods_in_namespace: HashMap::new(),
+            services_in_namespace: HashMap::new(),
+            pods_of_service_account: HashMap::new(),
             pods_on_node: HashMap::new(),
             slices_of_service: HashMap::new(),
             services_naming_uid: HashMap::new(),
@@ -258,15 +318,18 @@ impl Translator {
             pod_out: HashMap::new(),
             service_out: HashMap::new(),
             policy_out: BTreeMap::new(),
+            gateway_out: BTreeMap::new(),
             dirty_pods: HashSet::new(),
             dirty_services: HashSet::new(),
             dirty_policies: BTreeSet::new(),
+            dirty_gateways: BTreeSet::new(),
+            reconcile: BTreeSet::new(),
             changes: HashMap::new(),
         }
     }
 
     /// How many objects of each kind, for metrics.
-    pub fn object_counts(&self) -> [(&'static str, u64); 7] {
+    pub fn object_counts(&self) -> [(&'static str, u64); 10] {
         ObjectKind::ALL.map(|kind| (kind.as_str(), self.len(kind) as u64))
     }
 
@@ -279,6 +342,9 @@ impl Translator {
             ObjectKind::EndpointSlice => self.slices.len(),
             ObjectKind::AuthorizationPolicy => self.authorization_policies.len(),
             ObjectKind::PeerAuthentication => self.peer_authentications.len(),
+            ObjectKind::ServiceAccount => self.service_accounts.len(),
+            ObjectKind::Gateway => self.gateways.len(),
+            ObjectKind::Deployment => self.deployments.len(),
         }
     }
 
@@ -298,6 +364,9 @@ impl Translator {
             ObjectKind::EndpointSlice => namespaced(&self.slices),
             ObjectKind::AuthorizationPolicy => namespaced(&self.authorization_policies),
             ObjectKind::PeerAuthentication => namespaced(&self.peer_authentications),
+            ObjectKind::ServiceAccount => namespaced(&self.service_accounts),
+            ObjectKind::Gateway => namespaced(&self.gateways),
+            ObjectKind::Deployment => namespaced(&self.deployments),
         }
     }
 
@@ -356,6 +425,10 @@ impl Translator {
             Object::Service(svc) => {
                 let old = self.services.insert(name.clone(), svc.clone());
                 if old.is_none_or(|o| o.labels() != svc.labels() || o.spec != svc.spec) {
+                    self.services_in_namespace
+                        .entry(name.0.clone())
+                        .or_default()
+                        .insert(name.clone());
                     self.dirty_services.insert(name);
                 }
             }
@@ -386,6 +459,36 @@ impl Translator {
                 }) {
                     self.dirty_policies
                         .insert((ObjectKind::AuthorizationPolicy, name));
+                }
+            }
+            Object::ServiceAccount(sa) => {
+                let old = self.service_accounts.insert(name.clone(), sa.clone());
+                if old.is_none_or(|o| o.labels() != sa.labels()) {
+                    self.service_account_changed(&name);
+                }
+            }
+            Object::Gateway(gw) if !gw.is_waypoint() => {
+                // Another controller's Gateway (or one that stopped being
+                // a waypoint).
+                self.delete(ObjectKind::Gateway, &name);
+            }
+            Object::Gateway(gw) => {
+                let old = self.gateways.insert(name.clone(), gw.clone());
+                if old.is_none_or(|o| {
+                    o.metadata.generation != gw.metadata.generation
+                        || o.spec != gw.spec
+                        || o.metadata.uid != gw.metadata.uid
+                }) {
+                    self.waypoint_changed(&name);
+                    self.reconcile.insert(name);
+                }
+            }
+            Object::Deployment(d) => {
+                let available =
+                    |d: &Deployment| d.status.as_ref().and_then(|s| s.available_replicas);
+                let old = self.deployments.insert(name.clone(), d.clone());
+                if old.is_none_or(|o| available(&o) != available(&d)) {
+                    self.dirty_gateways.insert(name);
                 }
             }
             Object::PeerAuthentication(pa) => {
@@ -426,7 +529,29 @@ impl Translator {
             }
             ObjectKind::Service => {
                 if self.services.remove(name).is_some() {
+                    remove_from(&mut self.services_in_namespace, &name.0, name);
                     self.dirty_services.insert(name.clone());
+                    if self.gateways.contains_key(name) {
+                        self.reconcile.insert(name.clone());
+                    }
+                }
+            }
+            ObjectKind::ServiceAccount => {
+                if self.service_accounts.remove(name).is_some() {
+                    self.service_account_changed(name);
+                }
+            }
+            ObjectKind::Gateway => {
+                if self.gateways.remove(name).is_some() {
+                    self.waypoint_changed(name);
+                }
+            }
+            ObjectKind::Deployment => {
+                if self.deployments.remove(name).is_some() {
+                    self.dirty_gateways.insert(name.clone());
+                    if self.gateways.contains_key(name) {
+                        self.reconcile.insert(name.clone());
+                    }
                 }
             }
             ObjectKind::EndpointSlice => {
@@ -450,6 +575,33 @@ impl Translator {
     fn namespace_changed(&mut self, namespace: &str) {
         if let Some(pods) = self.pods_in_namespace.get(namespace) {
             self.dirty_pods.extend(pods.iter().cloned());
+        }
+        if let Some(services) = self.services_in_namespace.get(namespace) {
+            self.dirty_services.extend(services.iter().cloned());
+        }
+    }
+
+    fn service_account_changed(&mut self, name: &Name) {
+        if let Some(pods) = self.pods_of_service_account.get(name) {
+            self.dirty_pods.extend(pods.iter().cloned());
+        }
+    }
+
+    /// A waypoint's Gateway came, went or changed: its status, and what
+    /// it serves.
+    fn waypoint_changed(&mut self, name: &Name) {
+        self.dirty_gateways.insert(name.clone());
+        self.waypoint_users_changed(name);
+    }
+
+    fn waypoint_users_changed(&mut self, name: &Name) {
+        if let Some(users) = self.waypoint_users.get(name) {
+            for user in users {
+                match user {
+                    Dependent::Pod(p) => self.dirty_pods.insert(p.clone()),
+                    Dependent::Service(s) => self.dirty_services.insert(s.clone()),
+                };
+            }
         }
     }
 
@@ -525,17 +677,91 @@ impl Translator {
                 self.settle_service(service, false);
             }
         }
+        // Last: a Gateway's status reads its Service as settled.
+        translated += self.dirty_gateways.len();
+        for name in std::mem::take(&mut self.dirty_gateways) {
+            statuses.extend(self.translate_gateway(&name));
+        }
+        let waypoints = std::mem::take(&mut self.reconcile)
+            .into_iter()
+            .filter(|n| self.gateways.contains_key(n))
+            .collect();
         Delta {
             changes: self.changes.drain().collect(),
             statuses,
             translated,
+            waypoints,
             took: started.elapsed(),
         }
     }
 
     /// The conditions of every policy.
-    pub fn statuses(&self) -> impl Iterator<Item = &PolicyStatus> {
-        self.policy_out.values().map(|p| &p.status)
+    pub fn statuses(&self) -> impl Iterator<Item = &ObjectStatus> {
+        self.policy_out
+            .values()
+            .map(|p| &p.status)
+            .chain(self.gateway_out.values())
+    }
+
+    /// Every waypoint's Gateway.
+    pub fn waypoints(&self) -> impl Iterator<Item = &Arc<Gateway>> {
+        self.gateways.values()
+    }
+
+    /// A waypoint's status: `Accepted` when its listeners are HBONE on
+    /// 15008 (or left to the controller), `Programmed` once its Service has
+    /// an address in the mesh and its Deployment an available replica.
+    /// `None` when it did not change.
+    fn translate_gateway(&mut self, name: &Name) -> Option<ObjectStatus> {
+        let Some(gw) = self.gateways.get(name).cloned() else {
+            self.gateway_out.remove(name);
+            return None;
+        };
+        let (ns, n) = name;
+        let problem = gw.listener_problem();
+        let address = self.service_out.get(name).and_then(|s| s.address);
+        let available = self
+            .deployments
+            .get(name)
+            .and_then(|d| d.status.as_ref()?.available_replicas)
+            .unwrap_or(0);
+        let accepted = match &problem {
+            None => Condition::new(
+                "Accepted",
+                true,
+                "Accepted",
+                format!("waypoint for what is labelled ambit.dev/use-waypoint: {n} in {ns}"),
+            ),
+            Some(p) => Condition::new("Accepted", false, "ListenersNotValid", p.clone()),
+        };
+        let programmed = match (problem, address) {
+            (Some(_), _) => Condition::new("Programmed", false, "Invalid", "not accepted"),
+            (None, None) => Condition::new(
+                "Programmed",
+                false,
+                "AddressNotAssigned",
+                format!("Service {n} has no cluster IP in the mesh yet"),
+            ),
+            (None, Some(_)) if available == 0 => Condition::new(
+                "Programmed",
+                false,
+                "Pending",
+                format!("Deployment {n} has no available replica"),
+            ),
+            (None, Some(ip)) => Condition::new(
+                "Programmed",
+                true,
+                "Programmed",
+                format!("{available} replica(s) behind {ip}"),
+            ),
+        };
+        let mut status = ObjectStatus::new("Gateway", &*gw, vec![accepted, programmed]);
+        status.addresses = address.into_iter().collect();
+        if self.gateway_out.get(name) == Some(&status) {
+            return None;
+        }
+        self.gateway_out.insert(name.clone(), status.clone());
+        Some(status)
     }
 
     /// The mesh config as flushed, whole.
@@ -568,17 +794,17 @@ impl Translator {
         config
     }
 
-    fn translate_policy(&mut self, key: (ObjectKind, Name)) -> Option<PolicyStatus> {
+    fn translate_policy(&mut self, key: (ObjectKind, Name)) -> Option<ObjectStatus> {
         let (kind, name) = &key;
         let translated = match kind {
             ObjectKind::AuthorizationPolicy => self.authorization_policies.get(name).map(|ap| {
                 let t = translate::authorization_policy(ap);
-                let status = PolicyStatus::new(kind.as_str(), &**ap, t.accepted, t.enforced);
+                let status = ObjectStatus::new(kind.as_str(), &**ap, vec![t.accepted, t.enforced]);
                 (t.policy.map(Item::AuthorizationPolicy), status)
             }),
             _ => self.peer_authentications.get(name).map(|pa| {
                 let t = translate::peer_authentication(pa);
-                let status = PolicyStatus::new(kind.as_str(), &**pa, t.accepted, t.enforced);
+                let status = ObjectStatus::new(kind.as_str(), &**pa, vec![t.accepted, t.enforced]);
                 (t.policy.map(Item::PeerAuthentication), status)
             }),
         };
@@ -618,6 +844,9 @@ impl Translator {
                     self.unclaim(&me, &w.ips, touched);
                 }
                 remove_from(&mut self.pods_on_node, &old.node, name);
+                if let Some(sa) = &old.service_account {
+                    remove_from(&mut self.pods_of_service_account, sa, name);
+                }
                 if let Some(wp) = &old.waypoint {
                     remove_from(&mut self.waypoint_users, wp, &Dependent::Pod(name.clone()));
                 }
@@ -640,13 +869,28 @@ impl Translator {
             .as_ref()
             .and_then(|s| s.node_name.clone())
             .unwrap_or_default();
-        let waypoint = label(pod.labels(), USE_WAYPOINT)
-            .or_else(|| {
-                self.namespaces
-                    .get(&name.0)
-                    .and_then(|n| label(n.labels(), USE_WAYPOINT))
-            })
-            .map(|wp| (name.0.clone(), wp.to_string()));
+        let service_account: Name = (
+            name.0.clone(),
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into()),
+        );
+        // The most specific label wins: pod, service account, namespace.
+        let waypoint = if label(pod.labels(), GATEWAY_NAME_LABEL).is_some() {
+            // A waypoint's own pods are not sent through a waypoint.
+            None
+        } else {
+            label(pod.labels(), USE_WAYPOINT)
+                .or_else(|| {
+                    self.service_accounts
+                        .get(&service_account)
+                        .and_then(|sa| label(sa.labels(), USE_WAYPOINT))
+                })
+                .or_else(|| self.namespace_waypoint(&name.0))
+                .filter(|wp| *wp != "none")
+                .map(|wp| (name.0.clone(), wp.to_string()))
+        };
         let workload = self.workload(&pod, &node, waypoint.as_ref());
         if let Some(w) = &workload {
             let me = Claimant::Workload {
@@ -657,6 +901,10 @@ impl Translator {
         }
         self.pods_on_node
             .entry(node.clone())
+            .or_default()
+            .insert(name.clone());
+        self.pods_of_service_account
+            .entry(service_account.clone())
             .or_default()
             .insert(name.clone());
         if let Some(wp) = &waypoint {
@@ -670,6 +918,7 @@ impl Translator {
             PodOut {
                 workload,
                 node,
+                service_account: Some(service_account),
                 waypoint,
                 published,
             },
@@ -765,8 +1014,15 @@ impl Translator {
                 .collect();
             out.uids.sort();
             out.uids.dedup();
-            out.waypoint =
-                label(svc.labels(), USE_WAYPOINT).map(|wp| (name.0.clone(), wp.to_string()));
+            out.waypoint = if label(svc.labels(), GATEWAY_NAME_LABEL).is_some() {
+                // A waypoint's own Service.
+                None
+            } else {
+                label(svc.labels(), USE_WAYPOINT)
+                    .or_else(|| self.namespace_waypoint(&name.0))
+                    .filter(|wp| *wp != "none")
+                    .map(|wp| (name.0.clone(), wp.to_string()))
+            };
             out.service = self.service(name, &svc, &slices, out.waypoint.as_ref());
         }
         if let Some(s) = &out.service {
@@ -810,21 +1066,19 @@ impl Translator {
         }
         let address = service.and_then(|s| s.vips.first().copied());
         let published = service.is_some();
-        if address != out.address
-            && let Some(users) = self.waypoint_users.get(name)
-        {
-            for user in users {
-                match user {
-                    Dependent::Pod(p) => self.dirty_pods.insert(p.clone()),
-                    Dependent::Service(s) => self.dirty_services.insert(s.clone()),
-                };
-            }
-        }
-        if out.service.is_none() && !published && !self.services.contains_key(name) {
+        let address_changed = address != out.address;
+        let gone = out.service.is_none() && !published && !self.services.contains_key(name);
+        if gone {
             self.service_out.remove(name);
         } else if let Some(out) = self.service_out.get_mut(name) {
             out.published = published;
             out.address = address;
+        }
+        if address_changed {
+            self.waypoint_users_changed(name);
+            if self.gateways.contains_key(name) {
+                self.dirty_gateways.insert(name.clone());
+            }
         }
     }
 
@@ -842,10 +1096,22 @@ impl Translator {
         }
     }
 
-    /// The address of the waypoint `name`, while its Service is in the
-    /// config.
+    fn namespace_waypoint(&self, namespace: &str) -> Option<&str> {
+        self.namespaces
+            .get(namespace)
+            .and_then(|n| label(n.labels(), USE_WAYPOINT))
+    }
+
+    /// The address of the waypoint `name`: its Gateway is accepted and its
+    /// Service is in the config. Otherwise traffic goes direct, and the
+    /// Gateway's status (or its absence) says why.
     fn waypoint(&self, name: Option<&Name>) -> Option<WaypointRef> {
-        let address = self.service_out.get(name?)?.address?;
+        let name = name?;
+        let gateway = self.gateways.get(name)?;
+        if gateway.listener_problem().is_some() {
+            return None;
+        }
+        let address = self.service_out.get(name)?.address?;
         Some(WaypointRef { address })
     }
 

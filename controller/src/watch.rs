@@ -7,7 +7,10 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, Pod, PodSpec, PodStatus, Service, ServiceAccount,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -18,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::crd::{AuthorizationPolicy, PeerAuthentication};
+use crate::gateway::{GATEWAY_NAME_LABEL, Gateway};
 use crate::translator::{Name, Object, ObjectKind};
 
 /// What changed in the stores.
@@ -40,11 +44,18 @@ pub struct Watched {
     pub endpoint_slices: Store<EndpointSlice>,
     pub authorization_policies: Store<AuthorizationPolicy>,
     pub peer_authentications: Store<PeerAuthentication>,
+    pub service_accounts: Store<ServiceAccount>,
+    /// `None` when the Gateway API is not installed: no waypoints then.
+    pub gateways: Option<Store<Gateway>>,
+    /// Waypoints' Deployments.
+    pub deployments: Store<Deployment>,
 }
 
 /// Watches every kind the controller translates; every change is sent to
-/// `touched`.
+/// `touched`. Gateways are watched when `gateway_api` (the Gateway API
+/// CRDs are installed).
 pub fn watch_all(
+    gateway_api: bool,
     client: &Client,
     touched: &mpsc::UnboundedSender<Touch>,
     tasks: &TaskTracker,
@@ -68,6 +79,27 @@ pub fn watch_all(
             trim_meta,
         ),
         peer_authentications: w.reflect(K::PeerAuthentication, Api::all(client.clone()), trim_meta),
+        service_accounts: w.reflect(K::ServiceAccount, Api::all(client.clone()), trim_meta),
+        gateways: gateway_api.then(|| w.reflect(K::Gateway, Api::all(client.clone()), trim_meta)),
+        deployments: w.reflect_selected(
+            K::Deployment,
+            Api::all(client.clone()),
+            watcher::Config::default().labels(GATEWAY_NAME_LABEL),
+            trim_deployment,
+        ),
+    }
+}
+
+/// Whether the Gateway API is installed (its Gateway kind can be listed).
+pub async fn gateway_api_installed(client: &Client) -> Result<bool, kube::Error> {
+    let api: Api<Gateway> = Api::all(client.clone());
+    match api
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -83,13 +115,24 @@ impl Watcher<'_> {
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
         K::DynamicType: Default + Eq + Hash + Clone,
     {
+        self.reflect_selected(object_kind, api, watcher::Config::default(), trim)
+    }
+
+    fn reflect_selected<K>(
+        &self,
+        object_kind: ObjectKind,
+        api: Api<K>,
+        config: watcher::Config,
+        trim: fn(&mut K),
+    ) -> Store<K>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Default + Eq + Hash + Clone,
+    {
         let kind = K::kind(&K::DynamicType::default()).into_owned();
         let (reader, writer) = reflector::store();
-        let stream = reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default()).modify(trim),
-        )
-        .default_backoff();
+        let stream =
+            reflector::reflector(writer, watcher(api, config).modify(trim)).default_backoff();
         let (touched, stop) = (self.touched.clone(), self.stop.clone());
         let name = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
         self.tasks.spawn(async move {
@@ -136,6 +179,19 @@ fn trim_node(node: &mut Node) {
     node.status = None;
 }
 
+fn trim_deployment(deployment: &mut Deployment) {
+    trim_meta(deployment);
+    // Only availability is read (the Gateway's `Programmed`).
+    deployment.spec = Default::default();
+    deployment.status = Some(DeploymentStatus {
+        available_replicas: deployment
+            .status
+            .as_ref()
+            .and_then(|s| s.available_replicas),
+        ..DeploymentStatus::default()
+    });
+}
+
 fn trim_pod(pod: &mut Pod) {
     trim_meta(pod);
     if let Some(spec) = &pod.spec {
@@ -165,7 +221,12 @@ impl Watched {
         self.services.wait_until_ready().await?;
         self.endpoint_slices.wait_until_ready().await?;
         self.authorization_policies.wait_until_ready().await?;
-        self.peer_authentications.wait_until_ready().await
+        self.peer_authentications.wait_until_ready().await?;
+        self.service_accounts.wait_until_ready().await?;
+        if let Some(gateways) = &self.gateways {
+            gateways.wait_until_ready().await?;
+        }
+        self.deployments.wait_until_ready().await
     }
 
     /// The object `name` of `kind`, `None` when there is none.
@@ -195,6 +256,11 @@ impl Watched {
             ObjectKind::PeerAuthentication => {
                 Object::PeerAuthentication(one(&self.peer_authentications, namespace, name)?)
             }
+            ObjectKind::ServiceAccount => {
+                Object::ServiceAccount(one(&self.service_accounts, namespace, name)?)
+            }
+            ObjectKind::Gateway => Object::Gateway(one(self.gateways.as_ref()?, namespace, name)?),
+            ObjectKind::Deployment => Object::Deployment(one(&self.deployments, namespace, name)?),
         })
     }
 
@@ -221,6 +287,13 @@ impl Watched {
             ObjectKind::PeerAuthentication => {
                 every(&self.peer_authentications, Object::PeerAuthentication)
             }
+            ObjectKind::ServiceAccount => every(&self.service_accounts, Object::ServiceAccount),
+            ObjectKind::Gateway => self
+                .gateways
+                .as_ref()
+                .map(|g| every(g, Object::Gateway))
+                .unwrap_or_default(),
+            ObjectKind::Deployment => every(&self.deployments, Object::Deployment),
         }
     }
 }

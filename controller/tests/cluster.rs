@@ -178,7 +178,13 @@ fn waypoint_labels_enroll_workloads_and_services() {
         .unwrap()
         .insert("ambit.dev/use-waypoint".into(), "waypoint".into());
     c.services.extend(objects::<k8s_openapi::api::core::v1::Service>(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: waypoint, namespace: shop}\nspec: {clusterIP: 10.96.0.50, ports: [{port: 15008}]}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: waypoint, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}\nspec: {clusterIP: 10.96.0.50, ports: [{port: 15008}]}\n",
+    ));
+    // The Service alone is no waypoint: the Gateway makes it one.
+    let config = c.mesh_config();
+    assert!(config.workloads.iter().all(|w| w.waypoint.is_none()));
+    c.gateways.extend(objects::<controller::gateway::Gateway>(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: shop}\nspec: {gatewayClassName: ambit-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n",
     ));
     std::sync::Arc::make_mut(&mut c.services[0])
         .metadata
@@ -193,6 +199,47 @@ fn waypoint_labels_enroll_workloads_and_services() {
     assert_eq!(web.waypoint, wp);
     let svc = config.services.iter().find(|s| s.name == "web").unwrap();
     assert_eq!(svc.waypoint, wp);
+    let own = config
+        .services
+        .iter()
+        .find(|s| s.name == "waypoint")
+        .unwrap();
+    assert_eq!(own.waypoint, None, "the waypoint's own Service goes direct");
+    // A pod's `none` opts out of its namespace's waypoint; a service
+    // account's label applies to its pods.
+    let mut c2 = c.clone();
+    std::sync::Arc::make_mut(&mut c2.pods[0])
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("ambit.dev/use-waypoint".into(), "none".into());
+    let config = c2.mesh_config();
+    let web0 = config.workloads.iter().find(|w| w.name == "web-0").unwrap();
+    let web1 = config.workloads.iter().find(|w| w.name == "web-1").unwrap();
+    assert_eq!((&web0.waypoint, &web1.waypoint), (&None, &wp));
+    let mut c3 = c.clone();
+    c3.service_accounts.extend(objects::<k8s_openapi::api::core::v1::ServiceAccount>(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop, labels: {ambit.dev/use-waypoint: none}}\n",
+    ));
+    let config = c3.mesh_config();
+    assert!(
+        config
+            .workloads
+            .iter()
+            .filter(|w| w.service_account == "web")
+            .all(|w| w.waypoint.is_none())
+    );
+    // A Gateway of another class is no waypoint.
+    let mut c4 = c.clone();
+    std::sync::Arc::make_mut(&mut c4.gateways[0])
+        .spec
+        .gateway_class_name = "other".into();
+    assert!(
+        c4.mesh_config()
+            .workloads
+            .iter()
+            .all(|w| w.waypoint.is_none())
+    );
     // A waypoint that does not exist is not referenced.
     c.services
         .retain(|s| s.metadata.name.as_deref() != Some("waypoint"));

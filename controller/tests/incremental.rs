@@ -67,6 +67,9 @@ fn object(kind: ObjectKind, value: Value) -> Object {
         ObjectKind::EndpointSlice => Object::EndpointSlice(Arc::new(from(value))),
         ObjectKind::AuthorizationPolicy => Object::AuthorizationPolicy(Arc::new(from(value))),
         ObjectKind::PeerAuthentication => Object::PeerAuthentication(Arc::new(from(value))),
+        ObjectKind::ServiceAccount => Object::ServiceAccount(Arc::new(from(value))),
+        ObjectKind::Gateway => Object::Gateway(Arc::new(from(value))),
+        ObjectKind::Deployment => Object::Deployment(Arc::new(from(value))),
     }
 }
 
@@ -94,6 +97,9 @@ impl World {
                 Object::EndpointSlice(x) => c.endpoint_slices.push(x),
                 Object::AuthorizationPolicy(x) => c.authorization_policies.push(x),
                 Object::PeerAuthentication(x) => c.peer_authentications.push(x),
+                Object::ServiceAccount(x) => c.service_accounts.push(x),
+                Object::Gateway(x) => c.gateways.push(x),
+                Object::Deployment(x) => c.deployments.push(x),
             }
         }
         c
@@ -111,14 +117,17 @@ impl World {
 
     /// A random new version of some object, or a deletion.
     fn change(&mut self, rng: &mut Rng) -> Change {
-        let kind = match rng.below(12) {
+        let kind = match rng.below(15) {
             0 => ObjectKind::Namespace,
             1 => ObjectKind::Node,
             2..=5 => ObjectKind::Pod,
             6 | 7 => ObjectKind::Service,
             8 | 9 => ObjectKind::EndpointSlice,
             10 => ObjectKind::AuthorizationPolicy,
-            _ => ObjectKind::PeerAuthentication,
+            11 => ObjectKind::PeerAuthentication,
+            12 => ObjectKind::ServiceAccount,
+            13 => ObjectKind::Gateway,
+            _ => ObjectKind::Deployment,
         };
         let ns = rng.pick(&NAMESPACES).to_string();
         let waypoint = if rng.chance(30) {
@@ -206,12 +215,14 @@ impl World {
                 } else {
                     json!(8080)
                 };
+                let own = name == "wp" && rng.chance(50);
                 (
                     ns.clone(),
                     name.to_string(),
                     json!({
                         "metadata": {"name": name, "namespace": ns, "labels": {
-                            "ambit.dev/use-waypoint": if name != "wp" { waypoint } else { Value::Null },
+                            "ambit.dev/use-waypoint": waypoint,
+                            "gateway.networking.k8s.io/gateway-name": if own { json!("wp") } else { Value::Null },
                         }},
                         "spec": {
                             "clusterIP": ip,
@@ -266,6 +277,52 @@ impl World {
                     }),
                 )
             }
+            ObjectKind::ServiceAccount => {
+                let name = rng.pick(&["sa1", "sa2"]);
+                let label = match rng.below(3) {
+                    0 => json!("wp"),
+                    1 => json!("none"),
+                    _ => Value::Null,
+                };
+                (
+                    ns.clone(),
+                    name.to_string(),
+                    json!({
+                        "metadata": {"name": name, "namespace": ns, "labels": {"ambit.dev/use-waypoint": label}},
+                    }),
+                )
+            }
+            ObjectKind::Gateway => {
+                let class = if rng.chance(10) {
+                    "other"
+                } else {
+                    "ambit-waypoint"
+                };
+                let (port, protocol) = if rng.chance(10) {
+                    (80, "HTTP")
+                } else {
+                    (15008, "HBONE")
+                };
+                (
+                    ns.clone(),
+                    "wp".to_string(),
+                    json!({
+                        "metadata": {"name": "wp", "namespace": ns, "uid": format!("gw-{ns}"),
+                            "generation": rng.below(3) + 1},
+                        "spec": {"gatewayClassName": class,
+                            "listeners": [{"name": "mesh", "port": port, "protocol": protocol}]},
+                    }),
+                )
+            }
+            ObjectKind::Deployment => (
+                ns.clone(),
+                "wp".to_string(),
+                json!({
+                    "metadata": {"name": "wp", "namespace": ns},
+                    "spec": {"selector": {}, "template": {}},
+                    "status": {"availableReplicas": rng.below(2)},
+                }),
+            ),
             ObjectKind::PeerAuthentication => {
                 let mode = rng.pick(&["STRICT", "PERMISSIVE"]);
                 (
@@ -335,6 +392,18 @@ fn incremental_translation_equals_translation_from_scratch() {
                 scratch,
                 "seed {seed}, step {step}"
             );
+            let mut statuses: Vec<String> =
+                translator.statuses().map(|s| format!("{s:?}")).collect();
+            let mut expected: Vec<String> = world
+                .cluster()
+                .translate()
+                .1
+                .iter()
+                .map(|s| format!("{s:?}"))
+                .collect();
+            statuses.sort();
+            expected.sort();
+            assert_eq!(statuses, expected, "seed {seed}, step {step}");
             if let Err(e) = Snapshot::new(incremental, 1) {
                 panic!("seed {seed}, step {step}: the data planes would refuse it: {e}");
             }

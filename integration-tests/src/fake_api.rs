@@ -1,7 +1,9 @@
 //! A small Kubernetes API server for tests: it speaks the real REST and
 //! watch JSON protocol (list with a collection `resourceVersion`, watch as
-//! newline-delimited events, optimistic concurrency on replace, JSON merge
-//! patches, the `/status` subresource, `Status` errors), so kube's
+//! newline-delimited events, label selectors, optimistic concurrency on
+//! replace, JSON merge patches, server-side apply (as create-or-merge: field
+//! ownership is not tracked), the `/status` subresource, `Status` errors),
+//! so kube's
 //! watchers, reflectors and clients run against it unchanged. Objects live
 //! in memory; every change is an event with a new resource version.
 //! TokenReviews are answered from a table the test fills.
@@ -114,6 +116,26 @@ fn failure(code: StatusCode, reason: &str, message: String) -> Response<Body> {
     )
 }
 
+/// Whether `object`'s labels satisfy a `labelSelector` (equality and
+/// existence terms: `k=v`, `k==v`, `k!=v`, `k`, `!k`).
+fn selects(selector: Option<&String>, object: &Value) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    let labels = &object["metadata"]["labels"];
+    selector.split(',').all(|term| {
+        if let Some((k, v)) = term.split_once("!=") {
+            labels[k].as_str() != Some(v)
+        } else if let Some((k, v)) = term.split_once('=') {
+            labels[k].as_str() == Some(v.trim_start_matches('='))
+        } else if let Some(k) = term.strip_prefix('!') {
+            labels.get(k).is_none()
+        } else {
+            labels.get(term).is_some()
+        }
+    })
+}
+
 /// RFC 7386.
 fn merge(target: &mut Value, patch: &Value) {
     match (target, patch) {
@@ -136,8 +158,34 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (decode(k), decode(v)))
         .collect()
+}
+
+/// Percent-decoding of a query component.
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl FakeApiServer {
@@ -331,16 +379,25 @@ async fn handle(
                 .get("timeoutSeconds")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(290);
-            watch(state, events, target, from, Duration::from_secs(timeout))
+            let selector = q.get("labelSelector").cloned();
+            watch(
+                state,
+                events,
+                target,
+                selector,
+                from,
+                Duration::from_secs(timeout),
+            )
         }
         (Method::GET, None) => {
             let state = lock();
             let items: Vec<Value> = state
                 .objects
                 .iter()
-                .filter(|((c, ns, _), _)| {
+                .filter(|((c, ns, _), v)| {
                     *c == target.collection
                         && (target.namespace.is_none() || *ns == target.namespace)
+                        && selects(q.get("labelSelector"), v)
                 })
                 .map(|(_, v)| v.clone())
                 .collect();
@@ -406,15 +463,32 @@ async fn handle(
             full(StatusCode::OK, &stored)
         }
         (Method::PATCH, Some(name)) => {
-            if !content_type.starts_with("application/merge-patch+json") {
+            let apply = content_type.starts_with("application/apply-patch");
+            if !apply && !content_type.starts_with("application/merge-patch+json") {
                 return failure(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "UnsupportedMediaType",
-                    format!("this fake only takes merge patches, not {content_type}"),
+                    format!("this fake takes merge patches and apply patches, not {content_type}"),
+                );
+            }
+            if apply && q.get("fieldManager").is_none_or(String::is_empty) {
+                return failure(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "PATCH, application/apply-patch+yaml: fieldManager is required".into(),
                 );
             }
             let mut state = lock();
             let Some(mut object) = state.objects.get(&key(name)).cloned() else {
+                if apply && !target.status {
+                    // Server-side apply creates what is not there.
+                    let mut object = body;
+                    if let Some(o) = object.as_object_mut() {
+                        o.remove("status");
+                    }
+                    let stored = record(&mut state, events, key(name), Some(object), "ADDED");
+                    return full(StatusCode::CREATED, &stored);
+                }
                 return failure(
                     StatusCode::NOT_FOUND,
                     "NotFound",
@@ -461,6 +535,7 @@ fn watch(
     state: &Arc<Mutex<State>>,
     events: &broadcast::Sender<(u64, Event)>,
     target: Target,
+    selector: Option<String>,
     from: u64,
     timeout: Duration,
 ) -> Response<Body> {
@@ -478,6 +553,7 @@ fn watch(
     let matches = move |e: &Event| {
         e.collection == target.collection
             && (target.namespace.is_none() || e.namespace == target.namespace)
+            && selects(selector.as_ref(), &e.object)
     };
     tokio::spawn(async move {
         let line = |e: &Event| {

@@ -4,7 +4,9 @@
 //! namespace meshes its pods on the subscribed ztunnel, a deleted pod
 //! disappears, a policy gets its status written back, the CA root lives in
 //! a Secret, ztunnels authenticate by TokenReview and may obtain their own
-//! node's identities only, and of two replicas one leads.
+//! node's identities only, and of two replicas one leads. A waypoint
+//! Gateway is deployed, enrolls what is labelled for it, and reports
+//! whether it is programmed.
 
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
@@ -15,6 +17,7 @@ use std::time::Duration;
 use control_client::{Controller, GrpcCa, StreamSource, controller_identity};
 use controller::run::{KubeOptions, Running, Serve, start_kubernetes};
 use controller::token_review::NODE_NAME_EXTRA;
+use controller::waypoints::WaypointOptions;
 use identity::{CertManager, Identity};
 use integration_tests::fake_api::FakeApiServer;
 use model::{ConfigSink, ConfigSource, InboundProtocol};
@@ -95,6 +98,10 @@ async fn controller(api: &FakeApiServer, pod_name: &str) -> Running {
             ztunnel_service_account: "ztunnel".into(),
             token_audience: "ambit".into(),
             mesh_file: None,
+            waypoints: WaypointOptions {
+                waypoint_image: "ambit/waypoint:test".into(),
+                controller_address: "ambit-controller.ambit-system.svc:15012".into(),
+            },
         },
     )
     .await
@@ -270,4 +277,171 @@ async fn two_replicas_share_one_root_and_one_leads() {
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways";
+const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/shop/deployments";
+const SERVICES: &str = "/api/v1/namespaces/shop/services";
+
+fn waypoint_of(sink: &ConfigSink, name: &str) -> Option<String> {
+    let config = sink.current();
+    let w = config
+        .config()
+        .workloads
+        .iter()
+        .find(|w| w.name == name)?
+        .clone();
+    w.waypoint.map(|wp| wp.address.to_string())
+}
+
+fn condition(api: &FakeApiServer, type_: &str) -> Option<(String, String)> {
+    let gateway = api.get(GATEWAYS, "waypoint")?;
+    let c = gateway["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)?
+        .clone();
+    Some((c["status"].as_str()?.into(), c["reason"].as_str()?.into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_is_deployed_enrolls_what_is_labelled_and_says_when_it_is_programmed() {
+    let api = cluster().await;
+    let running = controller(&api, "controller-0").await;
+    let sink = ConfigSink::new();
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        Box::new(StreamSource::new(endpoint(&running, "ztunnel-n1-token")))
+            .run(sink.clone(), stop.clone()),
+    );
+    api.apply(
+        GATEWAYS,
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "shop"},
+            "spec": {"gatewayClassName": "ambit-waypoint",
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+    );
+    // Another controller's Gateway is left alone.
+    api.apply(
+        GATEWAYS,
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "ingress", "namespace": "shop"},
+            "spec": {"gatewayClassName": "other", "listeners": []}}),
+    );
+
+    // The leader deploys it: everything owned by the Gateway.
+    eventually("the waypoint's resources", || async {
+        api.get(DEPLOYMENTS, "waypoint").is_some()
+    })
+    .await;
+    let uid = api.get(GATEWAYS, "waypoint").unwrap()["metadata"]["uid"].clone();
+    for (path, name) in [
+        (DEPLOYMENTS, "waypoint"),
+        (SERVICES, "waypoint"),
+        ("/api/v1/namespaces/shop/serviceaccounts", "waypoint"),
+        ("/api/v1/namespaces/shop/configmaps", "ambit-root-cert"),
+    ] {
+        let object = api
+            .get(path, name)
+            .unwrap_or_else(|| panic!("{path}/{name}"));
+        assert_eq!(
+            object["metadata"]["ownerReferences"][0]["uid"], uid,
+            "{path}/{name}"
+        );
+    }
+    let deployment = api.get(DEPLOYMENTS, "waypoint").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "waypoint");
+    assert_eq!(pod["containers"][0]["image"], "ambit/waypoint:test");
+    let root = api
+        .get("/api/v1/namespaces/shop/configmaps", "ambit-root-cert")
+        .unwrap();
+    assert!(
+        root["data"]["root-cert.pem"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r == "PATCH /apis/apps/v1/namespaces/shop/deployments/waypoint"),
+        "applied server-side"
+    );
+
+    // No address yet (the fake API server allocates no cluster IPs).
+    eventually("accepted, no address", || async {
+        condition(&api, "Accepted") == Some(("True".into(), "Accepted".into()))
+            && condition(&api, "Programmed") == Some(("False".into(), "AddressNotAssigned".into()))
+    })
+    .await;
+    assert!(api.get(GATEWAYS, "ingress").unwrap()["status"].is_null());
+    let mut service = api.get(SERVICES, "waypoint").unwrap();
+    service["spec"]["clusterIP"] = json!("10.96.0.99");
+    api.apply(SERVICES, service);
+    eventually("an address, no replica", || async {
+        condition(&api, "Programmed") == Some(("False".into(), "Pending".into()))
+    })
+    .await;
+    let mut deployment = api.get(DEPLOYMENTS, "waypoint").unwrap();
+    deployment["status"] = json!({"availableReplicas": 1});
+    api.apply(DEPLOYMENTS, deployment);
+    eventually("programmed", || async {
+        condition(&api, "Programmed") == Some(("True".into(), "Programmed".into()))
+    })
+    .await;
+    let gateway = api.get(GATEWAYS, "waypoint").unwrap();
+    assert_eq!(gateway["status"]["addresses"][0]["value"], "10.96.0.99");
+    assert!(gateway["status"]["conditions"][0]["lastTransitionTime"].is_string());
+
+    // The namespace uses it; db's service account opts out.
+    api.apply(
+        NAMESPACES,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop",
+            "labels": {"ambit.dev/dataplane-mode": "ambient", "ambit.dev/use-waypoint": "waypoint"}}}),
+    );
+    api.apply(
+        "/api/v1/namespaces/shop/serviceaccounts",
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "db", "namespace": "shop", "labels": {"ambit.dev/use-waypoint": "none"}}}),
+    );
+    eventually("web-0 through the waypoint, db-0 not", || async {
+        waypoint_of(&sink, "web-0").as_deref() == Some("10.96.0.99")
+            && sink
+                .current()
+                .config()
+                .workloads
+                .iter()
+                .any(|w| w.name == "db-0")
+            && waypoint_of(&sink, "db-0").is_none()
+    })
+    .await;
+    let config = sink.current();
+    let services = &config.config().services;
+    let web = services.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(
+        web.waypoint.as_ref().unwrap().address.to_string(),
+        "10.96.0.99"
+    );
+    let own = services.iter().find(|s| s.name == "waypoint").unwrap();
+    assert!(
+        own.waypoint.is_none(),
+        "the waypoint's own Service goes direct"
+    );
+
+    // Its Deployment deleted: applied again.
+    api.delete(DEPLOYMENTS, "waypoint");
+    eventually("the Deployment back", || async {
+        api.get(DEPLOYMENTS, "waypoint").is_some()
+    })
+    .await;
+
+    // The Gateway deleted: traffic goes direct again.
+    api.delete(GATEWAYS, "waypoint");
+    eventually("web-0 direct", || async {
+        waypoint_of(&sink, "web-0").is_none()
+    })
+    .await;
+    stop.cancel();
+    running.shutdown().await;
 }

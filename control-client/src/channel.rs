@@ -1,6 +1,7 @@
 //! The TLS connection to the controller's gRPC endpoint.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,23 +15,37 @@ use tonic::transport::Channel;
 pub enum ClientError {
     /// No connection (refused, TLS failure, wrong identity presented).
     #[error("controller at {addr}: {reason}")]
-    Connect { addr: SocketAddr, reason: String },
+    Connect { addr: String, reason: String },
     /// The controller answered with an error.
     #[error("controller at {addr}: {status}")]
     Status {
-        addr: SocketAddr,
+        addr: String,
         status: Box<tonic::Status>,
     },
     /// The controller sent something this data plane cannot follow.
     #[error("controller at {addr}: {reason}")]
-    Protocol { addr: SocketAddr, reason: String },
+    Protocol { addr: String, reason: String },
+    /// The token to present could not be read.
+    #[error("token {path}: {reason}")]
+    Token { path: PathBuf, reason: String },
+}
+
+/// The token a data plane presents.
+#[derive(Clone)]
+enum Token {
+    Fixed(String),
+    /// Read again for every request: a Kubernetes projected service
+    /// account token is rotated in place.
+    File(PathBuf),
 }
 
 /// Where the controller is and how to reach it.
 #[derive(Clone)]
 pub struct Controller {
-    addr: SocketAddr,
-    token: String,
+    /// `host:port`; a name is resolved on every connection, so a
+    /// controller Service that moves is followed.
+    addr: String,
+    token: Token,
     tls: Arc<rustls::ClientConfig>,
 }
 
@@ -53,23 +68,53 @@ impl Controller {
         expected: Identity,
     ) -> Result<Self, rustls::Error> {
         let tls = identity::tls::bootstrap_client_config(roots, vec![expected])?;
-        Ok(Self { addr, token, tls })
+        Ok(Self {
+            addr: addr.to_string(),
+            token: Token::Fixed(token),
+            tls,
+        })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// The controller at `host:port` (a DNS name or an IP address), with
+    /// the token read from `token_file` for every request.
+    pub fn at(
+        addr: String,
+        token_file: PathBuf,
+        roots: &[CertificateDer<'static>],
+        expected: Identity,
+    ) -> Result<Self, rustls::Error> {
+        let tls = identity::tls::bootstrap_client_config(roots, vec![expected])?;
+        Ok(Self {
+            addr,
+            token: Token::File(token_file),
+            tls,
+        })
+    }
+
+    /// `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// A request carrying the caller's token.
     pub(crate) fn request<T>(&self, message: T) -> Result<tonic::Request<T>, ClientError> {
         let mut req = tonic::Request::new(message);
-        let bearer =
-            format!("Bearer {}", self.token)
-                .parse()
-                .map_err(|_| ClientError::Protocol {
-                    addr: self.addr,
-                    reason: "the token is not a valid header value".into(),
-                })?;
+        let token = match &self.token {
+            Token::Fixed(token) => token.clone(),
+            Token::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| ClientError::Token {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?
+                .trim()
+                .to_string(),
+        };
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Protocol {
+                addr: self.addr.clone(),
+                reason: "the token is not a valid header value".into(),
+            })?;
         req.metadata_mut().insert("authorization", bearer);
         Ok(req)
     }
@@ -77,13 +122,16 @@ impl Controller {
     /// A new HTTP/2 connection. Keepalive pings notice a controller that
     /// went away without closing the connection.
     pub(crate) async fn channel(&self) -> Result<Channel, ClientError> {
-        let (addr, tls) = (self.addr, self.tls.clone());
+        let (addr, tls) = (self.addr.clone(), self.tls.clone());
         let connector = tower::service_fn(move |_uri: http::Uri| {
-            let tls = tls.clone();
+            let (addr, tls) = (addr.clone(), tls.clone());
             async move {
-                let tcp = TcpStream::connect(addr).await?;
+                let tcp = TcpStream::connect(addr.as_str()).await?;
+                // The controller is checked by its SPIFFE identity; the
+                // name sent is its address.
+                let ip = tcp.peer_addr()?.ip();
                 let stream = tokio_rustls::TlsConnector::from(tls)
-                    .connect(identity::tls::server_name(addr.ip()), tcp)
+                    .connect(identity::tls::server_name(ip), tcp)
                     .await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
@@ -97,14 +145,14 @@ impl Controller {
             .connect_with_connector(connector)
             .await
             .map_err(|e| ClientError::Connect {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 reason: chain(&e),
             })
     }
 
     pub(crate) fn status(&self, status: tonic::Status) -> ClientError {
         ClientError::Status {
-            addr: self.addr,
+            addr: self.addr.clone(),
             status: Box::new(status),
         }
     }

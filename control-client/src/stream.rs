@@ -69,7 +69,7 @@ impl Subscription {
             };
             if part.version != update.version {
                 return Err(ClientError::Protocol {
-                    addr: self.controller.addr(),
+                    addr: self.controller.addr().to_string(),
                     reason: format!(
                         "part of version {} inside update {}",
                         part.version, update.version
@@ -98,7 +98,7 @@ impl Subscription {
             })
             .await
             .map_err(|_| ClientError::Protocol {
-                addr: self.controller.addr(),
+                addr: self.controller.addr().to_string(),
                 reason: "the stream closed".into(),
             })
     }
@@ -182,7 +182,7 @@ impl StreamSource {
                 Ok(Some(update)) => update,
                 Ok(None) => {
                     let error = ClientError::Protocol {
-                        addr: self.controller.addr(),
+                        addr: self.controller.addr().to_string(),
                         reason: "the controller ended the stream".into(),
                     };
                     return (updated, error);

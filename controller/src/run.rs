@@ -306,6 +306,8 @@ pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Resu
         .iter()
         .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
         .collect();
+    // ztunnels (in this namespace) check the controller with it.
+    waypoints::apply_root_cert(&client, &opts.namespace, &roots_pem).await?;
     let (leader_tx, leader) = tokio::sync::watch::channel(false);
     let lock = LeaseLock {
         api: Api::namespaced(client.clone(), &opts.namespace),

@@ -459,9 +459,12 @@ fn next(table: &Table, caller: &Caller, held: &Held, changed: Option<HashSet<Key
     pending
 }
 
-/// At most this much of an update in one message: far below gRPC's
-/// default 4 MiB message limit, and a small buffer per subscriber.
-const PART_BYTES: usize = 256 << 10;
+/// At most this much of an update in one message. The gRPC encoder keeps
+/// a buffer per subscriber as large as the largest message it has sent
+/// (rounded up to a power of two), for as long as the subscription lasts:
+/// with 256 KiB parts that was 512 KiB per subscriber, half a gigabyte at
+/// 1,000 nodes. 16 KiB is one TLS record.
+const PART_BYTES: usize = 16 << 10;
 
 /// Whole-config syncs (a first subscription, a subscriber too far behind)
 /// in progress at once; the others wait their turn. Deltas do not wait.

@@ -140,6 +140,22 @@ pub fn resources(gateway: &Gateway, roots_pem: &str, opts: &WaypointOptions) -> 
     })
 }
 
+/// Publishes the mesh root in ConfigMap `ambit-root-cert` of `namespace`
+/// (data planes check the controller's certificate with it).
+pub async fn apply_root_cert(
+    client: &Client,
+    namespace: &str,
+    roots_pem: &str,
+) -> Result<(), kube::Error> {
+    let object = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": ROOT_CONFIGMAP, "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
+        "data": {"root-cert.pem": roots_pem},
+    });
+    apply_one::<ConfigMap>(client, namespace, &object).await
+}
+
 /// Applies the waypoint's resources.
 pub async fn apply(
     client: &Client,

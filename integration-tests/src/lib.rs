@@ -7,6 +7,7 @@
 //! (`identity/tests`, `hbone/tests`).
 
 pub mod fake_api;
+pub mod rbac;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

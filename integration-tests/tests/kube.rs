@@ -154,6 +154,19 @@ async fn the_cluster_reaches_a_subscribed_ztunnel_and_status_goes_back() {
         .get("/api/v1/namespaces/ambit-system/secrets", "ambit-ca")
         .unwrap();
     assert!(secret["data"]["ca-key.pem"].is_string());
+    // Its certificate is published for the data planes of the namespace.
+    let published = api
+        .get(
+            "/api/v1/namespaces/ambit-system/configmaps",
+            "ambit-root-cert",
+        )
+        .unwrap();
+    let root = published["data"]["root-cert.pem"].as_str().unwrap();
+    assert_eq!(
+        identity::ca::certs(root, "root").unwrap(),
+        running.roots,
+        "the ConfigMap holds the root the controller serves with"
+    );
 
     // n1's ztunnel subscribes with its service account token.
     let sink = ConfigSink::new();
@@ -245,6 +258,20 @@ async fn the_cluster_reaches_a_subscribed_ztunnel_and_status_goes_back() {
     assert_eq!(lease["spec"]["holderIdentity"], "controller-0");
     stop.cancel();
     running.shutdown().await;
+    allowed_by_the_manifests(&api);
+}
+
+/// Every request the controller made is allowed by its committed RBAC.
+fn allowed_by_the_manifests(api: &FakeApiServer) {
+    let denied = integration_tests::rbac::denied(
+        &integration_tests::rbac::controller_manifests(),
+        &api.requests(),
+    );
+    assert!(
+        denied.is_empty(),
+        "not allowed by manifests/controller.yaml:\n{}",
+        denied.join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,4 +471,5 @@ async fn a_waypoint_is_deployed_enrolls_what_is_labelled_and_says_when_it_is_pro
     .await;
     stop.cancel();
     running.shutdown().await;
+    allowed_by_the_manifests(&api);
 }

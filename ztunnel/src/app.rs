@@ -54,7 +54,8 @@ pub struct Config {
 /// How to reach the controller.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    pub addr: SocketAddr,
+    /// `host:port`.
+    pub addr: String,
     /// The bootstrap or service account token proving this node.
     pub token_file: PathBuf,
     /// The mesh root certificate(s), PEM, to check the controller's.
@@ -63,15 +64,16 @@ pub struct ControllerConfig {
 
 impl ControllerConfig {
     fn connect(&self, trust_domain: &TrustDomain) -> anyhow::Result<Controller> {
-        let token = std::fs::read_to_string(&self.token_file)
+        // Read now to fail early; read again for every request.
+        std::fs::read_to_string(&self.token_file)
             .map_err(|e| anyhow::anyhow!("read {}: {e}", self.token_file.display()))?;
         let pem = std::fs::read_to_string(&self.roots_file)
             .map_err(|e| anyhow::anyhow!("read {}: {e}", self.roots_file.display()))?;
         let roots = identity::ca::certs(&pem, "mesh roots")
             .map_err(|e| anyhow::anyhow!("{}: {e}", self.roots_file.display()))?;
-        Ok(Controller::new(
-            self.addr,
-            token.trim().to_string(),
+        Ok(Controller::at(
+            self.addr.clone(),
+            self.token_file.clone(),
             &roots,
             control_client::controller_identity(trust_domain),
         )?)

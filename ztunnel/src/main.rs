@@ -46,10 +46,11 @@ struct Args {
     ca_dir: Option<PathBuf>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// The controller's address (config stream and CA, TLS).
+    /// The controller's address, `host:port` (config stream and CA, TLS).
     #[arg(long, requires_all = ["controller_token", "mesh_roots"])]
-    controller: Option<SocketAddr>,
-    /// File holding the token this node presents to the controller.
+    controller: Option<String>,
+    /// File holding the token this node presents to the controller (read
+    /// for every request: a rotated token is picked up).
     #[arg(long)]
     controller_token: Option<PathBuf>,
     /// The mesh root certificate(s), PEM: the controller's certificate

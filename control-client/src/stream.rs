@@ -9,6 +9,7 @@ use model::proto::config::{Ack, ConfigUpdate, Hello, Nack, ResourceVersion, Subs
 use model::resources::{Held, Item};
 use model::{ConfigSink, ConfigSource};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{ClientError, Controller};
@@ -21,20 +22,43 @@ pub struct Subscription {
     updates: tonic::Streaming<ConfigUpdate>,
 }
 
+/// Held resources per Hello message: about 16 KiB.
+const HELLO_PART: usize = 256;
+
+/// `hello` as messages of at most [`HELLO_PART`] resources, all but the
+/// last saying `more`.
+fn hello_parts(hello: Hello) -> impl Iterator<Item = Hello> {
+    let version = hello.version;
+    let mut held = hello.held.into_iter().peekable();
+    let mut first = true;
+    std::iter::from_fn(move || {
+        if !first && held.peek().is_none() {
+            return None;
+        }
+        first = false;
+        let part: Vec<_> = held.by_ref().take(HELLO_PART).collect();
+        Some(Hello {
+            held: part,
+            version,
+            more: held.peek().is_some(),
+        })
+    })
+}
+
 impl Subscription {
-    /// Connects and says hello; the first update follows.
+    /// Connects and says hello (in parts of [`HELLO_PART`] resources);
+    /// the first update follows.
     pub async fn open(controller: &Controller, hello: Hello) -> Result<Self, ClientError> {
         let channel = controller.channel().await?;
         // The controller waits for each answer before the next update:
         // a few slots are plenty.
         let (answers, rx) = mpsc::channel(4);
-        answers
-            .send(SubscribeRequest {
-                request: Some(Message::Hello(hello)),
-            })
-            .await
-            .expect("the receiver is alive");
-        let req = controller.request(tokio_stream::wrappers::ReceiverStream::new(rx))?;
+        let parts = hello_parts(hello).map(|hello| SubscribeRequest {
+            request: Some(Message::Hello(hello)),
+        });
+        let requests =
+            tokio_stream::iter(parts).chain(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let req = controller.request(requests)?;
         // Updates come in parts of about 1 MiB; one resource may be larger.
         let updates = ConfigServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
@@ -166,6 +190,7 @@ impl StreamSource {
                 })
                 .collect(),
             version: self.version,
+            more: false,
         }
     }
 

@@ -42,6 +42,9 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 /// Serves `routes` over TLS until `stop`, then lets open connections
 /// drain (streams are ended by their services) for a few seconds.
+/// Bytes a connection may send the controller ahead of its reading.
+const RECEIVE_WINDOW: u32 = 64 << 10;
+
 pub async fn serve(
     listener: TcpListener,
     cert: ServingCert,
@@ -83,6 +86,13 @@ pub async fn serve(
             let mut builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             builder = builder.http2_only();
+            // Data planes send little (a Hello, ACKs, CSRs): small receive
+            // windows bound what a connection can make the controller
+            // buffer before it is read, with 1,000 of them connected.
+            builder
+                .http2()
+                .initial_stream_window_size(RECEIVE_WINDOW)
+                .initial_connection_window_size(RECEIVE_WINDOW);
             let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
             tokio::pin!(conn);
             tokio::select! {

@@ -482,14 +482,47 @@ enum End {
     Stopping,
 }
 
+/// Reads the Hello, in as many parts as it comes.
+async fn read_hello(requests: &mut Streaming<SubscribeRequest>) -> Result<Hello, End> {
+    let mut hello = Hello::default();
+    loop {
+        match requests.message().await {
+            Ok(Some(SubscribeRequest {
+                request: Some(Message::Hello(part)),
+            })) => {
+                hello.held.extend(part.held);
+                hello.version = part.version;
+                if !part.more {
+                    return Ok(hello);
+                }
+            }
+            Ok(Some(_)) => {
+                return Err(End::Refused(Status::invalid_argument(
+                    "the subscription must start with a Hello",
+                )));
+            }
+            Ok(None) | Err(_) => return Err(End::Closed),
+        }
+    }
+}
+
 /// Serves one subscriber until it leaves.
 async fn session(
     server: ConfigServer,
     caller: Caller,
-    hello: Hello,
     mut requests: Streaming<SubscribeRequest>,
     tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
 ) -> End {
+    // The Hello of a subscriber that held a whole config is as large as a
+    // whole config's names: it is read under the sync permit, so that a
+    // controller restart does not decode every data plane's at once.
+    let first_permit = server.sync_permit().await;
+    let hello = match read_hello(&mut requests).await {
+        Ok(hello) => hello,
+        Err(end) => return end,
+    };
+    tracing::info!(held = hello.held.len(), version = hello.version, "subscribed");
+    let mut first = Some((hello, first_permit));
     let mut tables = server.inner.table.subscribe();
     let mut held: Option<Held> = None;
     // The version sent, what the subscriber holds once it takes it, and
@@ -514,7 +547,12 @@ async fn session(
                     }
                 },
                 None => {
-                    permit = Some(server.sync_permit().await);
+                    // The Hello is dropped once the first update is made.
+                    let (hello, first_permit) = match first.take() {
+                        Some(first) => first,
+                        None => (Hello::default(), server.sync_permit().await),
+                    };
+                    permit = Some(first_permit);
                     Some(initial(&table, &caller, &hello))
                 }
             };
@@ -606,32 +644,17 @@ impl ConfigService for ConfigServer {
                 return Err(status);
             }
         };
-        let mut requests = req.into_inner();
-        let hello = match requests.message().await? {
-            Some(SubscribeRequest {
-                request: Some(Message::Hello(hello)),
-            }) => hello,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message must be a Hello",
-                ));
-            }
-        };
+        let requests = req.into_inner();
         let (tx, rx) = mpsc::channel(1);
         let server = self.clone();
         let span = tracing::info_span!("subscriber", ?caller);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                tracing::info!(
-                    held = hello.held.len(),
-                    version = hello.version,
-                    "subscribed"
-                );
                 let metrics = server.inner.metrics.clone();
                 metrics
                     .subscribers
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let end = session(server, caller, hello, requests, tx.clone()).await;
+                let end = session(server, caller, requests, tx.clone()).await;
                 metrics
                     .subscribers
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

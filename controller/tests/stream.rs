@@ -231,13 +231,13 @@ async fn three_subscribers_follow_ordered_updates_with_their_own_policies() {
 async fn a_resubscriber_gets_only_what_changed_since_what_it_holds() {
     let ca = new_ca();
     let server = start(&ca, "127.0.0.1:0".parse().unwrap()).await;
-    server.config.publish(mesh(30, "a"));
+    server.config.publish(mesh(600, "a"));
     let ctl = controller(&ca, server.addr, token("n2"));
 
-    // From nothing: everything n2 needs (30 workloads and the service).
+    // From nothing: everything n2 needs (600 workloads and the service).
     let mut sub = Subscription::open(&ctl, Hello::default()).await.unwrap();
     let first = sub.next_update().await.unwrap().unwrap();
-    assert_eq!(first.upserts.len(), 31);
+    assert_eq!(first.upserts.len(), 601);
     assert!(first.removals.is_empty());
     sub.ack(first.version).await.unwrap();
     let held: Vec<ResourceVersion> = first
@@ -252,7 +252,7 @@ async fn a_resubscriber_gets_only_what_changed_since_what_it_holds() {
     drop(sub);
 
     // Meanwhile one pod changed and one went away.
-    let mut config = mesh(30, "a");
+    let mut config = mesh(600, "a");
     config.workloads[4]
         .labels
         .insert("extra".into(), "1".into());
@@ -260,12 +260,14 @@ async fn a_resubscriber_gets_only_what_changed_since_what_it_holds() {
     config.services[0].endpoints.retain(|e| e != "u29");
     server.config.publish(config);
 
-    // Back with what it holds: only the differences come.
+    // Back with what it holds (601 resources: a Hello in 3 parts): only
+    // the differences come.
     let mut sub = Subscription::open(
         &ctl,
         Hello {
             held,
             version: first.version,
+            more: false,
         },
     )
     .await

@@ -3,7 +3,9 @@
 //! `controller serve` process watching it, and one config subscriber per
 //! node (real TLS gRPC streams). Measures the first sync, then the time
 //! from a pod change at the API server to every subscriber holding it,
-//! the bytes sent per subscriber per change, and the controller's memory.
+//! the bytes sent per subscriber per change, and the controller's memory;
+//! then restarts the controller and measures how all subscribers, each
+//! saying what it holds, resync with the new process.
 //! Prints a Markdown table for `docs/benchmarks.md`:
 //!
 //! ```sh
@@ -14,16 +16,18 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // A report, not a library.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use control_client::{Controller, Subscription, controller_identity};
 use controller::token_review::NODE_NAME_EXTRA;
 use integration_tests::fake_api::FakeApiServer;
-use model::proto::config::{Hello, Kind};
+use model::proto::config::{Hello, Kind, ResourceVersion};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Kills the controller on drop, also when the benchmark fails.
 struct Killed(Child);
@@ -156,22 +160,7 @@ async fn run(nodes: usize, pods: usize, services: usize, changes: usize) {
     .unwrap();
     let (grpc, ops) = (free_port(), free_port());
     let spawned = Instant::now();
-    let child = Killed(
-        Command::new(&binary)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{grpc}"),
-                "--ops",
-                &format!("127.0.0.1:{ops}"),
-            ])
-            .env("KUBECONFIG", &kubeconfig)
-            .env("POD_NAME", "controller-bench")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let child = spawn_controller(&binary, &kubeconfig, grpc, ops);
     let pid = child.0.id();
     while get(ops, "/ready").await.is_none() {
         assert!(
@@ -192,8 +181,13 @@ async fn run(nodes: usize, pods: usize, services: usize, changes: usize) {
     let roots = identity::ca::certs(&root_pem, "root").unwrap();
     let td: identity::TrustDomain = "cluster.local".parse().unwrap();
 
-    // One subscriber per node.
+    // One subscriber per node. Subscriber 0 keeps what it holds; after the
+    // restart every subscriber says it holds that (they all hold the same:
+    // the benchmark has no policies).
     let (tx, mut rx) = mpsc::unbounded_channel::<Seen>();
+    let (resynced_tx, mut resynced) = mpsc::unbounded_channel::<usize>();
+    let (resume_tx, resume) = watch::channel::<Option<Arc<Vec<ResourceVersion>>>>(None);
+    let held: Arc<Mutex<HashMap<(i32, String), u64>>> = Arc::default();
     let probe_uid = "uid-p0".to_string();
     let sync_start = Instant::now();
     for n in 0..nodes {
@@ -205,6 +199,8 @@ async fn run(nodes: usize, pods: usize, services: usize, changes: usize) {
         )
         .unwrap();
         let (tx, probe) = (tx.clone(), probe_uid.clone());
+        let (resynced, mut resume) = (resynced_tx.clone(), resume.clone());
+        let held = (n == 0).then(|| held.clone());
         tokio::spawn(async move {
             // As data planes do, retry while the controller is busy with
             // everyone's first sync.
@@ -214,8 +210,20 @@ async fn run(nodes: usize, pods: usize, services: usize, changes: usize) {
                     Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
                 }
             };
-            // Ends when the controller is stopped at the end.
+            // Ends when the controller is stopped.
             while let Ok(Some(update)) = sub.next_update().await {
+                if let Some(held) = &held {
+                    let mut held = held.lock().unwrap();
+                    if update.full {
+                        held.clear();
+                    }
+                    for r in &update.upserts {
+                        held.insert((r.kind, r.name.clone()), r.digest);
+                    }
+                    for r in &update.removals {
+                        held.remove(&(r.kind, r.name.clone()));
+                    }
+                }
                 let at = Instant::now();
                 let rev = update
                     .upserts
@@ -229,6 +237,27 @@ async fn run(nodes: usize, pods: usize, services: usize, changes: usize) {
                 if sub.ack(update.version).await.is_err() {
                     break;
                 }
+            }
+            // The controller restarts: back with what it holds.
+            let Ok(list) = resume.wait_for(Option::is_some).await.map(|l| l.clone()) else {
+                return;
+            };
+            let list = list.unwrap_or_default();
+            let mut sub = loop {
+                let hello = Hello {
+                    held: list.to_vec(),
+                    ..Hello::default()
+                };
+                match Subscription::open(&ctl, hello).await {
+                    Ok(sub) => break sub,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            };
+            if let Ok(Some(update)) = sub.next_update().await {
+                let _ = resynced.send(update.upserts.len() + update.removals.len());
+                let _ = sub.ack(update.version).await;
+                // Stay subscribed until the end.
+                while let Ok(Some(_)) = sub.next_update().await {}
             }
         });
     }
@@ -288,6 +317,35 @@ async fn run(nodes: usize, pods: usize, services: usize, changes: usize) {
     let translation = (sum - first_sum) / (count - first_count).max(1.0);
     let rss_end = status_kib(pid, "VmRSS:");
     let hwm = status_kib(pid, "VmHWM:");
+
+    // Restart: every subscriber comes back saying what it holds.
+    let list: Vec<ResourceVersion> = held
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|((kind, name), digest)| ResourceVersion {
+            kind: *kind,
+            name: name.clone(),
+            digest: *digest,
+        })
+        .collect();
+    let held_count = list.len();
+    resume_tx.send_replace(Some(Arc::new(list)));
+    drop(child);
+    let restarted = Instant::now();
+    let child = spawn_controller(&binary, &kubeconfig, grpc, ops);
+    let pid = child.0.id();
+    let mut resent = 0;
+    for _ in 0..nodes {
+        resent += tokio::time::timeout(Duration::from_secs(600), resynced.recv())
+            .await
+            .expect("every subscriber resynced within 10 minutes")
+            .unwrap();
+    }
+    let resync_time = restarted.elapsed();
+    let resync_bytes = metric(ops, "ambit_controller_config_sent_bytes_total").await;
+    let rss_resynced = status_kib(pid, "VmRSS:");
+    let hwm_resynced = status_kib(pid, "VmHWM:");
     let mean_bytes = bytes_per_update.iter().sum::<f64>() / bytes_per_update.len() as f64;
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
     println!("| {nodes} nodes, {pods} pods, {services} services | |");
@@ -321,7 +379,36 @@ async fn run(nodes: usize, pods: usize, services: usize, changes: usize) {
         rss_end as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
+    println!(
+        "| controller restart → all {nodes} subscribers resynced, each holding {held_count} resources | {}, {resent} resources resent, {:.0} B sent per subscriber |",
+        ms(resync_time),
+        resync_bytes / nodes as f64
+    );
+    println!(
+        "| restarted controller RSS after the resync / peak | {:.0} / {:.0} MB |",
+        rss_resynced as f64 / 1024.0,
+        hwm_resynced as f64 / 1024.0
+    );
     drop(child);
+}
+
+fn spawn_controller(binary: &Path, kubeconfig: &Path, grpc: u16, ops: u16) -> Killed {
+    Killed(
+        Command::new(binary)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{grpc}"),
+                "--ops",
+                &format!("127.0.0.1:{ops}"),
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", "controller-bench")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn pod(i: usize, nodes: usize, namespaces: usize, rev: u64) -> serde_json::Value {

@@ -46,7 +46,7 @@ pub struct Listener {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayStatus {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub addresses: Vec<GatewayAddress>,
     #[serde(default)]
     pub conditions: Vec<Condition>,

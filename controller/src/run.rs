@@ -462,6 +462,11 @@ impl Deployer {
                 continue;
             };
             let object = format!("Gateway {}/{}", name.0, name.1);
+            if let Some(problem) = gateway.listener_problem() {
+                // Its status says why; nothing is deployed for it.
+                tracing::warn!(%object, %problem, "waypoint not deployed");
+                continue;
+            }
             match waypoints::apply(&self.client, &gateway, &self.roots_pem, &self.options).await {
                 Ok(()) => tracing::info!(%object, "waypoint resources applied"),
                 Err(error) => tracing::warn!(%object, %error, "waypoint resources not applied"),

@@ -521,7 +521,11 @@ async fn session(
         Ok(hello) => hello,
         Err(end) => return end,
     };
-    tracing::info!(held = hello.held.len(), version = hello.version, "subscribed");
+    tracing::info!(
+        held = hello.held.len(),
+        version = hello.version,
+        "subscribed"
+    );
     let mut first = Some((hello, first_permit));
     let mut tables = server.inner.table.subscribe();
     let mut held: Option<Held> = None;

@@ -322,7 +322,11 @@ fn waypoint_of(sink: &ConfigSink, name: &str) -> Option<String> {
 }
 
 fn condition(api: &FakeApiServer, type_: &str) -> Option<(String, String)> {
-    let gateway = api.get(GATEWAYS, "waypoint")?;
+    condition_of(api, "waypoint", type_)
+}
+
+fn condition_of(api: &FakeApiServer, gateway: &str, type_: &str) -> Option<(String, String)> {
+    let gateway = api.get(GATEWAYS, gateway)?;
     let c = gateway["status"]["conditions"]
         .as_array()?
         .iter()
@@ -347,6 +351,14 @@ async fn a_waypoint_is_deployed_enrolls_what_is_labelled_and_says_when_it_is_pro
             "metadata": {"name": "waypoint", "namespace": "shop"},
             "spec": {"gatewayClassName": "ambit-waypoint",
                      "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+    );
+    // A waypoint must take HBONE: this one is refused, and not deployed.
+    api.apply(
+        GATEWAYS,
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "http", "namespace": "shop"},
+            "spec": {"gatewayClassName": "ambit-waypoint",
+                     "listeners": [{"name": "web", "port": 80, "protocol": "HTTP"}]}}),
     );
     // Another controller's Gateway is left alone.
     api.apply(
@@ -403,6 +415,11 @@ async fn a_waypoint_is_deployed_enrolls_what_is_labelled_and_says_when_it_is_pro
     })
     .await;
     assert!(api.get(GATEWAYS, "ingress").unwrap()["status"].is_null());
+    assert_eq!(
+        condition_of(&api, "http", "Accepted"),
+        Some(("False".into(), "ListenersNotValid".into()))
+    );
+    assert!(api.get(DEPLOYMENTS, "http").is_none());
     let mut service = api.get(SERVICES, "waypoint").unwrap();
     service["spec"]["clusterIP"] = json!("10.96.0.99");
     api.apply(SERVICES, service);

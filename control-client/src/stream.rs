@@ -46,7 +46,7 @@ fn hello_parts(hello: Hello) -> impl Iterator<Item = Hello> {
 }
 
 impl Subscription {
-    /// Connects and says hello (in parts of [`HELLO_PART`] resources);
+    /// Connects and says hello (in parts of 256 resources);
     /// the first update follows.
     pub async fn open(controller: &Controller, hello: Hello) -> Result<Self, ClientError> {
         let channel = controller.channel().await?;

@@ -70,17 +70,6 @@ fn reaches(lab: &Lab, pod: &str, url: &str) -> bool {
         .is_ok_and(|out| out.status.success())
 }
 
-/// Polls `check` until it holds, for as long as a policy change takes to
-/// reach every ztunnel (well under the 10 s allowed here).
-fn wait_until(mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !check() {
-        ensure!(std::time::Instant::now() < deadline, "not within 10 s");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    Ok(())
-}
-
 /// The latest access log line of a node's ztunnel matching `want`, waiting
 /// briefly for it to be written.
 fn wait_for_access_line(
@@ -101,6 +90,50 @@ fn wait_for_access_line(
             path.display()
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// How long a node's ztunnel log is now: lines after it are new.
+fn log_len(lab: &Lab, node: &str) -> usize {
+    std::fs::metadata(lab.log_path(&format!("ztunnel/{node}"))).map_or(0, |m| m.len() as usize)
+}
+
+/// Polls until `pod` can no longer reach `url` *and* `node`'s ztunnel has
+/// logged (after byte `since`) the access line `want` explaining why: a
+/// request failing for another reason (a slow machine timing out) is not
+/// taken for the policy at work. Returns that line.
+fn blocked_by(
+    lab: &Lab,
+    (pod, url): (&str, &str),
+    node: &str,
+    since: usize,
+    want: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let path = lab.log_path(&format!("ztunnel/{node}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut blocked = false;
+    loop {
+        if !reaches(lab, pod, url) {
+            blocked = true;
+            let text = std::fs::read(&path).unwrap_or_default();
+            let new = String::from_utf8_lossy(text.get(since..).unwrap_or_default());
+            if let Some(line) = new.lines().rev().find(|l| l.contains("access") && want(l)) {
+                return Ok(line.to_string());
+            }
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            if blocked {
+                format!(
+                    "{pod} was refused, but {} has no access log line saying why",
+                    path.display()
+                )
+            } else {
+                format!("{pod} still reaches {url}")
+            }
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 
@@ -342,16 +375,15 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
     steps.check(
         &format!("a DENY policy on {CLIENT}'s identity blocks it, not {OUTSIDER}"),
         (|| {
+            let since = log_len(&lab, echo_node);
             lab.set_policies(DENY_SLEEP)?;
-            wait_until(|| !reaches(&lab, CLIENT, &echo_url))
-                .with_context(|| format!("{CLIENT} still reaches {}", target.key()))?;
+            let line = blocked_by(&lab, (CLIENT, &echo_url), echo_node, since, |l| {
+                l.contains("policy=demo/deny-sleep") && l.contains("denied by")
+            })?;
             ensure!(
                 reaches(&lab, OUTSIDER, &echo_url),
                 "{OUTSIDER} was blocked too"
             );
-            let line = wait_for_access_line(&lab, echo_node, |l| {
-                l.contains("policy=demo/deny-sleep") && l.contains("denied by")
-            })?;
             Ok(format!(
                 "{CLIENT}'s tunnel was answered 401 ({}); {OUTSIDER} still answered",
                 field(&line, "reason")
@@ -361,16 +393,15 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
     steps.check(
         &format!("STRICT peer authentication in demo refuses the plaintext client {OUTSIDER}"),
         (|| {
+            let since = log_len(&lab, echo_node);
             lab.set_policies(STRICT_DEMO)?;
-            wait_until(|| !reaches(&lab, OUTSIDER, &echo_url))
-                .with_context(|| format!("{OUTSIDER} still reaches {}", target.key()))?;
+            let line = blocked_by(&lab, (OUTSIDER, &echo_url), echo_node, since, |l| {
+                l.contains("plaintext refused") && l.contains("policy=demo/strict")
+            })?;
             ensure!(
                 reaches(&lab, CLIENT, &echo_url),
                 "the meshed client {CLIENT} was refused too"
             );
-            let line = wait_for_access_line(&lab, echo_node, |l| {
-                l.contains("plaintext refused") && l.contains("policy=demo/strict")
-            })?;
             lab.set_policies("")?;
             Ok(format!(
                 "ztunnel on {echo_node} closed it: {}; {CLIENT} (mTLS) still answered",

@@ -275,19 +275,8 @@ impl ConfigServer {
     /// The config being served, whole (for inspection: the mesh file).
     pub fn config(&self) -> MeshConfig {
         let table = self.inner.table.borrow().clone();
-        let mut config = model::resources::assemble(
-            &table.trust_domain,
-            table.entries.values().map(|e| &e.item),
-        );
-        config.workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
-        config.services.sort_by_key(model::Service::key);
-        config
-            .authorization_policies
-            .sort_by_key(model::AuthorizationPolicy::key);
-        config
-            .peer_authentications
-            .sort_by_key(model::PeerAuthentication::key);
-        config
+        model::resources::assemble(&table.trust_domain, table.entries.values().map(|e| &e.item))
+            .sorted()
     }
 
     /// Where the pods of the config being served run, for the CA.

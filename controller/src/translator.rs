@@ -776,14 +776,12 @@ impl Translator {
             .filter(|p| p.published.is_some())
             .filter_map(|p| p.workload.clone())
             .collect();
-        config.workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
         config.services = self
             .service_out
             .values()
             .filter(|s| s.published)
             .filter_map(|s| s.service.clone())
             .collect();
-        config.services.sort_by_key(Service::key);
         for policy in self.policy_out.values() {
             match &policy.item {
                 Some(Item::AuthorizationPolicy(p)) => config.authorization_policies.push(p.clone()),
@@ -791,7 +789,7 @@ impl Translator {
                 _ => {}
             }
         }
-        config
+        config.sorted()
     }
 
     fn translate_policy(&mut self, key: (ObjectKind, Name)) -> Option<ObjectStatus> {

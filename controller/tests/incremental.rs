@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use controller::cluster::Cluster;
 use controller::translator::{Object, ObjectKind, Translator};
+use model::Snapshot;
 use model::resources::{Item, Key, assemble};
-use model::{MeshConfig, Snapshot};
 use serde_json::{Value, json};
 
 /// xorshift: reproducible without a dependency.
@@ -352,17 +352,6 @@ enum Change {
     Delete(ObjectKind, (String, String)),
 }
 
-/// Every list in key order, so configs compare by content.
-fn normalized(mut c: MeshConfig) -> MeshConfig {
-    c.workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
-    c.services.sort_by_key(model::Service::key);
-    c.authorization_policies
-        .sort_by_key(model::AuthorizationPolicy::key);
-    c.peer_authentications
-        .sort_by_key(model::PeerAuthentication::key);
-    c
-}
-
 #[test]
 fn incremental_translation_equals_translation_from_scratch() {
     for seed in 1..=20u64 {
@@ -384,11 +373,11 @@ fn incremental_translation_equals_translation_from_scratch() {
                     None => held.remove(&key),
                 };
             }
-            let incremental = normalized(assemble("cluster.local", held.values()));
-            let scratch = normalized(world.cluster().mesh_config());
+            let incremental = assemble("cluster.local", held.values()).sorted();
+            let scratch = world.cluster().mesh_config().sorted();
             assert_eq!(incremental, scratch, "seed {seed}, step {step}");
             assert_eq!(
-                normalized(translator.config()),
+                translator.config().sorted(),
                 scratch,
                 "seed {seed}, step {step}"
             );

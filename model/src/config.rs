@@ -38,6 +38,21 @@ impl Default for MeshConfig {
     }
 }
 
+impl MeshConfig {
+    /// Every list in key order (workloads by uid, the rest by
+    /// `namespace/name`): one form for configs assembled from maps, so
+    /// they compare and print the same whatever the maps' order.
+    pub fn sorted(mut self) -> Self {
+        self.workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        self.services.sort_by_key(Service::key);
+        self.authorization_policies
+            .sort_by_key(crate::AuthorizationPolicy::key);
+        self.peer_authentications
+            .sort_by_key(crate::PeerAuthentication::key);
+        self
+    }
+}
+
 fn default_trust_domain() -> String {
     "cluster.local".into()
 }

@@ -15,6 +15,7 @@ use model::MeshConfig;
 
 use crate::crd::{AuthorizationPolicy, Condition, PeerAuthentication};
 use crate::gateway::Gateway;
+use crate::routes::{GrpcRoute, HttpRoute, RouteParentStatus};
 use crate::translator::Translator;
 
 /// Namespaces (and pods, to opt out) join the mesh with this label.
@@ -43,6 +44,8 @@ pub struct Cluster {
     pub service_accounts: Vec<Arc<ServiceAccount>>,
     pub gateways: Vec<Arc<Gateway>>,
     pub deployments: Vec<Arc<Deployment>>,
+    pub http_routes: Vec<Arc<HttpRoute>>,
+    pub grpc_routes: Vec<Arc<GrpcRoute>>,
 }
 
 pub(crate) fn label<'a>(labels: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
@@ -77,7 +80,8 @@ impl Cluster {
 
 /// One object's conditions for the generation they judged: a policy's
 /// `Accepted` and `Enforced`, a waypoint Gateway's `Accepted` and
-/// `Programmed` (and its addresses).
+/// `Programmed` (and its addresses), a route's `Accepted` and
+/// `ResolvedRefs` per parent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectStatus {
     pub kind: &'static str,
@@ -85,6 +89,8 @@ pub struct ObjectStatus {
     pub name: String,
     pub conditions: Vec<Condition>,
     pub addresses: Vec<Ipv4Addr>,
+    /// Routes: this controller's entries of `status.parents`.
+    pub parents: Vec<RouteParentStatus>,
 }
 
 impl ObjectStatus {
@@ -106,6 +112,7 @@ impl ObjectStatus {
                 })
                 .collect(),
             addresses: Vec::new(),
+            parents: Vec::new(),
         }
     }
 
@@ -114,13 +121,21 @@ impl ObjectStatus {
         format!("{} {}/{}", self.kind, self.namespace, self.name)
     }
 
+    pub fn is_route(&self) -> bool {
+        matches!(self.kind, "HTTPRoute" | "GRPCRoute")
+    }
+
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.conditions.iter().find(|c| c.type_ == type_)
     }
 
     /// The `status` to write back (without transition times: the writer
-    /// keeps those of conditions that did not change).
+    /// keeps those of conditions that did not change). A route's has only
+    /// this controller's parents; the writer keeps the others'.
     pub fn status(&self) -> serde_json::Value {
+        if self.is_route() {
+            return serde_json::json!({ "parents": self.parents });
+        }
         let mut status = serde_json::json!({ "conditions": self.conditions });
         if self.kind == "Gateway" {
             status["addresses"] = self
@@ -136,13 +151,28 @@ impl ObjectStatus {
 impl std::fmt::Display for ObjectStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:", self.object())?;
-        for (i, c) in self.conditions.iter().enumerate() {
-            let sep = if i == 0 { " " } else { ", " };
-            write!(
-                f,
-                "{sep}{}={} ({}: {})",
-                c.type_, c.status, c.reason, c.message
-            )?;
+        let parents = self.parents.iter().map(|p| {
+            let r = &p.parent_ref;
+            (
+                format!(
+                    " parent {} {}:",
+                    r.kind.as_deref().unwrap_or("Gateway"),
+                    r.name
+                ),
+                &p.conditions,
+            )
+        });
+        let all = std::iter::once((String::new(), &self.conditions)).chain(parents);
+        for (prefix, conditions) in all {
+            f.write_str(&prefix)?;
+            for (i, c) in conditions.iter().enumerate() {
+                let sep = if i == 0 { " " } else { ", " };
+                write!(
+                    f,
+                    "{sep}{}={} ({}: {})",
+                    c.type_, c.status, c.reason, c.message
+                )?;
+            }
         }
         Ok(())
     }

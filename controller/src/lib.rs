@@ -3,7 +3,8 @@
 //! waypoints, and runs the CA (`identity::CertificateAuthority`).
 //!
 //! The Ambit custom resources ([`crd`]) and their translation with honest
-//! status ([`translate`]); the cluster's objects into the mesh config,
+//! status ([`translate`]); waypoint Gateways ([`gateway`], deployed by
+//! [`waypoints`]) and the HTTP/gRPC routes they apply ([`routes`]); the cluster's objects into the mesh config,
 //! incrementally ([`translator`], published by the [`pipeline`]; whole:
 //! [`cluster`]), from the API server ([`watch`]) or a directory of
 //! manifests ([`manifests`], [`local`]); the
@@ -24,6 +25,7 @@ pub mod local;
 pub mod manifests;
 pub mod metrics;
 pub mod pipeline;
+pub mod routes;
 pub mod run;
 pub mod server;
 pub mod stream;

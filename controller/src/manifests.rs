@@ -89,6 +89,8 @@ pub fn read_dir(dir: &Path, trust_domain: &str) -> Result<Cluster, ManifestError
                     .push(Arc::new(parse(&path, value)?)),
                 "Gateway" => cluster.gateways.push(Arc::new(parse(&path, value)?)),
                 "Deployment" => cluster.deployments.push(Arc::new(parse(&path, value)?)),
+                "HTTPRoute" => cluster.http_routes.push(Arc::new(parse(&path, value)?)),
+                "GRPCRoute" => cluster.grpc_routes.push(Arc::new(parse(&path, value)?)),
                 _ => {}
             }
         }

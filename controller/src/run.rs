@@ -34,6 +34,7 @@ use crate::lease::LeaseLock;
 use crate::local::LocalMode;
 use crate::metrics::Metrics;
 use crate::pipeline::{Flushed, Pipeline};
+use crate::routes::{GrpcRoute, HttpRoute, ROUTE_CONTROLLER};
 use crate::server::{ServingCert, serve};
 use crate::stream::ConfigServer;
 use crate::token_review::TokenReviewer;
@@ -287,11 +288,17 @@ pub async fn start_kubernetes(client: Client, opts: KubeOptions) -> anyhow::Resu
         }),
     )
     .await?;
-    let gateway_api = watch::gateway_api_installed(&client).await?;
-    if !gateway_api {
-        tracing::warn!(
-            "the Gateway API is not installed (no gateway.networking.k8s.io/v1 Gateways): no waypoints until it is and the controller restarts"
-        );
+    let gateway_api = watch::GatewayApi::discover(&client).await?;
+    for (installed, kind, what) in [
+        (gateway_api.gateways, "Gateway", "no waypoints"),
+        (gateway_api.http_routes, "HTTPRoute", "no HTTP routes"),
+        (gateway_api.grpc_routes, "GRPCRoute", "no gRPC routes"),
+    ] {
+        if !installed {
+            tracing::warn!(
+                "the Gateway API kind {kind} is not installed (gateway.networking.k8s.io/v1): {what} until it is and the controller restarts"
+            );
+        }
     }
     let (touched, touches) = mpsc::unbounded_channel();
     let watched = watch::watch_all(
@@ -496,7 +503,11 @@ impl StatusWriter {
                 continue;
             };
             let current = object.status();
-            let want = with_transition_times(s.status(), &current, &now);
+            let want = if s.is_route() {
+                route_status(s.status(), &current, &now)
+            } else {
+                with_transition_times(s.status(), &current, &now)
+            };
             if says_already(&current, &want) {
                 continue;
             }
@@ -510,6 +521,8 @@ impl StatusWriter {
                     patch_status::<crd::PeerAuthentication>(client, ns, name, &patch).await
                 }
                 ObjectKind::Gateway => patch_status::<Gateway>(client, ns, name, &patch).await,
+                ObjectKind::HttpRoute => patch_status::<HttpRoute>(client, ns, name, &patch).await,
+                ObjectKind::GrpcRoute => patch_status::<GrpcRoute>(client, ns, name, &patch).await,
                 _ => continue,
             };
             match result {
@@ -556,6 +569,33 @@ fn with_transition_times(mut want: Value, current: &Value, now: &str) -> Value {
         }
     }
     want
+}
+
+/// A route's `status.parents`: the other controllers' entries as they
+/// are, then this controller's, each parent's conditions keeping their
+/// transition times.
+fn route_status(mut want: Value, current: &Value, now: &str) -> Value {
+    let held = current["parents"].as_array();
+    let ours = |p: &Value| p["controllerName"] == ROUTE_CONTROLLER;
+    let mut parents: Vec<Value> = held
+        .into_iter()
+        .flatten()
+        .filter(|p| !ours(p))
+        .cloned()
+        .collect();
+    if let Some(mine) = want["parents"].as_array_mut() {
+        for p in mine.iter_mut() {
+            let before = held
+                .into_iter()
+                .flatten()
+                .find(|h| ours(h) && h["parentRef"] == p["parentRef"])
+                .cloned()
+                .unwrap_or_default();
+            *p = with_transition_times(p.take(), &before, now);
+        }
+        parents.append(mine);
+    }
+    serde_json::json!({ "parents": parents })
 }
 
 /// Whether the object's status already says everything `want` says.

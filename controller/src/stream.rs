@@ -6,9 +6,10 @@
 //!
 //! Workloads and services go to every ztunnel (a pod may connect to any of
 //! them); policies only to the ztunnels of the workloads they select, and
-//! to the waypoints of their namespace. What a subscriber holds is known
-//! as "the table at version v" plus its policies, so a subscriber costs
-//! memory for its policies only, and an update is computed from the keys
+//! to the waypoints of their namespace; routes only to the waypoints that
+//! apply them. What a subscriber holds is known as "the table at version
+//! v" plus its policies and routes, so a subscriber costs memory for those
+//! only, and an update is computed from the keys
 //! changed since v (kept for the last [`LOG_VERSIONS`] versions; a
 //! subscriber further behind gets a full update).
 
@@ -49,6 +50,7 @@ struct Table {
     /// Node → its workloads, to find the policies a node needs and what
     /// identities its ztunnel may hold.
     by_node: imbl::HashMap<String, imbl::HashSet<Key>>,
+    /// Policies and routes: what goes to some subscribers only.
     policies: imbl::HashSet<Key>,
 }
 
@@ -61,7 +63,7 @@ impl Table {
                     .or_default()
                     .insert(key.clone());
             }
-            Item::AuthorizationPolicy(_) | Item::PeerAuthentication(_) => {
+            Item::AuthorizationPolicy(_) | Item::PeerAuthentication(_) | Item::Route(_) => {
                 self.policies.insert(key.clone());
             }
             Item::Service(_) => {}
@@ -78,7 +80,7 @@ impl Table {
                     }
                 }
             }
-            Item::AuthorizationPolicy(_) | Item::PeerAuthentication(_) => {
+            Item::AuthorizationPolicy(_) | Item::PeerAuthentication(_) | Item::Route(_) => {
                 self.policies.remove(key);
             }
             Item::Service(_) => {}
@@ -100,12 +102,19 @@ impl Table {
     /// Whether `caller` needs the policy `key`.
     fn wants_policy(&self, caller: &Caller, entry: &Entry) -> bool {
         match caller {
+            Caller::Node(_) if matches!(entry.item, Item::Route(_)) => false,
             Caller::Node(node) => self.node_workloads(node).any(|w| match &entry.item {
                 Item::AuthorizationPolicy(p) => p.selects(w),
                 Item::PeerAuthentication(p) => p.selects(w),
                 _ => false,
             }),
-            Caller::Waypoint { namespace, .. } => match &entry.item {
+            Caller::Waypoint {
+                namespace,
+                service_account,
+            } => match &entry.item {
+                // A waypoint runs as its Gateway's service account, of the
+                // Gateway's name.
+                Item::Route(r) => r.serves(&format!("{namespace}/{service_account}")),
                 Item::AuthorizationPolicy(p) => {
                     &p.namespace == namespace || p.scope == model::PolicyScope::Global
                 }
@@ -130,8 +139,13 @@ impl Table {
     }
 }
 
+/// Kinds that go to some subscribers only (policies and routes; the
+/// names below say "policies" for both).
 fn is_policy(kind: Kind) -> bool {
-    matches!(kind, Kind::AuthorizationPolicy | Kind::PeerAuthentication)
+    matches!(
+        kind,
+        Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::HttpRoute | Kind::GrpcRoute
+    )
 }
 
 #[derive(Debug)]

@@ -3,7 +3,8 @@
 //! depends on it: a pod its workload (and the Services whose endpoints name
 //! it, when it appears or disappears), a namespace its pods and Services,
 //! a service account or a node its pods, a waypoint (its Gateway, its
-//! Service) the pods and Services it serves and its own status.
+//! Service) the pods and Services it serves and its own status, a Service
+//! the routes that name it.
 //! [`Translator::flush`] returns the changes to the mesh config since the
 //! last flush.
 //!
@@ -39,6 +40,7 @@ use crate::cluster::{
 };
 use crate::crd::{AuthorizationPolicy, Condition, PeerAuthentication};
 use crate::gateway::{GATEWAY_NAME_LABEL, Gateway};
+use crate::routes::{self, GrpcRoute, HttpRoute};
 use crate::translate;
 
 /// An object's namespace (empty for cluster-scoped kinds) and name.
@@ -59,10 +61,12 @@ pub enum ObjectKind {
     /// Waypoints' Deployments only (their availability is the Gateway's
     /// `Programmed`).
     Deployment,
+    HttpRoute,
+    GrpcRoute,
 }
 
 impl ObjectKind {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 12] = [
         Self::Namespace,
         Self::Node,
         Self::Pod,
@@ -73,6 +77,8 @@ impl ObjectKind {
         Self::ServiceAccount,
         Self::Gateway,
         Self::Deployment,
+        Self::HttpRoute,
+        Self::GrpcRoute,
     ];
 
     pub fn parse(kind: &str) -> Option<Self> {
@@ -91,6 +97,8 @@ impl ObjectKind {
             Self::ServiceAccount => "ServiceAccount",
             Self::Gateway => "Gateway",
             Self::Deployment => "Deployment",
+            Self::HttpRoute => "HTTPRoute",
+            Self::GrpcRoute => "GRPCRoute",
         }
     }
 }
@@ -109,6 +117,8 @@ pub enum Object {
     ServiceAccount(Arc<ServiceAccount>),
     Gateway(Arc<Gateway>),
     Deployment(Arc<Deployment>),
+    HttpRoute(Arc<HttpRoute>),
+    GrpcRoute(Arc<GrpcRoute>),
 }
 
 impl Object {
@@ -124,6 +134,8 @@ impl Object {
             Self::ServiceAccount(_) => ObjectKind::ServiceAccount,
             Self::Gateway(_) => ObjectKind::Gateway,
             Self::Deployment(_) => ObjectKind::Deployment,
+            Self::HttpRoute(_) => ObjectKind::HttpRoute,
+            Self::GrpcRoute(_) => ObjectKind::GrpcRoute,
         }
     }
 
@@ -142,6 +154,8 @@ impl Object {
             Self::ServiceAccount(o) => of(&**o),
             Self::Gateway(o) => of(&**o),
             Self::Deployment(o) => of(&**o),
+            Self::HttpRoute(o) => of(&**o),
+            Self::GrpcRoute(o) => of(&**o),
         }
     }
 
@@ -151,6 +165,8 @@ impl Object {
             Self::AuthorizationPolicy(o) => serde_json::to_value(&o.status),
             Self::PeerAuthentication(o) => serde_json::to_value(&o.status),
             Self::Gateway(o) => serde_json::to_value(&o.status),
+            Self::HttpRoute(o) => serde_json::to_value(&o.status),
+            Self::GrpcRoute(o) => serde_json::to_value(&o.status),
             _ => Ok(serde_json::Value::Null),
         };
         json.unwrap_or_default()
@@ -177,6 +193,8 @@ fn objects(cluster: &Cluster, kind: ObjectKind) -> Vec<Object> {
         ObjectKind::ServiceAccount => wrap(&cluster.service_accounts, Object::ServiceAccount),
         ObjectKind::Gateway => wrap(&cluster.gateways, Object::Gateway),
         ObjectKind::Deployment => wrap(&cluster.deployments, Object::Deployment),
+        ObjectKind::HttpRoute => wrap(&cluster.http_routes, Object::HttpRoute),
+        ObjectKind::GrpcRoute => wrap(&cluster.grpc_routes, Object::GrpcRoute),
     }
 }
 
@@ -185,10 +203,11 @@ fn objects(cluster: &Cluster, kind: ObjectKind) -> Vec<Object> {
 pub struct Delta {
     /// Upserts (`Some`) and removals (`None`) of mesh config resources.
     pub changes: Vec<(Key, Option<Item>)>,
-    /// The conditions of the policies translated again.
-    pub statuses: Vec<ObjectStatus>,
-    /// How many pods, Services, policies and Gateways were translated
+    /// The conditions of the policies, Gateways and routes translated
     /// again.
+    pub statuses: Vec<ObjectStatus>,
+    /// How many pods, Services, policies, Gateways and routes were
+    /// translated again.
     pub translated: usize,
     /// Waypoints whose Gateway changed, or whose Deployment or Service went
     /// away: their resources are to be applied.
@@ -242,6 +261,15 @@ struct PolicyOut {
     status: ObjectStatus,
 }
 
+/// A route's translation.
+#[derive(Debug)]
+struct RouteOut {
+    item: Option<Item>,
+    status: ObjectStatus,
+    /// The Services (and waypoint Gateways) it read.
+    reads: Vec<Name>,
+}
+
 /// The incremental translator.
 #[derive(Debug)]
 pub struct Translator {
@@ -259,6 +287,8 @@ pub struct Translator {
     /// Waypoints only.
     gateways: HashMap<Name, Arc<Gateway>>,
     deployments: HashMap<Name, Arc<Deployment>>,
+    http_routes: HashMap<Name, Arc<HttpRoute>>,
+    grpc_routes: HashMap<Name, Arc<GrpcRoute>>,
 
     /// What depends on what.
     pods_in_namespace: HashMap<String, HashSet<Name>>,
@@ -268,6 +298,8 @@ pub struct Translator {
     slices_of_service: HashMap<Name, BTreeSet<Name>>,
     services_naming_uid: HashMap<String, HashSet<Name>>,
     waypoint_users: HashMap<Name, HashSet<Dependent>>,
+    /// Service or Gateway → the routes that read it.
+    routes_reading: HashMap<Name, HashSet<(ObjectKind, Name)>>,
     claims: HashMap<Ipv4Addr, BTreeSet<Claimant>>,
     published_uids: HashSet<String>,
 
@@ -275,11 +307,13 @@ pub struct Translator {
     service_out: HashMap<Name, ServiceOut>,
     policy_out: BTreeMap<(ObjectKind, Name), PolicyOut>,
     gateway_out: BTreeMap<Name, ObjectStatus>,
+    route_out: BTreeMap<(ObjectKind, Name), RouteOut>,
 
     dirty_pods: HashSet<Name>,
     dirty_services: HashSet<Name>,
     dirty_policies: BTreeSet<(ObjectKind, Name)>,
     dirty_gateways: BTreeSet<Name>,
+    dirty_routes: BTreeSet<(ObjectKind, Name)>,
     reconcile: BTreeSet<Name>,
     changes: HashMap<Key, Option<Item>>,
 }
@@ -306,6 +340,8 @@ impl Translator {
             service_accounts: HashMap::new(),
             gateways: HashMap::new(),
             deployments: HashMap::new(),
+            http_routes: HashMap::new(),
+            grpc_routes: HashMap::new(),
             pods_in_namespace: HashMap::new(),
             services_in_namespace: HashMap::new(),
             pods_of_service_account: HashMap::new(),
@@ -313,23 +349,26 @@ impl Translator {
             slices_of_service: HashMap::new(),
             services_naming_uid: HashMap::new(),
             waypoint_users: HashMap::new(),
+            routes_reading: HashMap::new(),
             claims: HashMap::new(),
             published_uids: HashSet::new(),
             pod_out: HashMap::new(),
             service_out: HashMap::new(),
             policy_out: BTreeMap::new(),
             gateway_out: BTreeMap::new(),
+            route_out: BTreeMap::new(),
             dirty_pods: HashSet::new(),
             dirty_services: HashSet::new(),
             dirty_policies: BTreeSet::new(),
             dirty_gateways: BTreeSet::new(),
+            dirty_routes: BTreeSet::new(),
             reconcile: BTreeSet::new(),
             changes: HashMap::new(),
         }
     }
 
     /// How many objects of each kind, for metrics.
-    pub fn object_counts(&self) -> [(&'static str, u64); 10] {
+    pub fn object_counts(&self) -> [(&'static str, u64); 12] {
         ObjectKind::ALL.map(|kind| (kind.as_str(), self.len(kind) as u64))
     }
 
@@ -345,6 +384,8 @@ impl Translator {
             ObjectKind::ServiceAccount => self.service_accounts.len(),
             ObjectKind::Gateway => self.gateways.len(),
             ObjectKind::Deployment => self.deployments.len(),
+            ObjectKind::HttpRoute => self.http_routes.len(),
+            ObjectKind::GrpcRoute => self.grpc_routes.len(),
         }
     }
 
@@ -367,6 +408,8 @@ impl Translator {
             ObjectKind::ServiceAccount => namespaced(&self.service_accounts),
             ObjectKind::Gateway => namespaced(&self.gateways),
             ObjectKind::Deployment => namespaced(&self.deployments),
+            ObjectKind::HttpRoute => namespaced(&self.http_routes),
+            ObjectKind::GrpcRoute => namespaced(&self.grpc_routes),
         }
     }
 
@@ -491,6 +534,22 @@ impl Translator {
                     self.dirty_gateways.insert(name);
                 }
             }
+            Object::HttpRoute(r) => {
+                let old = self.http_routes.insert(name.clone(), r.clone());
+                if old.is_none_or(|o| {
+                    o.metadata.generation != r.metadata.generation || o.spec != r.spec
+                }) {
+                    self.dirty_routes.insert((ObjectKind::HttpRoute, name));
+                }
+            }
+            Object::GrpcRoute(r) => {
+                let old = self.grpc_routes.insert(name.clone(), r.clone());
+                if old.is_none_or(|o| {
+                    o.metadata.generation != r.metadata.generation || o.spec != r.spec
+                }) {
+                    self.dirty_routes.insert((ObjectKind::GrpcRoute, name));
+                }
+            }
             Object::PeerAuthentication(pa) => {
                 let old = self.peer_authentications.insert(name.clone(), pa.clone());
                 if old.is_none_or(|o| {
@@ -569,6 +628,16 @@ impl Translator {
                     self.dirty_policies.insert((kind, name.clone()));
                 }
             }
+            ObjectKind::HttpRoute => {
+                if self.http_routes.remove(name).is_some() {
+                    self.dirty_routes.insert((kind, name.clone()));
+                }
+            }
+            ObjectKind::GrpcRoute => {
+                if self.grpc_routes.remove(name).is_some() {
+                    self.dirty_routes.insert((kind, name.clone()));
+                }
+            }
         }
     }
 
@@ -592,6 +661,14 @@ impl Translator {
     fn waypoint_changed(&mut self, name: &Name) {
         self.dirty_gateways.insert(name.clone());
         self.waypoint_users_changed(name);
+        self.routes_read(name);
+    }
+
+    /// The routes that read the Service or Gateway `name`.
+    fn routes_read(&mut self, name: &Name) {
+        if let Some(routes) = self.routes_reading.get(name) {
+            self.dirty_routes.extend(routes.iter().cloned());
+        }
     }
 
     fn waypoint_users_changed(&mut self, name: &Name) {
@@ -676,11 +753,19 @@ impl Translator {
             for service in &other_services {
                 self.settle_service(service, false);
             }
+            for service in services.iter().chain(&other_services) {
+                self.routes_read(service);
+            }
         }
         // Last: a Gateway's status reads its Service as settled.
         translated += self.dirty_gateways.len();
         for name in std::mem::take(&mut self.dirty_gateways) {
             statuses.extend(self.translate_gateway(&name));
+        }
+        // Routes read Services and waypoints as settled.
+        translated += self.dirty_routes.len();
+        for key in std::mem::take(&mut self.dirty_routes) {
+            statuses.extend(self.translate_route(key));
         }
         let waypoints = std::mem::take(&mut self.reconcile)
             .into_iter()
@@ -695,12 +780,13 @@ impl Translator {
         }
     }
 
-    /// The conditions of every policy.
+    /// The conditions of every policy, waypoint and route.
     pub fn statuses(&self) -> impl Iterator<Item = &ObjectStatus> {
         self.policy_out
             .values()
             .map(|p| &p.status)
             .chain(self.gateway_out.values())
+            .chain(self.route_out.values().map(|r| &r.status))
     }
 
     /// Every waypoint's Gateway.
@@ -789,7 +875,68 @@ impl Translator {
                 _ => {}
             }
         }
+        for route in self.route_out.values() {
+            if let Some(Item::Route(r)) = &route.item {
+                config.routes.push(r.clone());
+            }
+        }
         config.sorted()
+    }
+
+    /// A route's parents and backends as settled, its status when it
+    /// changed (`None` also when the route is gone: nothing to write to).
+    fn translate_route(&mut self, key: (ObjectKind, Name)) -> Option<ObjectStatus> {
+        let (kind, name) = &key;
+        let resolver = Lookup(self);
+        let translated = match kind {
+            ObjectKind::HttpRoute => self.http_routes.get(name).map(|r| {
+                (
+                    routes::http_route(r, &resolver),
+                    ObjectStatus::new("HTTPRoute", &**r, Vec::new()),
+                )
+            }),
+            _ => self.grpc_routes.get(name).map(|r| {
+                (
+                    routes::grpc_route(r, &resolver),
+                    ObjectStatus::new("GRPCRoute", &**r, Vec::new()),
+                )
+            }),
+        };
+        let wire_kind = match kind {
+            ObjectKind::HttpRoute => Kind::HttpRoute,
+            _ => Kind::GrpcRoute,
+        };
+        let wire_key = (wire_kind, format!("{}/{}", name.0, name.1));
+        if let Some(old) = self.route_out.remove(&key) {
+            for read in &old.reads {
+                remove_from(&mut self.routes_reading, read, &key);
+            }
+        }
+        let (translated, mut status) = match translated {
+            Some(t) => t,
+            None => {
+                self.changes.insert(wire_key, None);
+                return None;
+            }
+        };
+        status.parents = translated.parents;
+        let item = translated.route.map(Item::Route);
+        for read in &translated.reads {
+            self.routes_reading
+                .entry(read.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.changes.insert(wire_key, item.clone());
+        self.route_out.insert(
+            key,
+            RouteOut {
+                item,
+                status: status.clone(),
+                reads: translated.reads,
+            },
+        );
+        Some(status)
     }
 
     fn translate_policy(&mut self, key: (ObjectKind, Name)) -> Option<ObjectStatus> {
@@ -1262,6 +1409,26 @@ impl Translator {
 }
 
 /// Whether `me` is the first claimant of every one of `ips`.
+/// What routes read of the translator: Services as settled, waypoints.
+struct Lookup<'a>(&'a Translator);
+
+impl routes::Resolver for Lookup<'_> {
+    fn service(&self, name: &Name) -> Option<Option<Name>> {
+        let t = self.0;
+        t.services.get(name)?;
+        let out = t.service_out.get(name);
+        Some(out.and_then(|o| {
+            let referenced =
+                o.published && o.service.as_ref().is_some_and(|s| s.waypoint.is_some());
+            referenced.then(|| o.waypoint.clone()).flatten()
+        }))
+    }
+
+    fn is_waypoint(&self, name: &Name) -> bool {
+        self.0.gateways.contains_key(name)
+    }
+}
+
 fn owns(claims: &HashMap<Ipv4Addr, BTreeSet<Claimant>>, me: &Claimant, ips: &[Ipv4Addr]) -> bool {
     ips.iter()
         .all(|ip| claims.get(ip).and_then(BTreeSet::first) == Some(me))

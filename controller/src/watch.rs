@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::crd::{AuthorizationPolicy, PeerAuthentication};
 use crate::gateway::{GATEWAY_NAME_LABEL, Gateway};
+use crate::routes::{GrpcRoute, HttpRoute};
 use crate::translator::{Name, Object, ObjectKind};
 
 /// What changed in the stores.
@@ -49,13 +50,35 @@ pub struct Watched {
     pub gateways: Option<Store<Gateway>>,
     /// Waypoints' Deployments.
     pub deployments: Store<Deployment>,
+    /// `None` when their kind is not installed.
+    pub http_routes: Option<Store<HttpRoute>>,
+    pub grpc_routes: Option<Store<GrpcRoute>>,
+}
+
+/// Which Gateway API kinds the cluster has (a cluster may have Gateways
+/// without GRPCRoutes, from before Gateway API 1.1).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GatewayApi {
+    pub gateways: bool,
+    pub http_routes: bool,
+    pub grpc_routes: bool,
+}
+
+impl GatewayApi {
+    /// Lists each kind once: a 404 means it is not installed.
+    pub async fn discover(client: &Client) -> Result<Self, kube::Error> {
+        Ok(Self {
+            gateways: installed::<Gateway>(client).await?,
+            http_routes: installed::<HttpRoute>(client).await?,
+            grpc_routes: installed::<GrpcRoute>(client).await?,
+        })
+    }
 }
 
 /// Watches every kind the controller translates; every change is sent to
-/// `touched`. Gateways are watched when `gateway_api` (the Gateway API
-/// CRDs are installed).
+/// `touched`. Gateway API kinds are watched when installed.
 pub fn watch_all(
-    gateway_api: bool,
+    gateway_api: GatewayApi,
     client: &Client,
     touched: &mpsc::UnboundedSender<Touch>,
     tasks: &TaskTracker,
@@ -80,7 +103,15 @@ pub fn watch_all(
         ),
         peer_authentications: w.reflect(K::PeerAuthentication, Api::all(client.clone()), trim_meta),
         service_accounts: w.reflect(K::ServiceAccount, Api::all(client.clone()), trim_meta),
-        gateways: gateway_api.then(|| w.reflect(K::Gateway, Api::all(client.clone()), trim_meta)),
+        gateways: gateway_api
+            .gateways
+            .then(|| w.reflect(K::Gateway, Api::all(client.clone()), trim_meta)),
+        http_routes: gateway_api
+            .http_routes
+            .then(|| w.reflect(K::HttpRoute, Api::all(client.clone()), trim_meta)),
+        grpc_routes: gateway_api
+            .grpc_routes
+            .then(|| w.reflect(K::GrpcRoute, Api::all(client.clone()), trim_meta)),
         deployments: w.reflect_selected(
             K::Deployment,
             Api::all(client.clone()),
@@ -90,9 +121,13 @@ pub fn watch_all(
     }
 }
 
-/// Whether the Gateway API is installed (its Gateway kind can be listed).
-pub async fn gateway_api_installed(client: &Client) -> Result<bool, kube::Error> {
-    let api: Api<Gateway> = Api::all(client.clone());
+/// Whether the kind `K` is installed (can be listed).
+async fn installed<K>(client: &Client) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::all(client.clone());
     match api
         .list_metadata(&kube::api::ListParams::default().limit(1))
         .await
@@ -261,6 +296,12 @@ impl Watched {
             }
             ObjectKind::Gateway => Object::Gateway(one(self.gateways.as_ref()?, namespace, name)?),
             ObjectKind::Deployment => Object::Deployment(one(&self.deployments, namespace, name)?),
+            ObjectKind::HttpRoute => {
+                Object::HttpRoute(one(self.http_routes.as_ref()?, namespace, name)?)
+            }
+            ObjectKind::GrpcRoute => {
+                Object::GrpcRoute(one(self.grpc_routes.as_ref()?, namespace, name)?)
+            }
         })
     }
 
@@ -294,6 +335,16 @@ impl Watched {
                 .map(|g| every(g, Object::Gateway))
                 .unwrap_or_default(),
             ObjectKind::Deployment => every(&self.deployments, Object::Deployment),
+            ObjectKind::HttpRoute => self
+                .http_routes
+                .as_ref()
+                .map(|s| every(s, Object::HttpRoute))
+                .unwrap_or_default(),
+            ObjectKind::GrpcRoute => self
+                .grpc_routes
+                .as_ref()
+                .map(|s| every(s, Object::GrpcRoute))
+                .unwrap_or_default(),
         }
     }
 }

@@ -6,7 +6,9 @@
 //! a Secret, ztunnels authenticate by TokenReview and may obtain their own
 //! node's identities only, and of two replicas one leads. A waypoint
 //! Gateway is deployed, enrolls what is labelled for it, and reports
-//! whether it is programmed.
+//! whether it is programmed; an HTTPRoute on a Service it serves goes to
+//! that waypoint only, with its status written next to other
+//! controllers'.
 
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 const NAMESPACES: &str = "/api/v1/namespaces";
 const PODS: &str = "/api/v1/namespaces/shop/pods";
+const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes";
 const POLICIES: &str = "/apis/security.ambit.dev/v1alpha1/namespaces/shop/authorizationpolicies";
 const ZTUNNEL_SA: &str = "system:serviceaccount:ambit-system:ztunnel";
 
@@ -473,6 +476,55 @@ async fn a_waypoint_is_deployed_enrolls_what_is_labelled_and_says_when_it_is_pro
         "the waypoint's own Service goes direct"
     );
 
+    // An HTTPRoute on web goes to the waypoint, not to ztunnels; another
+    // controller's status entry is kept.
+    api.add_token("waypoint-token", "system:serviceaccount:shop:waypoint", &[]);
+    let waypoint = ConfigSink::new();
+    tokio::spawn(
+        Box::new(StreamSource::new(endpoint(&running, "waypoint-token")))
+            .run(waypoint.clone(), stop.clone()),
+    );
+    let other = json!({"parentRef": {"name": "ingress"}, "controllerName": "example.com/gateway",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": ""}]});
+    api.apply(
+        HTTP_ROUTES,
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop", "generation": 1},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"},
+                                    {"group": "", "kind": "Service", "name": "db"}],
+                     "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/v2"}}],
+                                "backendRefs": [{"name": "web", "port": 80}]}]},
+            "status": {"parents": [other.clone()]}}),
+    );
+    eventually("the route at the waypoint", || async {
+        waypoint.current().config().routes.len() == 1
+    })
+    .await;
+    let route = waypoint.current().config().routes[0].clone();
+    assert_eq!(route.parents.len(), 1, "there is no Service db: {route:?}");
+    assert_eq!(route.parents[0].waypoint, "shop/waypoint");
+    assert!(
+        sink.current().config().routes.is_empty(),
+        "ztunnels get no routes"
+    );
+    eventually("the route's status", || async {
+        let r = api.get(HTTP_ROUTES, "web").unwrap();
+        r["status"]["parents"]
+            .as_array()
+            .is_some_and(|p| p.len() == 3)
+    })
+    .await;
+    let status = api.get(HTTP_ROUTES, "web").unwrap()["status"]["parents"].clone();
+    assert_eq!(status[0], other, "another controller's entry kept");
+    let accepted = |i: usize| {
+        let c = &status[i]["conditions"][0];
+        (c["status"].clone(), c["reason"].clone())
+    };
+    assert_eq!(accepted(1), (json!("True"), json!("Accepted")));
+    assert_eq!(accepted(2), (json!("False"), json!("NoMatchingParent")));
+    assert_eq!(status[1]["controllerName"], "ambit.dev/waypoint-controller");
+    assert!(status[1]["conditions"][0]["lastTransitionTime"].is_string());
+
     // Its Deployment deleted: applied again.
     api.delete(DEPLOYMENTS, "waypoint");
     eventually("the Deployment back", || async {
@@ -480,10 +532,17 @@ async fn a_waypoint_is_deployed_enrolls_what_is_labelled_and_says_when_it_is_pro
     })
     .await;
 
-    // The Gateway deleted: traffic goes direct again.
+    // The Gateway deleted: traffic goes direct again, and the route is
+    // withdrawn, saying why.
     api.delete(GATEWAYS, "waypoint");
     eventually("web-0 direct", || async {
         waypoint_of(&sink, "web-0").is_none()
+    })
+    .await;
+    eventually("the route withdrawn", || async {
+        let r = api.get(HTTP_ROUTES, "web").unwrap();
+        waypoint.current().config().routes.is_empty()
+            && r["status"]["parents"][1]["conditions"][0]["reason"] == "NoWaypoint"
     })
     .await;
     stop.cancel();

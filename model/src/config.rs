@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::route::Route;
 
 /// Everything a data plane needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +25,9 @@ pub struct MeshConfig {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     #[serde(default)]
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// HTTPRoutes and GRPCRoutes, for waypoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
 }
 
 impl Default for MeshConfig {
@@ -34,6 +38,7 @@ impl Default for MeshConfig {
             services: Vec::new(),
             authorization_policies: Vec::new(),
             peer_authentications: Vec::new(),
+            routes: Vec::new(),
         }
     }
 }
@@ -49,6 +54,7 @@ impl MeshConfig {
             .sort_by_key(crate::AuthorizationPolicy::key);
         self.peer_authentications
             .sort_by_key(crate::PeerAuthentication::key);
+        self.routes.sort_by_key(|r| (r.kind.as_str(), r.key()));
         self
     }
 }

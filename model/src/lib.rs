@@ -1,5 +1,5 @@
 //! The mesh model: what ztunnels and waypoints need to know about the
-//! cluster, in one form whatever produced it (the controller's stream, or a
+//! cluster (and what waypoints do with HTTP: [`route`]), in one form whatever produced it (the controller's stream, or a
 //! local file in tests and small setups).
 //!
 //! [`MeshConfig`] is the wire/file form; [`Snapshot`] is a validated,
@@ -9,6 +9,7 @@
 mod config;
 pub mod policy;
 pub mod resources;
+pub mod route;
 mod snapshot;
 pub mod source;
 
@@ -35,5 +36,6 @@ pub use policy::{
     Action, AuthorizationPolicy, Connection, Decision, PeerAuthMode, PeerAuthentication,
     PolicyScope, Verdict,
 };
+pub use route::{Route, RouteKind};
 pub use snapshot::{ConfigError, ServiceTarget, Snapshot};
 pub use source::{ConfigSink, ConfigSource, FileSource};

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use crate::config::{MeshConfig, Service, Workload};
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 use crate::proto::config::{Kind, Resource, ResourceKey};
+use crate::route::{Route, RouteKind};
 
 /// One resource of a config.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +16,7 @@ pub enum Item {
     Service(Service),
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
+    Route(Route),
 }
 
 /// A resource's identity in the stream: its kind and name.
@@ -40,6 +42,10 @@ impl Item {
             Self::Service(_) => Kind::Service,
             Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Self::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Self::Route(r) => match r.kind {
+                RouteKind::Http => Kind::HttpRoute,
+                RouteKind::Grpc => Kind::GrpcRoute,
+            },
         }
     }
 
@@ -50,6 +56,7 @@ impl Item {
             Self::Service(s) => s.key(),
             Self::AuthorizationPolicy(p) => p.key(),
             Self::PeerAuthentication(p) => p.key(),
+            Self::Route(r) => r.key(),
         }
     }
 
@@ -64,6 +71,7 @@ impl Item {
             Self::Service(s) => serde_json::to_vec(s),
             Self::AuthorizationPolicy(p) => serde_json::to_vec(p),
             Self::PeerAuthentication(p) => serde_json::to_vec(p),
+            Self::Route(r) => serde_json::to_vec(r),
         }
         .expect("model types serialize to JSON");
         Resource {
@@ -96,9 +104,13 @@ impl Item {
                 serde_json::from_slice(json).map(Self::AuthorizationPolicy)
             }
             Kind::PeerAuthentication => serde_json::from_slice(json).map(Self::PeerAuthentication),
+            Kind::HttpRoute | Kind::GrpcRoute => serde_json::from_slice(json).map(Self::Route),
             Kind::Unspecified => unreachable!("filtered above"),
         }
         .map_err(|e| invalid(e.to_string()))?;
+        if item.kind() != kind {
+            return Err(invalid(format!("its content is a {:?}", item.kind())));
+        }
         if item.name() != resource.name {
             return Err(invalid(format!("its content is named {:?}", item.name())));
         }
@@ -135,6 +147,7 @@ pub fn items(config: MeshConfig) -> impl Iterator<Item = Item> {
                 .into_iter()
                 .map(Item::PeerAuthentication),
         )
+        .chain(config.routes.into_iter().map(Item::Route))
 }
 
 /// Puts resources back together into a config, in key order so that the
@@ -150,6 +163,7 @@ pub fn assemble<'a>(trust_domain: &str, items: impl IntoIterator<Item = &'a Item
             Item::Service(s) => config.services.push(s.clone()),
             Item::AuthorizationPolicy(p) => config.authorization_policies.push(p.clone()),
             Item::PeerAuthentication(p) => config.peer_authentications.push(p.clone()),
+            Item::Route(r) => config.routes.push(r.clone()),
         }
     }
     config

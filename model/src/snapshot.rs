@@ -21,6 +21,12 @@ pub enum ConfigError {
     Service { service: String, reason: String },
     #[error("policy {policy}: {reason}")]
     Policy { policy: String, reason: String },
+    #[error("{kind} {route}: {reason}")]
+    Route {
+        kind: &'static str,
+        route: String,
+        reason: String,
+    },
 }
 
 /// One accepted config with the lookups the data plane needs.
@@ -37,7 +43,7 @@ pub struct Snapshot {
     policies_by_ns: HashMap<String, Vec<usize>>,
 }
 
-/// Validates the policies and indexes the authorization policies by the
+/// Validates the policies and routes, and indexes the authorization policies by the
 /// namespace whose workloads they can select.
 fn index_policies(config: &MeshConfig) -> Result<HashMap<String, Vec<usize>>, ConfigError> {
     let mut seen = HashSet::new();
@@ -64,6 +70,17 @@ fn index_policies(config: &MeshConfig) -> Result<HashMap<String, Vec<usize>>, Co
         };
         p.validate().map_err(err)?;
         if !seen.insert(("peer", p.key())) {
+            return Err(err("defined twice".into()));
+        }
+    }
+    for r in &config.routes {
+        let err = |reason: String| ConfigError::Route {
+            kind: r.kind.as_str(),
+            route: r.key(),
+            reason,
+        };
+        r.validate().map_err(err)?;
+        if !seen.insert((r.kind.as_str(), r.key())) {
             return Err(err("defined twice".into()));
         }
     }

@@ -5,8 +5,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use model::proto::config::config_service_client::ConfigServiceClient;
 use model::proto::config::subscribe_request::Request as Message;
-use model::proto::config::{Ack, ConfigUpdate, Hello, Nack, ResourceVersion, SubscribeRequest};
-use model::resources::{Held, Item};
+use model::proto::config::{Ack, ConfigUpdate, Hello, Nack, SubscribeRequest};
+use model::resources::{Held, Item, bucket, bucket_digests};
 use model::{ConfigSink, ConfigSource};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -26,21 +26,22 @@ pub struct Subscription {
 const HELLO_PART: usize = 256;
 
 /// `hello` as messages of at most [`HELLO_PART`] resources, all but the
-/// last saying `more`.
+/// last saying `more`; bucket digests go in the first.
 fn hello_parts(hello: Hello) -> impl Iterator<Item = Hello> {
     let version = hello.version;
     let mut held = hello.held.into_iter().peekable();
-    let mut first = true;
+    let mut buckets = Some(hello.buckets);
     std::iter::from_fn(move || {
-        if !first && held.peek().is_none() {
+        let first = buckets.take();
+        if first.is_none() && held.peek().is_none() {
             return None;
         }
-        first = false;
         let part: Vec<_> = held.by_ref().take(HELLO_PART).collect();
         Some(Hello {
             held: part,
             version,
             more: held.peek().is_some(),
+            buckets: first.unwrap_or_default(),
         })
     })
 }
@@ -102,6 +103,7 @@ impl Subscription {
             }
             update.upserts.extend(part.upserts);
             update.removals.extend(part.removals);
+            update.replaced_buckets.extend(part.replaced_buckets);
             update.more = part.more;
         }
         Ok(Some(update))
@@ -141,6 +143,14 @@ fn apply_update(held: &Held, update: &ConfigUpdate) -> Result<Held, String> {
             .map_err(|_| format!("removal of {:?}: unknown kind {}", key.name, key.kind))?;
         next.remove(&(kind, key.name.clone()));
     }
+    if !update.replaced_buckets.is_empty() {
+        let replaced: std::collections::HashSet<usize> = update
+            .replaced_buckets
+            .iter()
+            .map(|b| *b as usize)
+            .collect();
+        next.retain(|(kind, name), _| !replaced.contains(&bucket(*kind, name)));
+    }
     for resource in &update.upserts {
         let item = Item::decode(resource).map_err(|e| e.to_string())?;
         next.insert(item.key(), (resource.digest, item));
@@ -152,8 +162,8 @@ fn apply_update(held: &Held, update: &ConfigUpdate) -> Result<Held, String> {
 /// validated whole by the sink and acknowledged, or refused with the
 /// reason while the last good config keeps serving. When the controller
 /// is unreachable the data plane keeps its config and reconnects with
-/// backoff, telling the controller what it holds so that only the
-/// differences come back.
+/// backoff, telling the controller what it holds (per bucket) so that only
+/// the buckets that differ come back.
 #[derive(Debug)]
 pub struct StreamSource {
     controller: Controller,
@@ -178,19 +188,22 @@ impl StreamSource {
         }
     }
 
+    /// What it holds, summed up per bucket: a few kilobytes however much
+    /// it holds (nothing when it holds nothing).
     fn hello(&self) -> Hello {
+        let buckets = if self.held.is_empty() {
+            Vec::new()
+        } else {
+            bucket_digests(
+                self.held
+                    .iter()
+                    .map(|((kind, name), (digest, _))| (*kind, name.as_str(), *digest)),
+            )
+        };
         Hello {
-            held: self
-                .held
-                .iter()
-                .map(|((kind, name), (digest, _))| ResourceVersion {
-                    kind: (*kind).into(),
-                    name: name.clone(),
-                    digest: *digest,
-                })
-                .collect(),
+            buckets,
             version: self.version,
-            more: false,
+            ..Hello::default()
         }
     }
 
@@ -264,5 +277,64 @@ impl ConfigSource for StreamSource {
             }
             retry = (retry * 2).min(RETRY_MAX);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+    use model::proto::config::Kind;
+    use model::resources::{Held, Item, bucket};
+
+    use super::*;
+
+    fn workload(uid: &str, rev: &str) -> Item {
+        Item::Workload(
+            serde_json::from_value(serde_json::json!({
+                "uid": uid, "name": uid, "namespace": "shop", "ips": [],
+                "labels": {"rev": rev},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn held(items: &[Item]) -> Held {
+        items
+            .iter()
+            .map(|i| (i.key(), (i.encode().digest, i.clone())))
+            .collect()
+    }
+
+    #[test]
+    fn a_replaced_bucket_keeps_only_what_the_update_sends_of_it() {
+        // Two workloads sharing a bucket, one elsewhere.
+        let a = "w-0".to_string();
+        let same = (1..)
+            .map(|i| format!("w-{i}"))
+            .find(|n| bucket(Kind::Workload, n) == bucket(Kind::Workload, &a))
+            .unwrap();
+        let other = (1..)
+            .map(|i| format!("w-{i}"))
+            .find(|n| bucket(Kind::Workload, n) != bucket(Kind::Workload, &a))
+            .unwrap();
+        let before = held(&[
+            workload(&a, "1"),
+            workload(&same, "1"),
+            workload(&other, "1"),
+        ]);
+        // The controller has a's new version and no longer `same`.
+        let update = ConfigUpdate {
+            version: 2,
+            upserts: vec![workload(&a, "2").encode()],
+            replaced_buckets: vec![bucket(Kind::Workload, &a) as u32],
+            ..ConfigUpdate::default()
+        };
+        let after = apply_update(&before, &update).unwrap();
+        let names: Vec<&str> = after.keys().map(|(_, n)| n.as_str()).collect();
+        let mut expected = vec![a.as_str(), other.as_str()];
+        expected.sort_unstable();
+        assert_eq!(names, expected);
+        assert_eq!(after[&(Kind::Workload, a.clone())].1, workload(&a, "2"));
     }
 }

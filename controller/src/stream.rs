@@ -21,7 +21,7 @@ use model::MeshConfig;
 use model::proto::config::config_service_server::ConfigService;
 use model::proto::config::subscribe_request::Request as Message;
 use model::proto::config::{ConfigUpdate, Hello, Kind, Resource, ResourceKey, SubscribeRequest};
-use model::resources::{Item, Key, items, wire_key};
+use model::resources::{BUCKETS, Item, Key, bucket, items, mark, wire_key};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,22 @@ pub const LOG_VERSIONS: usize = 1024;
 struct Entry {
     item: Item,
     resource: Resource,
+    /// Its bucket and its share of the bucket's digest
+    /// ([`model::resources::bucket_digests`]).
+    bucket: usize,
+    mark: u64,
+}
+
+impl Entry {
+    fn new(key: &Key, item: Item) -> Self {
+        let resource = item.encode();
+        Self {
+            bucket: bucket(key.0, &key.1),
+            mark: mark(key.0, &key.1, resource.digest),
+            item,
+            resource,
+        }
+    }
 }
 
 /// One published config. Persistent maps: a new version shares all but
@@ -52,11 +68,18 @@ struct Table {
     by_node: imbl::HashMap<String, imbl::HashSet<Key>>,
     /// Policies and routes: what goes to some subscribers only.
     policies: imbl::HashSet<Key>,
+    /// The bucket digests of everything but policies and routes (empty
+    /// until something is published; then [`BUCKETS`] long).
+    buckets: Vec<u64>,
 }
 
 impl Table {
-    fn index(&mut self, key: &Key, item: &Item) {
-        match item {
+    fn index(&mut self, key: &Key, entry: &Entry) {
+        if !is_policy(key.0) {
+            self.buckets.resize(BUCKETS, 0);
+            self.buckets[entry.bucket] ^= entry.mark;
+        }
+        match &entry.item {
             Item::Workload(w) => {
                 self.by_node
                     .entry(w.node.clone())
@@ -70,8 +93,12 @@ impl Table {
         }
     }
 
-    fn unindex(&mut self, key: &Key, item: &Item) {
-        match item {
+    fn unindex(&mut self, key: &Key, entry: &Entry) {
+        if !is_policy(key.0) {
+            // XOR: taking a mark out is putting it in again.
+            self.buckets[entry.bucket] ^= entry.mark;
+        }
+        match &entry.item {
             Item::Workload(w) => {
                 if let Some(keys) = self.by_node.get_mut(&w.node) {
                     keys.remove(key);
@@ -244,18 +271,15 @@ impl ConfigServer {
                 Some(item) if current.as_ref().is_some_and(|e| e.item == item) => continue,
                 Some(item) => {
                     if let Some(e) = &current {
-                        table.unindex(&key, &e.item);
+                        table.unindex(&key, e);
                     }
-                    table.index(&key, &item);
-                    let entry = Arc::new(Entry {
-                        resource: item.encode(),
-                        item,
-                    });
+                    let entry = Arc::new(Entry::new(&key, item));
+                    table.index(&key, &entry);
                     table.entries.insert(key.clone(), entry);
                 }
                 None => {
                     let Some(e) = current else { continue };
-                    table.unindex(&key, &e.item);
+                    table.unindex(&key, &e);
                     table.entries.remove(&key);
                 }
             }
@@ -346,6 +370,8 @@ struct Pending {
     full: bool,
     upserts: Vec<Arc<Entry>>,
     removals: Vec<ResourceKey>,
+    /// Buckets whose contents the upserts replace.
+    replaced: Vec<u32>,
     held: Held,
 }
 
@@ -357,6 +383,7 @@ impl Pending {
             full: false,
             upserts: Vec::new(),
             removals: Vec::new(),
+            replaced: Vec::new(),
             held: Held {
                 base: table.version,
                 policies,
@@ -365,7 +392,10 @@ impl Pending {
     }
 
     fn is_empty(&self) -> bool {
-        self.upserts.is_empty() && self.removals.is_empty() && !self.full
+        self.upserts.is_empty()
+            && self.removals.is_empty()
+            && self.replaced.is_empty()
+            && !self.full
     }
 
     /// The update as messages of at most [`PART_BYTES`] of resources each
@@ -373,7 +403,7 @@ impl Pending {
     /// but the last say `more`.
     fn parts(self) -> impl Iterator<Item = ConfigUpdate> {
         let mut upserts = self.upserts.into_iter().peekable();
-        let mut removals = Some(self.removals);
+        let mut removals = Some((self.removals, self.replaced));
         let (version, trust_domain, full) = (self.version, self.trust_domain, self.full);
         std::iter::from_fn(move || {
             // Done once the removals went with the last part.
@@ -392,7 +422,7 @@ impl Pending {
                 part.upserts.push(e.resource.clone());
             }
             if upserts.peek().is_none() {
-                part.removals = removals.take().unwrap_or_default();
+                (part.removals, part.replaced_buckets) = removals.take().unwrap_or_default();
             } else {
                 part.more = true;
             }
@@ -404,6 +434,9 @@ impl Pending {
 /// The first update: the differences between what the subscriber says it
 /// holds and what it needs.
 fn initial(table: &Table, caller: &Caller, hello: &Hello) -> Pending {
+    if !hello.buckets.is_empty() {
+        return initial_by_bucket(table, caller, &hello.buckets);
+    }
     let held: HashMap<Key, u64> = hello
         .held
         .iter()
@@ -424,6 +457,35 @@ fn initial(table: &Table, caller: &Caller, hello: &Hello) -> Pending {
             pending.removals.push(wire_key(key));
         }
     }
+    pending
+}
+
+/// The first update for a subscriber that summed up what it holds per
+/// bucket: the contents of every bucket whose digest differs from that of
+/// what it needs (all of them if it sent a wrong number of buckets).
+fn initial_by_bucket(table: &Table, caller: &Caller, held: &[u64]) -> Pending {
+    let mut pending = Pending::new(table, table.policies_for(caller));
+    let mut needed = table.buckets.clone();
+    needed.resize(BUCKETS, 0);
+    for key in pending.held.policies.keys() {
+        let entry = &table.entries[key];
+        needed[entry.bucket] ^= entry.mark;
+    }
+    let differ: Vec<bool> = (0..BUCKETS)
+        .map(|b| held.len() != BUCKETS || held[b] != needed[b])
+        .collect();
+    if !differ.contains(&true) {
+        return pending;
+    }
+    let policies = &pending.held.policies;
+    for (key, entry) in &table.entries {
+        if differ[entry.bucket] && (!is_policy(key.0) || policies.contains_key(key)) {
+            pending.upserts.push(entry.clone());
+        }
+    }
+    pending.replaced = (0..BUCKETS as u32)
+        .filter(|b| differ[*b as usize])
+        .collect();
     pending
 }
 
@@ -494,6 +556,7 @@ async fn read_hello(requests: &mut Streaming<SubscribeRequest>) -> Result<Hello,
                 request: Some(Message::Hello(part)),
             })) => {
                 hello.held.extend(part.held);
+                hello.buckets.extend(part.buckets);
                 hello.version = part.version;
                 if !part.more {
                     return Ok(hello);
@@ -526,6 +589,7 @@ async fn session(
     };
     tracing::info!(
         held = hello.held.len(),
+        buckets = hello.buckets.len(),
         version = hello.version,
         "subscribed"
     );

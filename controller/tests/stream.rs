@@ -267,7 +267,7 @@ async fn a_resubscriber_gets_only_what_changed_since_what_it_holds() {
         Hello {
             held,
             version: first.version,
-            more: false,
+            ..Hello::default()
         },
     )
     .await
@@ -280,6 +280,75 @@ async fn a_resubscriber_gets_only_what_changed_since_what_it_holds() {
     assert_eq!(update.removals[0].name, "u29");
     assert_eq!(update.removals[0].kind, i32::from(Kind::Workload));
     assert!(!update.full);
+    server.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubscriber_summing_up_by_bucket_gets_the_buckets_that_changed() {
+    use model::resources::{bucket, bucket_digests};
+    let ca = new_ca();
+    let server = start(&ca, "127.0.0.1:0".parse().unwrap()).await;
+    server.config.publish(mesh(600, "a"));
+    let ctl = controller(&ca, server.addr, token("n2"));
+    let mut sub = Subscription::open(&ctl, Hello::default()).await.unwrap();
+    let first = sub.next_update().await.unwrap().unwrap();
+    sub.ack(first.version).await.unwrap();
+    let held: Vec<(Kind, String, u64)> = first
+        .upserts
+        .iter()
+        .map(|r| (Kind::try_from(r.kind).unwrap(), r.name.clone(), r.digest))
+        .collect();
+    let buckets = bucket_digests(held.iter().map(|(k, n, d)| (*k, n.as_str(), *d)));
+    drop(sub);
+
+    // Unchanged: an empty first update.
+    let hello = |buckets: &Vec<u64>| Hello {
+        buckets: buckets.clone(),
+        version: first.version,
+        ..Hello::default()
+    };
+    let mut sub = Subscription::open(&ctl, hello(&buckets)).await.unwrap();
+    let update = sub.next_update().await.unwrap().unwrap();
+    assert!(update.upserts.is_empty() && update.removals.is_empty());
+    assert!(update.replaced_buckets.is_empty());
+    drop(sub);
+
+    // One pod changed, one went away (and so the Service changed): the
+    // buckets of those three, whole, and nothing else.
+    let mut config = mesh(600, "a");
+    config.workloads[4]
+        .labels
+        .insert("extra".into(), "1".into());
+    config.workloads.remove(29);
+    config.services[0].endpoints.retain(|e| e != "u29");
+    server.config.publish(config.clone());
+    let mut sub = Subscription::open(&ctl, hello(&buckets)).await.unwrap();
+    let update = sub.next_update().await.unwrap().unwrap();
+    let mut replaced: Vec<usize> = [
+        bucket(Kind::Workload, "u4"),
+        bucket(Kind::Workload, "u29"),
+        bucket(Kind::Service, "shop/web"),
+    ]
+    .into();
+    replaced.sort_unstable();
+    replaced.dedup();
+    let got: Vec<usize> = update
+        .replaced_buckets
+        .iter()
+        .map(|b| *b as usize)
+        .collect();
+    assert_eq!(got, replaced);
+    let mut upserts: Vec<String> = update.upserts.iter().map(|r| r.name.clone()).collect();
+    let mut expected: Vec<String> = model::resources::items(config)
+        .map(|i| i.key())
+        .filter(|(k, n)| replaced.contains(&bucket(*k, n)))
+        .map(|(_, n)| n)
+        .collect();
+    upserts.sort();
+    expected.sort();
+    assert_eq!(upserts, expected);
+    assert!(upserts.len() < 20, "{} resent", upserts.len());
+    assert!(update.removals.is_empty() && !update.full);
     server.stop.cancel();
 }
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use control_client::{Controller, Subscription, controller_identity};
 use controller::token_review::NODE_NAME_EXTRA;
 use integration_tests::fake_api::FakeApiServer;
-use model::proto::config::{Hello, Kind, ResourceVersion};
+use model::proto::config::{Hello, Kind};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
@@ -186,7 +186,7 @@ async fn run(nodes: usize, pods: usize, services: usize, changes: usize) {
     // the benchmark has no policies).
     let (tx, mut rx) = mpsc::unbounded_channel::<Seen>();
     let (resynced_tx, mut resynced) = mpsc::unbounded_channel::<usize>();
-    let (resume_tx, resume) = watch::channel::<Option<Arc<Vec<ResourceVersion>>>>(None);
+    let (resume_tx, resume) = watch::channel::<Option<Arc<Vec<u64>>>>(None);
     let held: Arc<Mutex<HashMap<(i32, String), u64>>> = Arc::default();
     let probe_uid = "uid-p0".to_string();
     let sync_start = Instant::now();
@@ -238,14 +238,15 @@ async fn run(nodes: usize, pods: usize, services: usize, changes: usize) {
                     break;
                 }
             }
-            // The controller restarts: back with what it holds.
-            let Ok(list) = resume.wait_for(Option::is_some).await.map(|l| l.clone()) else {
+            // The controller restarts: back with what it holds, summed up
+            // per bucket (as `StreamSource` does).
+            let Ok(buckets) = resume.wait_for(Option::is_some).await.map(|l| l.clone()) else {
                 return;
             };
-            let list = list.unwrap_or_default();
+            let buckets = buckets.unwrap_or_default();
             let mut sub = loop {
                 let hello = Hello {
-                    held: list.to_vec(),
+                    buckets: buckets.to_vec(),
                     ..Hello::default()
                 };
                 match Subscription::open(&ctl, hello).await {
@@ -319,18 +320,13 @@ async fn run(nodes: usize, pods: usize, services: usize, changes: usize) {
     let hwm = status_kib(pid, "VmHWM:");
 
     // Restart: every subscriber comes back saying what it holds.
-    let list: Vec<ResourceVersion> = held
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|((kind, name), digest)| ResourceVersion {
-            kind: *kind,
-            name: name.clone(),
-            digest: *digest,
-        })
-        .collect();
-    let held_count = list.len();
-    resume_tx.send_replace(Some(Arc::new(list)));
+    let held = held.lock().unwrap().clone();
+    let held_count = held.len();
+    let buckets =
+        model::resources::bucket_digests(held.iter().map(|((kind, name), digest)| {
+            (Kind::try_from(*kind).unwrap(), name.as_str(), *digest)
+        }));
+    resume_tx.send_replace(Some(Arc::new(buckets)));
     drop(child);
     let restarted = Instant::now();
     let child = spawn_controller(&binary, &kubeconfig, grpc, ops);

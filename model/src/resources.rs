@@ -169,6 +169,56 @@ pub fn assemble<'a>(trust_domain: &str, items: impl IntoIterator<Item = &'a Item
     config
 }
 
+/// Held resources are summed up in this many buckets: after a reconnect a
+/// subscriber says what it holds with one digest per bucket, and only the
+/// buckets that differ are sent again.
+pub const BUCKETS: usize = 256;
+
+/// FNV-1a over `parts`, then a 64-bit finaliser (splitmix64) so that the
+/// top bits are as well mixed as the rest: stable across processes and
+/// versions, like [`digest`], and cheap enough for every resource.
+fn hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // Part boundaries count: ("ab", "c") is not ("a", "bc").
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// The bucket of the resource `(kind, name)`.
+pub fn bucket(kind: Kind, name: &str) -> usize {
+    (hash(&[&i32::from(kind).to_le_bytes(), name.as_bytes()]) % BUCKETS as u64) as usize
+}
+
+/// A resource's share of its bucket's digest. A bucket's digest is the XOR
+/// of its resources' marks, so it follows changes one resource at a time.
+pub fn mark(kind: Kind, name: &str, digest: u64) -> u64 {
+    hash(&[
+        &i32::from(kind).to_le_bytes(),
+        name.as_bytes(),
+        &digest.to_le_bytes(),
+    ])
+}
+
+/// The [`BUCKETS`] digests of `resources` (kind, name, content digest).
+pub fn bucket_digests<'a>(resources: impl IntoIterator<Item = (Kind, &'a str, u64)>) -> Vec<u64> {
+    let mut buckets = vec![0; BUCKETS];
+    for (kind, name, digest) in resources {
+        buckets[bucket(kind, name)] ^= mark(kind, name, digest);
+    }
+    buckets
+}
+
 /// A wire key.
 pub fn wire_key((kind, name): &Key) -> ResourceKey {
     ResourceKey {

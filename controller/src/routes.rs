@@ -312,28 +312,19 @@ pub struct TranslatedRoute {
     pub reads: Vec<Name>,
 }
 
+/// A rule with its backend references, before they are resolved.
+type RuleDraft = (RouteRule, Vec<BackendRef>);
+
 /// The common form of both kinds before parents and backends are
-/// resolved: rules with their backend references.
+/// resolved.
 struct Draft {
-    rules: Vec<(RouteRule, Vec<BackendRef>)>,
+    rules: Vec<RuleDraft>,
 }
 
 /// Translates an HTTPRoute.
 pub fn http_route(route: &HttpRoute, resolver: &impl Resolver) -> TranslatedRoute {
     let spec = &route.spec;
-    let draft = unsupported("", &spec.other).and_then(|()| {
-        let rules = if spec.rules.is_empty() {
-            vec![HttpRule::default()]
-        } else {
-            spec.rules.clone()
-        };
-        rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| http_rule(r).map_err(|e| format!("rule {i}: {e}")))
-            .collect::<Result<_, _>>()
-            .map(|rules| Draft { rules })
-    });
+    let draft = draft(&spec.other, &spec.rules, http_rule);
     finish(
         RouteKind::Http,
         route,
@@ -347,19 +338,7 @@ pub fn http_route(route: &HttpRoute, resolver: &impl Resolver) -> TranslatedRout
 /// Translates a GRPCRoute: its method matches become path matches.
 pub fn grpc_route(route: &GrpcRoute, resolver: &impl Resolver) -> TranslatedRoute {
     let spec = &route.spec;
-    let draft = unsupported("", &spec.other).and_then(|()| {
-        let rules = if spec.rules.is_empty() {
-            vec![GrpcRule::default()]
-        } else {
-            spec.rules.clone()
-        };
-        rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| grpc_rule(r).map_err(|e| format!("rule {i}: {e}")))
-            .collect::<Result<_, _>>()
-            .map(|rules| Draft { rules })
-    });
+    let draft = draft(&spec.other, &spec.rules, grpc_rule);
     finish(
         RouteKind::Grpc,
         route,
@@ -370,6 +349,28 @@ pub fn grpc_route(route: &GrpcRoute, resolver: &impl Resolver) -> TranslatedRout
     )
 }
 
+/// The rules of either kind (no rules: one that matches everything), or
+/// the first thing in the spec that is not implemented.
+fn draft<R: Default>(
+    other: &BTreeMap<String, Value>,
+    rules: &[R],
+    rule: fn(&R) -> Result<RuleDraft, String>,
+) -> Result<Draft, String> {
+    unsupported("", other)?;
+    let default = [R::default()];
+    let rules = if rules.is_empty() {
+        &default[..]
+    } else {
+        rules
+    };
+    rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| rule(r).map_err(|e| format!("rule {i}: {e}")))
+        .collect::<Result<_, _>>()
+        .map(|rules| Draft { rules })
+}
+
 fn unsupported(at: &str, other: &BTreeMap<String, Value>) -> Result<(), String> {
     match other.keys().next() {
         None => Ok(()),
@@ -377,7 +378,7 @@ fn unsupported(at: &str, other: &BTreeMap<String, Value>) -> Result<(), String> 
     }
 }
 
-fn http_rule(rule: &HttpRule) -> Result<(RouteRule, Vec<BackendRef>), String> {
+fn http_rule(rule: &HttpRule) -> Result<RuleDraft, String> {
     unsupported("", &rule.other)?;
     let mut matches = rule
         .matches
@@ -425,7 +426,7 @@ fn http_rule(rule: &HttpRule) -> Result<(RouteRule, Vec<BackendRef>), String> {
     ))
 }
 
-fn grpc_rule(rule: &GrpcRule) -> Result<(RouteRule, Vec<BackendRef>), String> {
+fn grpc_rule(rule: &GrpcRule) -> Result<RuleDraft, String> {
     unsupported("", &rule.other)?;
     let mut matches = rule
         .matches

@@ -907,11 +907,12 @@ impl Translator {
             _ => Kind::GrpcRoute,
         };
         let wire_key = (wire_kind, format!("{}/{}", name.0, name.1));
-        if let Some(old) = self.route_out.remove(&key) {
+        let before = self.route_out.remove(&key).map(|old| {
             for read in &old.reads {
                 remove_from(&mut self.routes_reading, read, &key);
             }
-        }
+            old.status
+        });
         let (translated, mut status) = match translated {
             Some(t) => t,
             None => {
@@ -936,7 +937,9 @@ impl Translator {
                 reads: translated.reads,
             },
         );
-        Some(status)
+        // Routes are translated again whenever a Service they read is:
+        // most of the time their status stays.
+        (before.as_ref() != Some(&status)).then_some(status)
     }
 
     fn translate_policy(&mut self, key: (ObjectKind, Name)) -> Option<ObjectStatus> {

@@ -62,7 +62,7 @@ pub fn authorization_policy(ap: &AuthorizationPolicy) -> Translated<model::Autho
                 "Enforced",
                 false,
                 "WaypointNotAvailable",
-                "policies attached with targetRefs are enforced by waypoints, and no waypoint serves this target",
+                "policies attached with targetRefs are enforced by waypoints, and waypoints do not enforce policies yet (a waypoint Gateway only deploys the proxy and routes traffic through it)",
             ),
         };
     }

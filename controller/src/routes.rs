@@ -763,10 +763,11 @@ fn finish(
             }
             (Ok(_), Err(c)) => *c,
         };
+        let enforced = not_enforced(&condition);
         parents.push(RouteParentStatus {
             parent_ref: parent.clone(),
             controller_name: ROUTE_CONTROLLER.into(),
-            conditions: [condition, resolved_refs.clone()]
+            conditions: [condition, resolved_refs.clone(), enforced]
                 .into_iter()
                 .map(|c| Condition {
                     observed_generation: generation,
@@ -793,9 +794,14 @@ fn finish(
             parents
                 .into_iter()
                 .map(|mut p| {
+                    let refused = Condition::new("Accepted", false, "UnsupportedValue", e.clone());
+                    p.conditions[2] = Condition {
+                        observed_generation: generation,
+                        ..not_enforced(&refused)
+                    };
                     p.conditions[0] = Condition {
                         observed_generation: generation,
-                        ..Condition::new("Accepted", false, "UnsupportedValue", e.clone())
+                        ..refused
                     };
                     p
                 })
@@ -809,6 +815,25 @@ fn finish(
         route,
         parents,
         reads,
+    }
+}
+
+/// `Enforced` for a parent, next to Gateway API's conditions (as on Ambit's
+/// policies): whether the route changes anything. Waypoints do not apply
+/// routes yet, so an accepted route says so instead of implying it works.
+fn not_enforced(accepted: &Condition) -> Condition {
+    if accepted.is_true() {
+        Condition::new(
+            "Enforced",
+            false,
+            "WaypointNotAvailable",
+            format!(
+                "{}; the waypoint proxy does not apply routes yet",
+                accepted.message
+            ),
+        )
+    } else {
+        Condition::new("Enforced", false, &accepted.reason, "not accepted")
     }
 }
 

@@ -298,6 +298,8 @@ pub trait Resolver {
     /// The Service `name`: `None` if there is none, else the waypoint
     /// (Gateway name) serving it, if one does.
     fn service(&self, name: &Name) -> Option<Option<Name>>;
+    /// Whether the Service `name` has the service port `port`.
+    fn has_port(&self, name: &Name, port: u16) -> bool;
     /// Whether `name` is a waypoint's Gateway.
     fn is_waypoint(&self, name: &Name) -> bool;
 }
@@ -872,6 +874,15 @@ fn service_parent(
         None => Err(refuse(
             "NoMatchingParent",
             format!("Service {}/{} not found", name.0, name.1),
+        )),
+        Some(_) if port.is_some_and(|p| !resolver.has_port(name, p)) => Err(refuse(
+            "NoMatchingParent",
+            format!(
+                "Service {}/{} has no port {}",
+                name.0,
+                name.1,
+                port.unwrap_or_default()
+            ),
         )),
         Some(None) => Err(refuse(
             "NoWaypoint",

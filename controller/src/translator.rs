@@ -1411,7 +1411,6 @@ impl Translator {
     }
 }
 
-/// Whether `me` is the first claimant of every one of `ips`.
 /// What routes read of the translator: Services as settled, waypoints.
 struct Lookup<'a>(&'a Translator);
 
@@ -1427,11 +1426,20 @@ impl routes::Resolver for Lookup<'_> {
         }))
     }
 
+    fn has_port(&self, name: &Name, port: u16) -> bool {
+        let spec = self.0.services.get(name).and_then(|s| s.spec.as_ref());
+        spec.and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|p| p.port == i32::from(port))
+    }
+
     fn is_waypoint(&self, name: &Name) -> bool {
         self.0.gateways.contains_key(name)
     }
 }
 
+/// Whether `me` is the first claimant of every one of `ips`.
 fn owns(claims: &HashMap<Ipv4Addr, BTreeSet<Claimant>>, me: &Claimant, ips: &[Ipv4Addr]) -> bool {
     ips.iter()
         .all(|ip| claims.get(ip).and_then(BTreeSet::first) == Some(me))

@@ -337,7 +337,7 @@ impl World {
                         1 => json!({"group": "", "kind": "Service", "name": rng.pick(&SERVICES),
                             "namespace": rng.pick(&NAMESPACES)}),
                         _ => json!({"group": "", "kind": "Service", "name": rng.pick(&SERVICES),
-                            "port": if rng.chance(30) { json!(80) } else { Value::Null }}),
+                            "port": match rng.below(10) { 0 => json!(81), 1..=3 => json!(80), _ => Value::Null }}),
                     })
                     .collect();
                 let backends: Vec<Value> = (0..rng.below(3))

@@ -228,6 +228,7 @@ fn a_route_applies_only_where_a_waypoint_can_apply_it() {
     - {group: '', kind: Service, name: db}
     - {group: '', kind: Service, name: nope}
     - {group: '', kind: Service, name: web, namespace: other}
+    - {group: '', kind: Service, name: web, port: 8080}
     - {name: waypoint}
     - {name: ingress}
   rules: [{backendRefs: [{name: web, port: 80}]}]
@@ -258,6 +259,11 @@ fn a_route_applies_only_where_a_waypoint_can_apply_it() {
             (
                 "web".into(),
                 "Accepted=False UnsupportedValue".into(),
+                resolved.clone()
+            ),
+            (
+                "web".into(),
+                "Accepted=False NoMatchingParent".into(),
                 resolved.clone()
             ),
             (

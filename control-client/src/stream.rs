@@ -130,6 +130,19 @@ impl Subscription {
     }
 }
 
+/// The first update after a Hello of bucket digests. A controller that
+/// knows buckets answers with the buckets it replaces (or nothing when all
+/// agree); one from before them takes the Hello for an empty one and sends
+/// everything the subscriber needs, without removals: that update is a
+/// whole config, and is applied as one so that nothing deleted meanwhile
+/// stays behind.
+fn whole_if_buckets_ignored(update: &mut ConfigUpdate) {
+    let sends_something = !update.upserts.is_empty() || !update.removals.is_empty();
+    if sends_something && update.replaced_buckets.is_empty() {
+        update.full = true;
+    }
+}
+
 /// Applies `update` to a copy of `held`; the result, or why it cannot be
 /// read.
 fn apply_update(held: &Held, update: &ConfigUpdate) -> Result<Held, String> {
@@ -210,13 +223,15 @@ impl StreamSource {
     /// Follows one subscription until it ends; whether any update came.
     async fn session(&mut self, sink: &ConfigSink) -> (bool, ClientError) {
         let mut updated = false;
-        let mut sub = match Subscription::open(&self.controller, self.hello()).await {
+        let hello = self.hello();
+        let mut by_bucket = !hello.buckets.is_empty();
+        let mut sub = match Subscription::open(&self.controller, hello).await {
             Ok(sub) => sub,
             Err(error) => return (updated, error),
         };
         tracing::info!(controller = %self.controller.addr(), held = self.held.len(), "subscribed to the controller");
         loop {
-            let update = match sub.next_update().await {
+            let mut update = match sub.next_update().await {
                 Ok(Some(update)) => update,
                 Ok(None) => {
                     let error = ClientError::Protocol {
@@ -228,6 +243,9 @@ impl StreamSource {
                 Err(error) => return (updated, error),
             };
             updated = true;
+            if std::mem::take(&mut by_bucket) {
+                whole_if_buckets_ignored(&mut update);
+            }
             let answer = match self.apply(sink, &update) {
                 Ok(()) => sub.ack(update.version).await,
                 Err(reason) => {
@@ -336,5 +354,26 @@ mod tests {
         expected.sort_unstable();
         assert_eq!(names, expected);
         assert_eq!(after[&(Kind::Workload, a.clone())].1, workload(&a, "2"));
+
+        // A controller that ignored the buckets sent everything, with no
+        // removals: applied whole, `same` (gone meanwhile) does not stay.
+        let mut old_style = ConfigUpdate {
+            version: 2,
+            upserts: vec![workload(&a, "2").encode(), workload(&other, "1").encode()],
+            ..ConfigUpdate::default()
+        };
+        whole_if_buckets_ignored(&mut old_style);
+        let after = apply_update(&before, &old_style).unwrap();
+        assert_eq!(
+            after.keys().map(|(_, n)| n.as_str()).collect::<Vec<_>>(),
+            expected
+        );
+        // An answer that knows buckets is applied as it says.
+        let mut nothing = ConfigUpdate::default();
+        whole_if_buckets_ignored(&mut nothing);
+        assert!(!nothing.full);
+        let mut replaced = update.clone();
+        whole_if_buckets_ignored(&mut replaced);
+        assert!(!replaced.full);
     }
 }

@@ -130,6 +130,8 @@ pub struct HttpMatch {
     pub query_params: Vec<NamedValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -139,6 +141,8 @@ pub struct GrpcMatch {
     pub method: Option<GrpcMethod>,
     #[serde(default)]
     pub headers: Vec<NamedValue>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -255,6 +259,8 @@ pub struct BackendRef {
     pub weight: Option<i32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<Value>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -459,6 +465,7 @@ fn any_path() -> RouteMatch {
 }
 
 fn http_match(m: &HttpMatch) -> Result<RouteMatch, String> {
+    unsupported("match: ", &m.other)?;
     let path = match &m.path {
         None => PathMatch::Prefix("/".into()),
         Some(p) => {
@@ -481,6 +488,7 @@ fn http_match(m: &HttpMatch) -> Result<RouteMatch, String> {
 
 /// gRPC requests are `POST /<service>/<method>`.
 fn grpc_match(m: &GrpcMatch) -> Result<RouteMatch, String> {
+    unsupported("match: ", &m.other)?;
     let path = match &m.method {
         None => None,
         Some(method) => {
@@ -492,8 +500,9 @@ fn grpc_match(m: &GrpcMatch) -> Result<RouteMatch, String> {
                     (None, Some(n)) => Some(PathMatch::Regex(format!("/[^/]+/{}", escape(n)))),
                     (None, None) => None,
                 },
+                // Grouped, so that an alternation stays within its part.
                 "RegularExpression" => Some(PathMatch::Regex(format!(
-                    "/{}/{}",
+                    "/(?:{})/(?:{})",
                     service.unwrap_or("[^/]+"),
                     name.unwrap_or("[^/]+")
                 ))),
@@ -672,6 +681,7 @@ fn finish(
         let mut rules = Vec::new();
         for (mut rule, refs) in d.rules {
             for r in refs {
+                unsupported(&format!("backendRef {}: ", r.name), &r.other)?;
                 if !r.filters.is_empty() {
                     return Err(format!("backendRef {}: filters are not supported", r.name));
                 }
@@ -711,14 +721,26 @@ fn finish(
         Ok(rules)
     });
 
-    let resolved_refs = match &unresolved {
-        None => Condition::new(
+    let resolved_refs = match (&draft, &unresolved) {
+        // The backends of a route that is not accepted are not looked at.
+        (Err(_), _) => Condition {
+            status: "Unknown".into(),
+            ..Condition::new(
+                "ResolvedRefs",
+                false,
+                "UnsupportedValue",
+                "references not checked: the route is not accepted",
+            )
+        },
+        (Ok(_), None) => Condition::new(
             "ResolvedRefs",
             true,
             "ResolvedRefs",
             "all references resolved",
         ),
-        Some((reason, message)) => Condition::new("ResolvedRefs", false, reason, message.clone()),
+        (Ok(_), Some((reason, message))) => {
+            Condition::new("ResolvedRefs", false, reason, message.clone())
+        }
     };
     let mut parents = Vec::new();
     let mut accepted = Vec::new();
@@ -726,9 +748,12 @@ fn finish(
         let group = parent.group.as_deref();
         let ns = parent.namespace.clone().unwrap_or(namespace.clone());
         let name = (ns, parent.name.clone());
-        // A parentRef's kind defaults to Gateway; a Service parent names
-        // its kind (and the core group, or none).
-        let condition = if is_core(group) && parent.kind.as_deref() == Some("Service") {
+        // A parentRef's group and kind default to Gateway API's Gateway
+        // (the API server fills them in): a Service parent names both,
+        // the group empty.
+        let service_parent_ref =
+            matches!(group, Some("" | "core")) && parent.kind.as_deref() == Some("Service");
+        let condition = if service_parent_ref {
             reads.push(name.clone());
             service_parent(&name, &namespace, parent, resolver)
         } else if group.unwrap_or("gateway.networking.k8s.io") == "gateway.networking.k8s.io"
@@ -796,6 +821,10 @@ fn finish(
             parents
                 .into_iter()
                 .map(|mut p| {
+                    // Parents refused for their own reason keep it.
+                    if !p.conditions[0].is_true() {
+                        return p;
+                    }
                     let refused = Condition::new("Accepted", false, "UnsupportedValue", e.clone());
                     p.conditions[2] = Condition {
                         observed_generation: generation,

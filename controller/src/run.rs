@@ -38,7 +38,7 @@ use crate::routes::{GrpcRoute, HttpRoute, ROUTE_CONTROLLER};
 use crate::server::{ServingCert, serve};
 use crate::stream::ConfigServer;
 use crate::token_review::TokenReviewer;
-use crate::translator::{Name, ObjectKind};
+use crate::translator::{Name, Object, ObjectKind};
 use crate::watch::Touch;
 use crate::waypoints::WaypointOptions;
 use crate::{ca_secret, crd, watch, waypoints};
@@ -502,12 +502,12 @@ impl StatusWriter {
             let Some(object) = watched.get(kind, &(s.namespace.clone(), s.name.clone())) else {
                 continue;
             };
+            if s.is_route() {
+                self.write_route(kind, s, &object, &now).await;
+                continue;
+            }
             let current = object.status();
-            let want = if s.is_route() {
-                route_status(s.status(), &current, &now)
-            } else {
-                with_transition_times(s.status(), &current, &now)
-            };
+            let want = with_transition_times(s.status(), &current, &now);
             if says_already(&current, &want) {
                 continue;
             }
@@ -521,8 +521,6 @@ impl StatusWriter {
                     patch_status::<crd::PeerAuthentication>(client, ns, name, &patch).await
                 }
                 ObjectKind::Gateway => patch_status::<Gateway>(client, ns, name, &patch).await,
-                ObjectKind::HttpRoute => patch_status::<HttpRoute>(client, ns, name, &patch).await,
-                ObjectKind::GrpcRoute => patch_status::<GrpcRoute>(client, ns, name, &patch).await,
                 _ => continue,
             };
             match result {
@@ -531,6 +529,82 @@ impl StatusWriter {
             }
         }
     }
+
+    /// A route's `status.parents` is shared with other controllers and a
+    /// merge patch replaces the whole list, so the patch is made against
+    /// the version read: when another controller wrote meanwhile (409),
+    /// the route is read again and the list rebuilt. A route that never
+    /// had an entry of ours and gets none is not written at all.
+    async fn write_route(&self, kind: ObjectKind, s: &ObjectStatus, object: &Object, now: &str) {
+        let (client, ns, name) = (&self.client, &s.namespace, &s.name);
+        let mut current = object.status();
+        let mut version = object.resource_version();
+        for attempt in 1..=3 {
+            let ours_held = current["parents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["controllerName"] == ROUTE_CONTROLLER);
+            let want = route_status(s.status(), &current, now);
+            if (s.parents.is_empty() && !ours_held) || says_already(&current, &want) {
+                return;
+            }
+            let patch = Patch::Merge(serde_json::json!({
+                "metadata": {"resourceVersion": version},
+                "status": want,
+            }));
+            let result = match kind {
+                ObjectKind::HttpRoute => patch_status::<HttpRoute>(client, ns, name, &patch).await,
+                _ => patch_status::<GrpcRoute>(client, ns, name, &patch).await,
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(status = %s, "status written");
+                    return;
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 && attempt < 3 => {
+                    let fresh = match kind {
+                        ObjectKind::HttpRoute => fresh_status::<HttpRoute>(client, ns, name).await,
+                        _ => fresh_status::<GrpcRoute>(client, ns, name).await,
+                    };
+                    match fresh {
+                        Ok((status, v)) => (current, version) = (status, v),
+                        Err(error) => {
+                            tracing::warn!(object = %s.object(), %error, "status not written");
+                            return;
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(object = %s.object(), %error, "status not written");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// An object's status (as JSON) and resource version, read now.
+async fn fresh_status<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(Value, Option<String>), kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + serde::Serialize,
+    K::DynamicType: Default,
+{
+    // The object itself (its status comes with it): `get` is what the
+    // controller may do on routes.
+    let object = Api::<K>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await?;
+    let json = serde_json::to_value(&object).unwrap_or_default();
+    Ok((json["status"].clone(), object.resource_version()))
 }
 
 async fn patch_status<K>(

@@ -355,7 +355,7 @@ impl ConfigServer {
 
 /// What a subscriber holds: every workload and service of the table at
 /// `base`, and `policies`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Held {
     base: u64,
     policies: HashMap<Key, u64>,
@@ -619,12 +619,18 @@ async fn session(
                 },
                 None => {
                     // The Hello is dropped once the first update is made.
-                    let (hello, first_permit) = match first.take() {
-                        Some(first) => first,
-                        None => (Hello::default(), server.sync_permit().await),
-                    };
-                    permit = Some(first_permit);
-                    Some(initial(&table, &caller, &hello))
+                    match first.take() {
+                        Some((hello, first_permit)) => {
+                            permit = Some(first_permit);
+                            Some(initial(&table, &caller, &hello))
+                        }
+                        // The first update was refused: what the subscriber
+                        // holds now is not known, so everything is replaced.
+                        None => {
+                            permit = Some(server.sync_permit().await);
+                            Some(next(&table, &caller, &Held::default(), None))
+                        }
+                    }
                 }
             };
             match pending {

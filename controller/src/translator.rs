@@ -25,6 +25,7 @@ use identity::{Identity, TrustDomain};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use model::proto::config::Kind;
@@ -140,8 +141,22 @@ impl Object {
     }
 
     pub fn name(&self) -> Name {
-        fn of(o: &impl ResourceExt) -> Name {
-            (o.namespace().unwrap_or_default(), o.name_any())
+        let meta = self.meta();
+        let name = meta.name.as_ref().or(meta.generate_name.as_ref());
+        (
+            meta.namespace.clone().unwrap_or_default(),
+            name.cloned().unwrap_or_default(),
+        )
+    }
+
+    /// The resource version it was read at.
+    pub fn resource_version(&self) -> Option<String> {
+        self.meta().resource_version.clone()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        fn of(o: &impl ResourceExt) -> &ObjectMeta {
+            o.meta()
         }
         match self {
             Self::Namespace(o) => of(&**o),

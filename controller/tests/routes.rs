@@ -229,6 +229,7 @@ fn a_route_applies_only_where_a_waypoint_can_apply_it() {
     - {group: '', kind: Service, name: nope}
     - {group: '', kind: Service, name: web, namespace: other}
     - {group: '', kind: Service, name: web, port: 8080}
+    - {kind: Service, name: web}
     - {name: waypoint}
     - {name: ingress}
   rules: [{backendRefs: [{name: web, port: 80}]}]
@@ -237,7 +238,8 @@ fn a_route_applies_only_where_a_waypoint_can_apply_it() {
     let (config, statuses) = c.translate();
     let status = status_of(&statuses, "HTTPRoute", "r");
     let resolved = "ResolvedRefs=True ResolvedRefs".to_string();
-    // No entry for the other implementation's Gateway.
+    // No entry for the other implementation's Gateway, nor for a Service
+    // without the core group (its group defaults to Gateway API's).
     assert_eq!(
         parents(status),
         [
@@ -310,6 +312,14 @@ fn what_is_not_implemented_is_refused_by_name() {
             "is not a duration",
         ),
         (
+            "  rules: [{matches: [{path: {value: /a}, cookies: [{name: c}]}]}]\n",
+            "match: cookies is not supported",
+        ),
+        (
+            "  rules: [{backendRefs: [{name: web, port: 80, appProtocol: h2c}]}]\n",
+            "backendRef web: appProtocol is not supported",
+        ),
+        (
             "  rules: [{backendRefs: [{name: web, port: 80, filters: [{type: RequestHeaderModifier}]}]}]\n",
             "filters are not supported",
         ),
@@ -331,6 +341,15 @@ fn what_is_not_implemented_is_refused_by_name() {
             "{spec}: {}",
             accepted.message
         );
+        // Backends not looked at are not said to be resolved (a regular
+        // expression is checked last, by the model, after them).
+        let resolved = &status_of(&statuses, "HTTPRoute", "r").parents[0].conditions[1];
+        let want = if says.starts_with("regular expression") {
+            "True"
+        } else {
+            "Unknown"
+        };
+        assert_eq!(resolved.status, want, "{spec}");
     }
     // Other references in backendRefs.
     for (backend, reason) in [
@@ -382,7 +401,7 @@ spec:
             PathMatch::Exact("/shop.Cart/Get".into()),
             PathMatch::Prefix("/shop.Cart".into()),
             PathMatch::Regex("/[^/]+/Get".into()),
-            PathMatch::Regex("/shop\\..*/[^/]+".into()),
+            PathMatch::Regex("/(?:shop\\..*)/(?:[^/]+)".into()),
             PathMatch::Prefix("/".into()),
         ]
     );

@@ -353,6 +353,24 @@ async fn a_resubscriber_summing_up_by_bucket_gets_the_buckets_that_changed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_refused_first_update_the_next_replaces_everything() {
+    let ca = new_ca();
+    let server = start(&ca, "127.0.0.1:0".parse().unwrap()).await;
+    server.config.publish(mesh(3, "a"));
+    let ctl = controller(&ca, server.addr, token("n2"));
+    let mut sub = Subscription::open(&ctl, Hello::default()).await.unwrap();
+    let first = sub.next_update().await.unwrap().unwrap();
+    sub.nack(first.version, "refused".into()).await.unwrap();
+    // What the subscriber holds is not known any more: the next update is
+    // a whole config, not a delta against nothing.
+    server.config.publish(mesh(3, "b"));
+    let next = sub.next_update().await.unwrap().unwrap();
+    assert!(next.full);
+    assert_eq!(next.upserts.len(), 4);
+    server.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_update_is_reported_and_the_last_good_config_stays() {
     let ca = new_ca();
     let server = start(&ca, "127.0.0.1:0".parse().unwrap()).await;

@@ -245,19 +245,24 @@ impl FakeApiServer {
     /// Creates or replaces an object, as `kubectl apply` would. `path` is
     /// its collection URL (`/api/v1/namespaces/shop/pods`).
     pub fn apply(&self, path: &str, object: Value) {
-        let target = parse_path(path).expect("a collection path");
-        let name = object["metadata"]["name"]
-            .as_str()
-            .expect("metadata.name")
-            .to_string();
+        let key = object_key(path, &object);
         let mut state = self.lock();
-        let key = (target.collection.clone(), target.namespace.clone(), name);
         let kind = if state.objects.contains_key(&key) {
             "MODIFIED"
         } else {
             "ADDED"
         };
         record(&mut state, &self.events, key, Some(object), kind);
+    }
+
+    /// Stores an object without telling watchers, as if their watch were
+    /// behind: a writer holding the previous version gets 409 Conflict.
+    pub fn apply_unannounced(&self, path: &str, mut object: Value) {
+        let key = object_key(path, &object);
+        let mut state = self.lock();
+        state.version += 1;
+        object["metadata"]["resourceVersion"] = json!(state.version.to_string());
+        state.objects.insert(key, object);
     }
 
     /// Deletes an object.
@@ -283,6 +288,16 @@ impl FakeApiServer {
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
     }
+}
+
+/// Where `object`, of the collection at `path`, is stored.
+fn object_key(path: &str, object: &Value) -> (Collection, Option<String>, String) {
+    let target = parse_path(path).expect("a collection path");
+    let name = object["metadata"]["name"]
+        .as_str()
+        .expect("metadata.name")
+        .to_string();
+    (target.collection, target.namespace, name)
 }
 
 /// Stores (or removes, when `object` is `None`) and logs one change.
@@ -495,6 +510,17 @@ async fn handle(
                     format!("{name} not found"),
                 );
             };
+            // A resource version in a patch is a precondition.
+            let want = body["metadata"]["resourceVersion"].as_str();
+            if want.is_some() && want != object["metadata"]["resourceVersion"].as_str() {
+                return failure(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    format!(
+                        "the object {name} has been modified; please apply your changes to the latest version and try again"
+                    ),
+                );
+            }
             // The status subresource changes the status only; the main
             // resource everything but.
             let mut patch = body;

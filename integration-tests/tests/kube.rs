@@ -525,6 +525,41 @@ async fn a_waypoint_is_deployed_enrolls_what_is_labelled_and_says_when_it_is_pro
     assert_eq!(status[1]["controllerName"], "ambit.dev/waypoint-controller");
     assert!(status[1]["conditions"][0]["lastTransitionTime"].is_string());
 
+    // Another controller writes its entry and the controller's watch has
+    // not seen it yet: its next status write meets 409 Conflict, reads the
+    // route again and keeps that entry.
+    let mut route = api.get(HTTP_ROUTES, "web").unwrap();
+    let late = json!({"parentRef": {"name": "mesh-b"}, "controllerName": "example.com/other",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": ""}]});
+    route["status"]["parents"]
+        .as_array_mut()
+        .unwrap()
+        .insert(1, late.clone());
+    api.apply_unannounced(HTTP_ROUTES, route);
+    api.apply(
+        SERVICES,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.6", "ports": [{"port": 5432}]}}),
+    );
+    eventually("db's parent accepted, the late entry kept", || async {
+        let parents = api.get(HTTP_ROUTES, "web").unwrap()["status"]["parents"].clone();
+        let db = parents
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["parentRef"]["name"] == "db")
+            .cloned()
+            .unwrap_or_default();
+        db["conditions"][0]["reason"] == "Accepted" && parents[1] == late && parents[0] == other
+    })
+    .await;
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r == "GET /apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web"),
+        "read again after the conflict"
+    );
+
     // Its Deployment deleted: applied again.
     api.delete(DEPLOYMENTS, "waypoint");
     eventually("the Deployment back", || async {
@@ -541,8 +576,16 @@ async fn a_waypoint_is_deployed_enrolls_what_is_labelled_and_says_when_it_is_pro
     .await;
     eventually("the route withdrawn", || async {
         let r = api.get(HTTP_ROUTES, "web").unwrap();
+        let ours = r["status"]["parents"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let web = ours.iter().find(|p| {
+            p["parentRef"]["name"] == "web"
+                && p["controllerName"] == "ambit.dev/waypoint-controller"
+        });
         waypoint.current().config().routes.is_empty()
-            && r["status"]["parents"][1]["conditions"][0]["reason"] == "NoWaypoint"
+            && web.is_some_and(|p| p["conditions"][0]["reason"] == "NoWaypoint")
     })
     .await;
     stop.cancel();

@@ -219,8 +219,8 @@ impl Route {
     }
 
     /// Checks what a data plane would otherwise fail on at request time:
-    /// regular expressions compile, paths are absolute, weights and
-    /// statuses are in range.
+    /// regular expressions compile, match and rewrite paths are absolute,
+    /// redirect statuses are 301 or 302.
     pub fn validate(&self) -> Result<(), String> {
         if self.parents.is_empty() {
             return Err("no parent".into());
@@ -252,10 +252,18 @@ impl RouteRule {
             }
         }
         for f in &self.filters {
-            if let RouteFilter::Redirect(r) = f
-                && !matches!(r.status, 301 | 302)
+            let path = match f {
+                RouteFilter::Redirect(r) if !matches!(r.status, 301 | 302) => {
+                    return Err(format!("redirect status {} is not 301 or 302", r.status));
+                }
+                RouteFilter::Redirect(Redirect { path, .. })
+                | RouteFilter::Rewrite(Rewrite { path, .. }) => path,
+                RouteFilter::RequestHeaders(_) | RouteFilter::ResponseHeaders(_) => &None,
+            };
+            if let Some(PathRewrite::Full(p) | PathRewrite::Prefix(p)) = path
+                && !p.starts_with('/')
             {
-                return Err(format!("redirect status {} is not 301 or 302", r.status));
+                return Err(format!("rewritten path {p:?} does not start with /"));
             }
         }
         Ok(())

@@ -497,7 +497,9 @@ fn grpc_match(m: &GrpcMatch) -> Result<RouteMatch, String> {
                 "Exact" => match (service, name) {
                     (Some(s), Some(n)) => Some(PathMatch::Exact(format!("/{s}/{n}"))),
                     (Some(s), None) => Some(PathMatch::Prefix(format!("/{s}"))),
-                    (None, Some(n)) => Some(PathMatch::Regex(format!("/[^/]+/{}", escape(n)))),
+                    (None, Some(n)) => {
+                        Some(PathMatch::Regex(format!("/[^/]+/{}", regex::escape(n))))
+                    }
                     (None, None) => None,
                 },
                 // Grouped, so that an alternation stays within its part.
@@ -516,19 +518,6 @@ fn grpc_match(m: &GrpcMatch) -> Result<RouteMatch, String> {
         headers: named(&m.headers, "header")?,
         query_params: Vec::new(),
     })
-}
-
-/// Escapes regular-expression metacharacters (gRPC method names are
-/// identifiers, so this is belt and braces).
-fn escape(literal: &str) -> String {
-    let mut out = String::with_capacity(literal.len());
-    for c in literal.chars() {
-        if "\\.+*?()|[]{}^$#&-~".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn named(list: &[NamedValue], what: &str) -> Result<Vec<NamedMatch>, String> {

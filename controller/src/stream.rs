@@ -67,7 +67,7 @@ struct Table {
     /// identities its ztunnel may hold.
     by_node: imbl::HashMap<String, imbl::HashSet<Key>>,
     /// Policies and routes: what goes to some subscribers only.
-    policies: imbl::HashSet<Key>,
+    selective: imbl::HashSet<Key>,
     /// The bucket digests of everything but policies and routes (empty
     /// until something is published; then [`BUCKETS`] long).
     buckets: Vec<u64>,
@@ -75,7 +75,7 @@ struct Table {
 
 impl Table {
     fn index(&mut self, key: &Key, entry: &Entry) {
-        if !is_policy(key.0) {
+        if !is_selective(key.0) {
             self.buckets.resize(BUCKETS, 0);
             self.buckets[entry.bucket] ^= entry.mark;
         }
@@ -87,14 +87,14 @@ impl Table {
                     .insert(key.clone());
             }
             Item::AuthorizationPolicy(_) | Item::PeerAuthentication(_) | Item::Route(_) => {
-                self.policies.insert(key.clone());
+                self.selective.insert(key.clone());
             }
             Item::Service(_) => {}
         }
     }
 
     fn unindex(&mut self, key: &Key, entry: &Entry) {
-        if !is_policy(key.0) {
+        if !is_selective(key.0) {
             // XOR: taking a mark out is putting it in again.
             self.buckets[entry.bucket] ^= entry.mark;
         }
@@ -108,7 +108,7 @@ impl Table {
                 }
             }
             Item::AuthorizationPolicy(_) | Item::PeerAuthentication(_) | Item::Route(_) => {
-                self.policies.remove(key);
+                self.selective.remove(key);
             }
             Item::Service(_) => {}
         }
@@ -127,7 +127,7 @@ impl Table {
     }
 
     /// Whether `caller` needs the policy `key`.
-    fn wants_policy(&self, caller: &Caller, entry: &Entry) -> bool {
+    fn wants(&self, caller: &Caller, entry: &Entry) -> bool {
         match caller {
             Caller::Node(_) if matches!(entry.item, Item::Route(_)) => false,
             Caller::Node(node) => self.node_workloads(node).any(|w| match &entry.item {
@@ -153,26 +153,31 @@ impl Table {
         }
     }
 
-    /// The policies `caller` needs: key → digest.
-    fn policies_for(&self, caller: &Caller) -> HashMap<Key, u64> {
-        self.policies
+    /// The policies and routes `caller` needs: key → digest.
+    fn selective_for(&self, caller: &Caller) -> HashMap<Key, u64> {
+        self.selective
             .iter()
             .filter_map(|k| {
                 let entry = self.entries.get(k)?;
-                self.wants_policy(caller, entry)
+                self.wants(caller, entry)
                     .then(|| (k.clone(), entry.resource.digest))
             })
             .collect()
     }
 }
 
-/// Kinds that go to some subscribers only (policies and routes; the
-/// names below say "policies" for both).
-fn is_policy(kind: Kind) -> bool {
+/// Kinds that go to some subscribers only: policies and routes.
+fn is_selective(kind: Kind) -> bool {
     matches!(
         kind,
         Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::HttpRoute | Kind::GrpcRoute
     )
+}
+
+/// Whether a subscriber needing the policies and routes `selective` needs
+/// `key`.
+fn wanted(key: &Key, selective: &HashMap<Key, u64>) -> bool {
+    !is_selective(key.0) || selective.contains_key(key)
 }
 
 #[derive(Debug)]
@@ -354,11 +359,11 @@ impl ConfigServer {
 }
 
 /// What a subscriber holds: every workload and service of the table at
-/// `base`, and `policies`.
+/// `base`, and `selective` (its policies and routes).
 #[derive(Debug, Clone, Default)]
 struct Held {
     base: u64,
-    policies: HashMap<Key, u64>,
+    selective: HashMap<Key, u64>,
 }
 
 /// An update and what the subscriber holds once it accepts it. Resources
@@ -376,7 +381,7 @@ struct Pending {
 }
 
 impl Pending {
-    fn new(table: &Table, policies: HashMap<Key, u64>) -> Self {
+    fn new(table: &Table, selective: HashMap<Key, u64>) -> Self {
         Self {
             version: table.version,
             trust_domain: table.trust_domain.clone(),
@@ -386,7 +391,7 @@ impl Pending {
             replaced: Vec::new(),
             held: Held {
                 base: table.version,
-                policies,
+                selective,
             },
         }
     }
@@ -442,18 +447,15 @@ fn initial(table: &Table, caller: &Caller, hello: &Hello) -> Pending {
         .iter()
         .filter_map(|r| Some(((Kind::try_from(r.kind).ok()?, r.name.clone()), r.digest)))
         .collect();
-    let mut pending = Pending::new(table, table.policies_for(caller));
-    let policies = &pending.held.policies;
+    let mut pending = Pending::new(table, table.selective_for(caller));
+    let selective = &pending.held.selective;
     for (key, entry) in &table.entries {
-        let wanted = !is_policy(key.0) || policies.contains_key(key);
-        if wanted && held.get(key) != Some(&entry.resource.digest) {
+        if wanted(key, selective) && held.get(key) != Some(&entry.resource.digest) {
             pending.upserts.push(entry.clone());
         }
     }
     for key in held.keys() {
-        let wanted =
-            table.entries.contains_key(key) && (!is_policy(key.0) || policies.contains_key(key));
-        if !wanted {
+        if !(table.entries.contains_key(key) && wanted(key, selective)) {
             pending.removals.push(wire_key(key));
         }
     }
@@ -464,10 +466,10 @@ fn initial(table: &Table, caller: &Caller, hello: &Hello) -> Pending {
 /// bucket: the contents of every bucket whose digest differs from that of
 /// what it needs (all of them if it sent a wrong number of buckets).
 fn initial_by_bucket(table: &Table, caller: &Caller, held: &[u64]) -> Pending {
-    let mut pending = Pending::new(table, table.policies_for(caller));
+    let mut pending = Pending::new(table, table.selective_for(caller));
     let mut needed = table.buckets.clone();
     needed.resize(BUCKETS, 0);
-    for key in pending.held.policies.keys() {
+    for key in pending.held.selective.keys() {
         let entry = &table.entries[key];
         needed[entry.bucket] ^= entry.mark;
     }
@@ -477,9 +479,9 @@ fn initial_by_bucket(table: &Table, caller: &Caller, held: &[u64]) -> Pending {
     if !differ.contains(&true) {
         return pending;
     }
-    let policies = &pending.held.policies;
+    let selective = &pending.held.selective;
     for (key, entry) in &table.entries {
-        if differ[entry.bucket] && (!is_policy(key.0) || policies.contains_key(key)) {
+        if differ[entry.bucket] && wanted(key, selective) {
             pending.upserts.push(entry.clone());
         }
     }
@@ -493,29 +495,33 @@ fn initial_by_bucket(table: &Table, caller: &Caller, held: &[u64]) -> Pending {
 /// since (`changed`), or everything it needs when the log no longer
 /// reaches back (`None`); empty when nothing it needs changed.
 fn next(table: &Table, caller: &Caller, held: &Held, changed: Option<HashSet<Key>>) -> Pending {
-    let mut pending = Pending::new(table, table.policies_for(caller));
-    let policies = &pending.held.policies;
+    let mut pending = Pending::new(table, table.selective_for(caller));
+    let selective = &pending.held.selective;
     match changed {
         Some(changed) => {
-            for key in changed.iter().filter(|k| !is_policy(k.0)) {
+            for key in changed.iter().filter(|k| !is_selective(k.0)) {
                 match table.entries.get(key) {
                     Some(entry) => pending.upserts.push(entry.clone()),
                     None => pending.removals.push(wire_key(key)),
                 }
             }
-            for (key, digest) in policies {
-                if held.policies.get(key) != Some(digest) {
+            for (key, digest) in selective {
+                if held.selective.get(key) != Some(digest) {
                     pending.upserts.push(table.entries[key].clone());
                 }
             }
-            for key in held.policies.keys().filter(|k| !policies.contains_key(*k)) {
+            for key in held
+                .selective
+                .keys()
+                .filter(|k| !selective.contains_key(*k))
+            {
                 pending.removals.push(wire_key(key));
             }
         }
         None => {
             pending.full = true;
             for (key, entry) in &table.entries {
-                if !is_policy(key.0) || policies.contains_key(key) {
+                if wanted(key, selective) {
                     pending.upserts.push(entry.clone());
                 }
             }

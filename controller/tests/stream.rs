@@ -17,7 +17,7 @@ use controller::stream::ConfigServer;
 use identity::ca::DEFAULT_LEAF_TTL;
 use identity::{CertificateAuthority, TrustDomain};
 use model::proto::config::config_service_server::ConfigServiceServer;
-use model::proto::config::{Hello, Kind, ResourceVersion};
+use model::proto::config::{ConfigUpdate, Hello, Kind, ResourceVersion};
 use model::{ConfigSink, ConfigSource, MeshConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -227,6 +227,26 @@ async fn three_subscribers_follow_ordered_updates_with_their_own_policies() {
     server.stop.cancel();
 }
 
+/// The first update of a subscription from nothing, acknowledged.
+async fn first_update(ctl: &Controller) -> ConfigUpdate {
+    let mut sub = Subscription::open(ctl, Hello::default()).await.unwrap();
+    let first = sub.next_update().await.unwrap().unwrap();
+    sub.ack(first.version).await.unwrap();
+    first
+}
+
+/// `mesh(600, "a")` after one pod changed and one went away (and so the
+/// Service's endpoints changed).
+fn one_changed_one_gone() -> MeshConfig {
+    let mut config = mesh(600, "a");
+    config.workloads[4]
+        .labels
+        .insert("extra".into(), "1".into());
+    config.workloads.remove(29);
+    config.services[0].endpoints.retain(|e| e != "u29");
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resubscriber_gets_only_what_changed_since_what_it_holds() {
     let ca = new_ca();
@@ -235,11 +255,9 @@ async fn a_resubscriber_gets_only_what_changed_since_what_it_holds() {
     let ctl = controller(&ca, server.addr, token("n2"));
 
     // From nothing: everything n2 needs (600 workloads and the service).
-    let mut sub = Subscription::open(&ctl, Hello::default()).await.unwrap();
-    let first = sub.next_update().await.unwrap().unwrap();
+    let first = first_update(&ctl).await;
     assert_eq!(first.upserts.len(), 601);
     assert!(first.removals.is_empty());
-    sub.ack(first.version).await.unwrap();
     let held: Vec<ResourceVersion> = first
         .upserts
         .iter()
@@ -249,16 +267,9 @@ async fn a_resubscriber_gets_only_what_changed_since_what_it_holds() {
             digest: r.digest,
         })
         .collect();
-    drop(sub);
 
     // Meanwhile one pod changed and one went away.
-    let mut config = mesh(600, "a");
-    config.workloads[4]
-        .labels
-        .insert("extra".into(), "1".into());
-    config.workloads.remove(29);
-    config.services[0].endpoints.retain(|e| e != "u29");
-    server.config.publish(config);
+    server.config.publish(one_changed_one_gone());
 
     // Back with what it holds (601 resources: a Hello in 3 parts): only
     // the differences come.
@@ -290,24 +301,21 @@ async fn a_resubscriber_summing_up_by_bucket_gets_the_buckets_that_changed() {
     let server = start(&ca, "127.0.0.1:0".parse().unwrap()).await;
     server.config.publish(mesh(600, "a"));
     let ctl = controller(&ca, server.addr, token("n2"));
-    let mut sub = Subscription::open(&ctl, Hello::default()).await.unwrap();
-    let first = sub.next_update().await.unwrap().unwrap();
-    sub.ack(first.version).await.unwrap();
-    let held: Vec<(Kind, String, u64)> = first
-        .upserts
-        .iter()
-        .map(|r| (Kind::try_from(r.kind).unwrap(), r.name.clone(), r.digest))
-        .collect();
-    let buckets = bucket_digests(held.iter().map(|(k, n, d)| (*k, n.as_str(), *d)));
-    drop(sub);
+    let first = first_update(&ctl).await;
+    let buckets = bucket_digests(
+        first
+            .upserts
+            .iter()
+            .map(|r| (Kind::try_from(r.kind).unwrap(), r.name.as_str(), r.digest)),
+    );
 
     // Unchanged: an empty first update.
-    let hello = |buckets: &Vec<u64>| Hello {
+    let hello = || Hello {
         buckets: buckets.clone(),
         version: first.version,
         ..Hello::default()
     };
-    let mut sub = Subscription::open(&ctl, hello(&buckets)).await.unwrap();
+    let mut sub = Subscription::open(&ctl, hello()).await.unwrap();
     let update = sub.next_update().await.unwrap().unwrap();
     assert!(update.upserts.is_empty() && update.removals.is_empty());
     assert!(update.replaced_buckets.is_empty());
@@ -315,14 +323,9 @@ async fn a_resubscriber_summing_up_by_bucket_gets_the_buckets_that_changed() {
 
     // One pod changed, one went away (and so the Service changed): the
     // buckets of those three, whole, and nothing else.
-    let mut config = mesh(600, "a");
-    config.workloads[4]
-        .labels
-        .insert("extra".into(), "1".into());
-    config.workloads.remove(29);
-    config.services[0].endpoints.retain(|e| e != "u29");
+    let config = one_changed_one_gone();
     server.config.publish(config.clone());
-    let mut sub = Subscription::open(&ctl, hello(&buckets)).await.unwrap();
+    let mut sub = Subscription::open(&ctl, hello()).await.unwrap();
     let update = sub.next_update().await.unwrap().unwrap();
     let mut replaced: Vec<usize> = [
         bucket(Kind::Workload, "u4"),

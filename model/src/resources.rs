@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use aws_lc_rs::digest::{Context, SHA256};
+
 use crate::config::{MeshConfig, Service, Workload};
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 use crate::proto::config::{Kind, Resource, ResourceKey};
@@ -122,9 +124,25 @@ impl Item {
 /// and versions, so a subscriber's digests still mean something to a
 /// restarted controller.
 pub fn digest(json: &[u8]) -> u64 {
-    let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, json);
+    let mut sha = Context::new(&SHA256);
+    sha.update(json);
+    first_u64(sha)
+}
+
+/// Like [`digest`], over several parts, each preceded by its length so
+/// that `("ab", "c")` is not `("a", "bc")`.
+fn hash(parts: &[&[u8]]) -> u64 {
+    let mut sha = Context::new(&SHA256);
+    for part in parts {
+        sha.update(&(part.len() as u64).to_le_bytes());
+        sha.update(part);
+    }
+    first_u64(sha)
+}
+
+fn first_u64(sha: Context) -> u64 {
     let mut first = [0u8; 8];
-    first.copy_from_slice(&hash.as_ref()[..8]);
+    first.copy_from_slice(&sha.finish().as_ref()[..8]);
     u64::from_be_bytes(first)
 }
 
@@ -173,27 +191,6 @@ pub fn assemble<'a>(trust_domain: &str, items: impl IntoIterator<Item = &'a Item
 /// subscriber says what it holds with one digest per bucket, and only the
 /// buckets that differ are sent again.
 pub const BUCKETS: usize = 256;
-
-/// FNV-1a over `parts`, then a 64-bit finaliser (splitmix64) so that the
-/// top bits are as well mixed as the rest: stable across processes and
-/// versions, like [`digest`], and cheap enough for every resource.
-fn hash(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for b in *part {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        // Part boundaries count: ("ab", "c") is not ("a", "bc").
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
-}
 
 /// The bucket of the resource `(kind, name)`.
 pub fn bucket(kind: Kind, name: &str) -> usize {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use hbone::copy::copy_bidirectional;
 use hbone::{
     Connect, ConnectRequest, InboundRequest, Pool, PoolConfig, PoolKey, Rejection, Server,
     ServerOptions,
@@ -78,11 +77,7 @@ async fn round_trip(
     msg: &[u8],
 ) -> anyhow::Result<Vec<u8>> {
     let stream = pool.connect(key, &ConnectRequest::new(to)).await?;
-    let (mut app, proxy) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(async move {
-        let (r, w) = tokio::io::split(proxy);
-        let _ = copy_bidirectional(r, w, stream).await;
-    });
+    let mut app = hbone::copy::attach(stream);
     app.write_all(msg).await?;
     let mut back = vec![0u8; msg.len()];
     tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut back))

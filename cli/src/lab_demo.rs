@@ -24,6 +24,25 @@ metadata: {name: strict, namespace: demo}
 spec: {mtls: {mode: STRICT}}
 ";
 const OUTSIDER: &str = "legacy/sleep-0";
+const WAYPOINT: &str = "demo/waypoint-0";
+/// An HTTPRoute on Service `web` (which uses the waypoint): `/v2/…` goes
+/// to Service `echo` with the prefix rewritten and a response header set;
+/// everything else to `web`'s own pods with a request header added.
+const WEB_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /v2}}]
+      filters:
+        - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}
+        - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-ambit-route, value: v2}]}}
+      backendRefs: [{name: echo, port: 80}]
+    - filters:
+        - {type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-through, value: waypoint}]}}
+      backendRefs: [{name: web, port: 80}]
+";
 
 /// The part of `ambit-echo`'s reply the demo checks.
 #[derive(Debug, Deserialize)]
@@ -180,7 +199,7 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
         println!("replacing the running lab {DEFAULT_LAB:?}");
         Lab::down(DEFAULT_LAB, opts)?;
     }
-    println!("bringing up lab {DEFAULT_LAB:?}: 2 nodes, 5 pods, 1 service…");
+    println!("bringing up lab {DEFAULT_LAB:?}: 2 nodes, 6 pods (one a waypoint), 3 services…");
     let lab = Lab::up(LabSpec::default(), opts)?;
     print_status(&lab);
     let plan = lab.plan();
@@ -370,6 +389,72 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
             ))
         })(),
     );
+    steps.check(
+        "a waypoint applies an HTTPRoute to Service web, with config and certificate from the controller",
+        (|| {
+            let waypoint = plan.pod(WAYPOINT).context("default lab has a waypoint")?;
+            lab.apply_yaml("the demo's route", WEB_ROUTE)?;
+            // The route reaches the waypoint within the controller's poll
+            // of its directory.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let (headers, reply) = loop {
+                let out = exec(
+                    &lab,
+                    CLIENT,
+                    &["curl", "-sS", "-i", "--max-time", "5", "http://web/v2/items"],
+                )?;
+                let (headers, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+                if headers.to_ascii_lowercase().contains("x-ambit-route: v2") {
+                    break (headers.to_string(), body.to_string());
+                }
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "the route was not applied within 10 s; last answer:\n{out}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            };
+            let echoed: serde_json::Value = serde_json::from_str(&reply)
+                .with_context(|| format!("unexpected reply: {headers}\n{reply}"))?;
+            ensure!(echoed["path"] == "/items", "the path was not rewritten: {echoed}");
+            ensure!(
+                echoed["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(&format!("{}:", waypoint.ip))),
+                "the request did not come from the waypoint ({}): {echoed}",
+                waypoint.ip
+            );
+            let other = exec(&lab, CLIENT, &["curl", "-sS", "--max-time", "5", "http://web/hello"])?;
+            let other: serde_json::Value = serde_json::from_str(&other)
+                .with_context(|| format!("unexpected reply: {other}"))?;
+            ensure!(
+                other["headers"]["x-through"] == "waypoint",
+                "the other rule's request header is missing: {other}"
+            );
+            let log = std::fs::read_to_string(lab.log_path(WAYPOINT)).unwrap_or_default();
+            let line = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("access: http") && l.contains("path=\"/v2/items\""))
+                .context("no access log line of the waypoint for /v2/items")?;
+            ensure!(
+                field(line, "src") == "spiffe://cluster.local/ns/demo/sa/sleep"
+                    && field(line, "route") == "HTTPRoute demo/web",
+                "the waypoint logged {line}"
+            );
+            ensure!(
+                log.contains("workload certificate issued identity=spiffe://cluster.local/ns/demo/sa/waypoint")
+                    && log.contains("subscribed to the controller"),
+                "the waypoint's log does not show its certificate and config from the controller"
+            );
+            Ok(format!(
+                "/v2/items from {CLIENT} ({}) → {} → {} as /items on {} (x-ambit-route: v2); /hello got x-through: waypoint",
+                field(line, "src"),
+                WAYPOINT,
+                field(line, "backend"),
+                echoed["pod"].as_str().unwrap_or("?"),
+            ))
+        })(),
+    );
     let echo_node = &target_node;
     let echo_url = format!("http://{}:8080/", target.ip);
     steps.check(
@@ -452,6 +537,7 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
     }
     println!("All steps held. The lab is still up: try");
     println!("  ambit lab exec {CLIENT} -- curl -s echo.demo");
+    println!("  ambit lab exec {CLIENT} -- curl -si web/v2/anything   (through the waypoint)");
     println!("  ambit lab status");
     println!("  ambit lab down");
     Ok(true)

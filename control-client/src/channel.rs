@@ -28,6 +28,9 @@ pub enum ClientError {
     /// The token to present could not be read.
     #[error("token {path}: {reason}")]
     Token { path: PathBuf, reason: String },
+    /// The mesh roots could not be read, or the TLS config not built.
+    #[error("mesh roots {path}: {reason}")]
+    Roots { path: PathBuf, reason: String },
 }
 
 /// The token a data plane presents.
@@ -89,6 +92,35 @@ impl Controller {
             token: Token::File(token_file),
             tls,
         })
+    }
+
+    /// [`Controller::at`] with the mesh roots read from `roots_file`
+    /// (PEM); the token file is read once now, so a missing one fails at
+    /// start rather than at the first request.
+    pub fn from_files(
+        addr: String,
+        token_file: PathBuf,
+        roots_file: &std::path::Path,
+        trust_domain: &identity::TrustDomain,
+    ) -> Result<Self, ClientError> {
+        std::fs::read_to_string(&token_file).map_err(|e| ClientError::Token {
+            path: token_file.clone(),
+            reason: e.to_string(),
+        })?;
+        let roots_err = |reason: String| ClientError::Roots {
+            path: roots_file.to_path_buf(),
+            reason,
+        };
+        let pem = std::fs::read_to_string(roots_file).map_err(|e| roots_err(e.to_string()))?;
+        let roots =
+            identity::ca::certs(&pem, "mesh roots").map_err(|e| roots_err(e.to_string()))?;
+        Self::at(
+            addr,
+            token_file,
+            &roots,
+            crate::controller_identity(trust_domain),
+        )
+        .map_err(|e| roots_err(e.to_string()))
     }
 
     /// `host:port`.

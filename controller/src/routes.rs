@@ -779,7 +779,7 @@ fn finish(
             }
             (Ok(_), Err(c)) => *c,
         };
-        let enforced = not_enforced(&condition);
+        let enforced = enforced(&condition);
         parents.push(RouteParentStatus {
             parent_ref: parent.clone(),
             controller_name: ROUTE_CONTROLLER.into(),
@@ -817,7 +817,7 @@ fn finish(
                     let refused = Condition::new("Accepted", false, "UnsupportedValue", e.clone());
                     p.conditions[2] = Condition {
                         observed_generation: generation,
-                        ..not_enforced(&refused)
+                        ..enforced(&refused)
                     };
                     p.conditions[0] = Condition {
                         observed_generation: generation,
@@ -839,18 +839,15 @@ fn finish(
 }
 
 /// `Enforced` for a parent, next to Gateway API's conditions (as on Ambit's
-/// policies): whether the route changes anything. Waypoints do not apply
-/// routes yet, so an accepted route says so instead of implying it works.
-fn not_enforced(accepted: &Condition) -> Condition {
+/// policies): whether the route changes anything. An accepted route is in
+/// its waypoint's config, which the waypoint applies to requests.
+fn enforced(accepted: &Condition) -> Condition {
     if accepted.is_true() {
         Condition::new(
             "Enforced",
-            false,
-            "WaypointNotAvailable",
-            format!(
-                "{}; the waypoint proxy does not apply routes yet",
-                accepted.message
-            ),
+            true,
+            "Enforced",
+            format!("{}, which applies it", accepted.message),
         )
     } else {
         Condition::new("Enforced", false, &accepted.reason, "not accepted")

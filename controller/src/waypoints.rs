@@ -105,6 +105,7 @@ pub fn resources(gateway: &Gateway, roots_pem: &str, opts: &WaypointOptions) -> 
                             "env": [
                                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                                 {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                                {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
                             ],
                             "ports": [
                                 {"name": "mesh", "containerPort": HBONE_PORT},

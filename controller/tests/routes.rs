@@ -83,14 +83,10 @@ fn parents(s: &ObjectStatus) -> Vec<(String, String, String)> {
                     .iter()
                     .all(|c| c.observed_generation == Some(3))
             );
-            // Waypoints do not apply routes yet, and the status says so.
-            assert_eq!(
-                (
-                    p.conditions[2].type_.as_str(),
-                    p.conditions[2].status.as_str()
-                ),
-                ("Enforced", "False")
-            );
+            // Enforced as far as accepted: the waypoint applies what it
+            // is sent.
+            assert_eq!(p.conditions[2].type_, "Enforced");
+            assert_eq!(p.conditions[2].status, p.conditions[0].status);
             let c = |i: usize| {
                 format!(
                     "{}={} {}",

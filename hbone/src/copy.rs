@@ -42,6 +42,21 @@ pub struct CopyError {
     pub source: io::Error,
 }
 
+/// An ordinary in-memory byte stream for a tunnel, for code that needs
+/// `AsyncRead + AsyncWrite` (an HTTP server or client on top of the
+/// tunnel): a task copies between the two until both directions end. The
+/// in-memory pipe is bounded, so backpressure stays end to end.
+pub fn attach(stream: H2Stream) -> tokio::io::DuplexStream {
+    let (app, proxy) = tokio::io::duplex(MAX_BUFFER);
+    tokio::spawn(async move {
+        let (r, w) = tokio::io::split(proxy);
+        if let Err(error) = copy_bidirectional(r, w, stream).await {
+            tracing::debug!(%error, "attached tunnel ended");
+        }
+    });
+    app
+}
+
 /// Copies in both directions until both are finished. A half-close on one
 /// side (socket EOF, or END_STREAM from the peer) is forwarded to the other
 /// and the opposite direction keeps flowing.

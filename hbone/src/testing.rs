@@ -6,11 +6,10 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::io::DuplexStream;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::copy::copy_bidirectional;
-use crate::{Connect, ConnectRequest, H2Stream, InboundRequest, Pool, PoolKey, Rejection};
+use crate::{Connect, ConnectRequest, InboundRequest, Pool, PoolKey, Rejection};
 
 /// Connects each tunnel to its authority; records every request it saw.
 #[derive(Debug, Default, Clone)]
@@ -43,15 +42,7 @@ impl Connect for Forward {
     }
 }
 
-/// Gives a test an ordinary in-memory byte stream for a tunnel.
-pub fn attach(stream: H2Stream) -> DuplexStream {
-    let (app, proxy) = tokio::io::duplex(256 * 1024);
-    tokio::spawn(async move {
-        let (r, w) = tokio::io::split(proxy);
-        let _ = copy_bidirectional(r, w, stream).await;
-    });
-    app
-}
+pub use crate::copy::attach;
 
 /// Accepts TCP on `listener` and tunnels each connection to `target`
 /// through `pool` with `key`, until the task is dropped.

@@ -57,6 +57,8 @@ pub fn bin_dir() -> &'static Path {
             "ztunnel",
             "-p",
             "controller",
+            "-p",
+            "waypoint",
         ]);
         if dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
@@ -122,7 +124,9 @@ pub fn spec(name: &str, slot: u8, nodes: usize, echo: u32) -> LabSpec {
                     target_port: None,
                 },
             ],
+            labels: BTreeMap::new(),
         }],
+        waypoints: Vec::new(),
     }
 }
 

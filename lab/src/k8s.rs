@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::error::LabError;
 use crate::plan::{Plan, PodPlan, ServicePlan};
+use crate::spec::WAYPOINT_PORT;
 
 fn meta(name: &str, namespace: Option<&str>, labels: BTreeMap<String, String>) -> ObjectMeta {
     ObjectMeta {
@@ -99,6 +100,18 @@ pub fn manifests(plan: &Plan) -> Vec<Manifest> {
             &pod_object(plan, pod),
         ));
     }
+    for w in &plan.spec.waypoints {
+        let gateway = serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": w.name, "namespace": w.namespace},
+            "spec": {
+                "gatewayClassName": "ambit-waypoint",
+                "listeners": [{"name": "mesh", "port": WAYPOINT_PORT, "protocol": "HBONE"}],
+            },
+        });
+        out.push(manifest("Gateway", Some(&w.namespace), &w.name, &gateway));
+    }
     for svc in &plan.services {
         let (service, slice) = service_objects(plan, svc);
         out.push(manifest(
@@ -163,7 +176,7 @@ fn pod_object(plan: &Plan, pod: &PodPlan) -> Pod {
 
 fn service_objects(plan: &Plan, svc: &ServicePlan) -> (Service, EndpointSlice) {
     let service = Service {
-        metadata: meta(&svc.name, Some(&svc.namespace), BTreeMap::new()),
+        metadata: meta(&svc.name, Some(&svc.namespace), svc.labels.clone()),
         spec: Some(ServiceSpec {
             cluster_ip: Some(svc.cluster_ip.to_string()),
             cluster_ips: Some(vec![svc.cluster_ip.to_string()]),

@@ -58,6 +58,8 @@ const ZTUNNEL_METRICS: &str = "127.0.0.1:15020";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// The controller's CA and config endpoint (Istio's istiod uses 15012 too).
 const CONTROLLER_PORT: u16 = 15012;
+/// A waypoint's readiness and metrics port.
+const WAYPOINT_READY_PORT: u16 = 15020;
 /// Its health, readiness and metrics, on the loopback of its namespace.
 const CONTROLLER_OPS: &str = "127.0.0.1:15014";
 
@@ -106,11 +108,77 @@ impl Lab {
             self.start_app(pod)?;
         }
         self.wait_ready()?;
-        if self.plan.pods.iter().any(|p| p.meshed) {
+        if self
+            .plan
+            .pods
+            .iter()
+            .any(|p| p.meshed || p.app == App::Waypoint)
+        {
             host::ensure_bpffs()?;
             self.start_ztunnels()?;
+            for pod in self.waypoint_pods() {
+                self.start_waypoint(pod)?;
+            }
+            for pod in self.waypoint_pods() {
+                self.wait_waypoint(pod)?;
+            }
         }
         Ok(())
+    }
+
+    fn waypoint_pods(&self) -> impl Iterator<Item = &PodPlan> {
+        self.plan.pods.iter().filter(|p| p.app == App::Waypoint)
+    }
+
+    /// A waypoint pod: the `waypoint` binary in the pod's namespace, with
+    /// its own bootstrap token, taking config and its certificate from the
+    /// controller as the Deployment the controller makes in a cluster does.
+    fn start_waypoint(&self, pod: &PodPlan) -> Result<(), LabError> {
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        let argv = [
+            path(self.bin_dir.join("waypoint")),
+            "--namespace".into(),
+            pod.namespace.clone(),
+            "--service-account".into(),
+            pod.service_account.clone(),
+            "--controller".into(),
+            self.controller_addr(),
+            "--controller-token".into(),
+            path(self.waypoint_token_file(pod)),
+            "--mesh-roots".into(),
+            path(self.ca_dir().join(identity::ca::ROOT_CERT_FILE)),
+        ];
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        process::spawn_detached(&self.placement(pod), &argv, &self.log_path(&pod.key()))
+    }
+
+    /// Waits until the waypoint holds a config and its certificate.
+    fn wait_waypoint(&self, pod: &PodPlan) -> Result<(), LabError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let url = format!("http://127.0.0.1:{WAYPOINT_READY_PORT}/healthz/ready");
+        loop {
+            let probe = self.exec_captured(&pod.key(), &["curl", "-sf", "-m", "1", &url])?;
+            if probe.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline || !cgroup::populated(&pod.cgroup) {
+                return Err(LabError::Command {
+                    command: format!("waypoint in {}", pod.key()),
+                    stderr: format!(
+                        "not ready within {}s; see {}",
+                        READY_TIMEOUT.as_secs(),
+                        self.log_path(&pod.key()).display()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn waypoint_token_file(&self, pod: &PodPlan) -> PathBuf {
+        self.state
+            .join("waypoint")
+            .join(format!("{}.{}.token", pod.namespace, pod.service_account))
     }
 
     /// The controller, then one ztunnel per node, in the node's namespace,
@@ -127,14 +195,24 @@ impl Lab {
         self.wait_captured()
     }
 
-    /// One bootstrap token per node: the controller's tokens file, and
-    /// each node's own (readable by root only).
+    /// One bootstrap token per node and per waypoint: the controller's
+    /// tokens file, and each one's own (readable by root only).
     fn write_tokens(&self) -> Result<(), LabError> {
         let mut entries = String::from("tokens:\n");
         for node in &self.plan.nodes {
             let token = random_token()?;
             entries.push_str(&format!("  - {{token: {token}, node: {}}}\n", node.name));
             write_private(&self.token_file(&node.name), &token)?;
+        }
+        let dir = self.state.join("waypoint");
+        std::fs::create_dir_all(&dir).map_err(LabError::io(format!("create {}", dir.display())))?;
+        for pod in self.waypoint_pods() {
+            let token = random_token()?;
+            entries.push_str(&format!(
+                "  - {{token: {token}, waypoint: {}/{}}}\n",
+                pod.namespace, pod.service_account
+            ));
+            write_private(&self.waypoint_token_file(pod), &token)?;
         }
         write_private(&self.state.join("controller-tokens.yaml"), &entries)
     }
@@ -414,6 +492,8 @@ impl Lab {
                 &grpc,
             ],
             App::Sleep => vec!["sleep", "infinity"],
+            // Started once the controller runs: `start_waypoint`.
+            App::Waypoint => return Ok(()),
         };
         let log = self.log_path(&pod.key());
         process::spawn_detached(&self.placement(pod), &argv, &log)
@@ -629,7 +709,14 @@ impl Lab {
 
     /// Adds or replaces the objects of a YAML file in the cluster.
     pub fn apply(&self, file: &Path) -> Result<Vec<String>, LabError> {
-        let objects = read_objects(file)?;
+        let text = std::fs::read_to_string(file)
+            .map_err(LabError::io(format!("read {}", file.display())))?;
+        self.apply_yaml(&file.display().to_string(), &text)
+    }
+
+    /// Adds or replaces the objects of `yaml` (named `what` in errors).
+    pub fn apply_yaml(&self, what: &str, yaml: &str) -> Result<Vec<String>, LabError> {
+        let objects = k8s::parse_objects(what, yaml)?;
         k8s::write_all(&self.cluster_dir(), &objects)?;
         Ok(objects.into_iter().map(|o| o.file).collect())
     }

@@ -79,6 +79,7 @@ pub struct ServicePlan {
     pub namespace: String,
     pub cluster_ip: Ipv4Addr,
     pub selector: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     pub ports: Vec<PortPlan>,
     /// Indices into `Plan::pods`.
     pub endpoints: Vec<usize>,
@@ -135,7 +136,7 @@ impl Plan {
             .collect();
         let mut pods = Vec::new();
         let mut per_node = vec![0u64; nodes.len()];
-        for d in &spec.deployments {
+        for d in &spec.all_deployments() {
             for replica in 0..d.replicas {
                 let node = pods.len() % nodes.len();
                 let slot = per_node[node];
@@ -163,7 +164,7 @@ impl Plan {
             }
         }
         let services = spec
-            .services
+            .all_services()
             .iter()
             .enumerate()
             .map(|(i, s)| {
@@ -182,6 +183,7 @@ impl Plan {
                         .map(|(i, _)| i)
                         .collect(),
                     selector,
+                    labels: s.labels.clone(),
                     ports: s
                         .ports
                         .iter()

@@ -26,7 +26,25 @@ pub struct LabSpec {
     pub deployments: Vec<DeploymentSpec>,
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// Waypoints (Gateways of class `ambit-waypoint`): the lab runs each
+    /// one's pod and Service as the controller deploys them in a cluster.
+    #[serde(default)]
+    pub waypoints: Vec<WaypointSpec>,
 }
+
+/// A waypoint for a namespace: Services, service accounts or pods labelled
+/// `ambit.dev/use-waypoint: <name>` send their traffic through it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointSpec {
+    pub name: String,
+    pub namespace: String,
+}
+
+/// The label naming a waypoint's Gateway on its pods and Service.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The waypoint's HBONE port, its Service's only port.
+pub const WAYPOINT_PORT: u16 = 15008;
 
 /// Address ranges. Each node takes the `/24` of `podCidr` with its index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +85,9 @@ pub enum App {
     Echo,
     /// Nothing but a sleeping process: a client to `exec` into.
     Sleep,
+    /// The `waypoint` binary; only from a `waypoints` entry.
+    #[serde(skip)]
+    Waypoint,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +131,9 @@ pub struct ServiceSpec {
     #[serde(default)]
     pub selector: Option<BTreeMap<String, String>>,
     pub ports: Vec<ServicePortSpec>,
+    /// Service labels (e.g. `ambit.dev/use-waypoint`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl ServiceSpec {
@@ -137,8 +161,9 @@ impl ServicePortSpec {
 }
 
 impl Default for LabSpec {
-    /// Two nodes; `demo` (labelled for the mesh) with three `echo` replicas and
-    /// a `sleep` client; `legacy` (not labelled) with its own `sleep` client.
+    /// Two nodes; `demo` (labelled for the mesh) with three `echo` replicas,
+    /// a `sleep` client and a waypoint serving Service `web` (the `echo`
+    /// pods); `legacy` (not labelled) with its own `sleep` client.
     fn default() -> Self {
         let echo_ports = vec![
             ServicePortSpec {
@@ -176,11 +201,31 @@ impl Default for LabSpec {
                 deployment("sleep", "demo", 1, App::Sleep),
                 deployment("sleep", "legacy", 1, App::Sleep),
             ],
-            services: vec![ServiceSpec {
-                name: "echo".into(),
+            services: vec![
+                ServiceSpec {
+                    name: "echo".into(),
+                    namespace: "demo".into(),
+                    selector: None,
+                    ports: echo_ports,
+                    labels: BTreeMap::new(),
+                },
+                // The same pods behind the waypoint: HTTPRoutes on `web`
+                // apply there.
+                ServiceSpec {
+                    name: "web".into(),
+                    namespace: "demo".into(),
+                    selector: Some(BTreeMap::from([("app".into(), "echo".into())])),
+                    ports: vec![ServicePortSpec {
+                        name: "http".into(),
+                        port: 80,
+                        target_port: Some(8080),
+                    }],
+                    labels: BTreeMap::from([("ambit.dev/use-waypoint".into(), "waypoint".into())]),
+                },
+            ],
+            waypoints: vec![WaypointSpec {
+                name: "waypoint".into(),
                 namespace: "demo".into(),
-                selector: None,
-                ports: echo_ports,
             }],
         }
     }
@@ -194,6 +239,47 @@ fn deployment(name: &str, namespace: &str, replicas: u32, app: App) -> Deploymen
         service_account: None,
         app,
         labels: BTreeMap::new(),
+    }
+}
+
+impl LabSpec {
+    /// The deployments, and one per waypoint: its pod runs as the
+    /// waypoint's service account, outside the mesh (it terminates HBONE
+    /// itself), as the controller's Deployment does.
+    pub fn all_deployments(&self) -> Vec<DeploymentSpec> {
+        let mut all = self.deployments.clone();
+        all.extend(self.waypoints.iter().map(|w| DeploymentSpec {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            replicas: 1,
+            service_account: None,
+            app: App::Waypoint,
+            labels: BTreeMap::from([
+                (GATEWAY_NAME_LABEL.into(), w.name.clone()),
+                ("ambit.dev/dataplane-mode".into(), "none".into()),
+            ]),
+        }));
+        all
+    }
+
+    /// The services, and each waypoint's on its HBONE port.
+    pub fn all_services(&self) -> Vec<ServiceSpec> {
+        let mut all = self.services.clone();
+        all.extend(self.waypoints.iter().map(|w| {
+            let labels = BTreeMap::from([(GATEWAY_NAME_LABEL.to_string(), w.name.clone())]);
+            ServiceSpec {
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                selector: Some(labels.clone()),
+                ports: vec![ServicePortSpec {
+                    name: "mesh".into(),
+                    port: WAYPOINT_PORT,
+                    target_port: None,
+                }],
+                labels,
+            }
+        }));
+        all
     }
 }
 
@@ -240,8 +326,16 @@ impl LabSpec {
                 return bad(format!("namespace {ns:?} is not a DNS label"));
             }
         }
+        for w in &self.waypoints {
+            if !namespaces.contains(w.namespace.as_str()) || !is_dns_label(&w.name) {
+                return bad(format!(
+                    "waypoint {}/{}: the name must be a DNS label in a declared namespace",
+                    w.namespace, w.name
+                ));
+            }
+        }
         let mut seen = BTreeSet::new();
-        for d in &self.deployments {
+        for d in &self.all_deployments() {
             if !namespaces.contains(d.namespace.as_str()) {
                 return bad(format!(
                     "deployment {}/{} is in an undeclared namespace",
@@ -262,7 +356,8 @@ impl LabSpec {
             }
         }
         let mut seen = BTreeSet::new();
-        for s in &self.services {
+        let services = self.all_services();
+        for s in &services {
             if !namespaces.contains(s.namespace.as_str()) || !is_dns_label(&s.name) {
                 return bad(format!(
                     "service {}/{}: the name must be a DNS label in a declared namespace",
@@ -279,7 +374,7 @@ impl LabSpec {
                 return bad(format!("service {}/{} has no ports", s.namespace, s.name));
             }
         }
-        self.network.validate(self.nodes.len(), self.services.len())
+        self.network.validate(self.nodes.len(), services.len())
     }
 }
 

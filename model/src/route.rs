@@ -242,7 +242,7 @@ impl RouteRule {
                 Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) if !p.starts_with('/') => {
                     return Err(format!("path {p:?} does not start with /"));
                 }
-                Some(PathMatch::Regex(r)) => regex(r)?,
+                Some(PathMatch::Regex(r)) => drop(regex(r)?),
                 _ => {}
             }
             for v in m.headers.iter().chain(&m.query_params) {
@@ -270,12 +270,12 @@ impl RouteRule {
     }
 }
 
-/// Compiles as the waypoint will: whole-string match, size-limited.
-pub fn regex(pattern: &str) -> Result<(), String> {
+/// A route's regular expression as the waypoint runs it: whole-string
+/// match, size-limited.
+pub fn regex(pattern: &str) -> Result<regex::Regex, String> {
     regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
         .size_limit(1 << 20)
         .build()
-        .map(drop)
         .map_err(|e| format!("regular expression {pattern:?}: {e}"))
 }
 

@@ -37,6 +37,8 @@ pub struct Snapshot {
     identities: Vec<Identity>,
     by_ip: HashMap<Ipv4Addr, usize>,
     by_uid: HashMap<String, usize>,
+    /// `namespace/name` → service.
+    by_key: HashMap<String, usize>,
     /// (VIP, service port) → (service, port index).
     by_vip: HashMap<SocketAddrV4, (usize, usize)>,
     /// Authorization policies by namespace; `""` holds the global ones.
@@ -142,11 +144,15 @@ impl Snapshot {
             identities.push(id);
         }
         let mut by_vip = HashMap::new();
+        let mut by_key = HashMap::new();
         for (i, s) in config.services.iter().enumerate() {
             let err = |reason: String| ConfigError::Service {
                 service: s.key(),
                 reason,
             };
+            if by_key.insert(s.key(), i).is_some() {
+                return Err(err("defined twice".into()));
+            }
             if s.ports.is_empty() {
                 return Err(err("no ports".into()));
             }
@@ -205,6 +211,7 @@ impl Snapshot {
             identities,
             by_ip,
             by_uid,
+            by_key,
             by_vip,
             policies_by_ns,
         })
@@ -252,6 +259,11 @@ impl Snapshot {
     /// The SPIFFE identity of a workload of this snapshot.
     pub fn identity(&self, workload: &Workload) -> Option<&Identity> {
         self.by_uid.get(&workload.uid).map(|&i| &self.identities[i])
+    }
+
+    /// The service `namespace/name`.
+    pub fn service(&self, key: &str) -> Option<&Service> {
+        self.by_key.get(key).map(|&i| &self.config.services[i])
     }
 
     /// The service a VIP:port belongs to.

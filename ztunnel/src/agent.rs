@@ -24,9 +24,9 @@ use tracing::Instrument;
 use crate::conns::Connections;
 use crate::inbound::Inbound;
 use crate::netns::PodSockets;
-use crate::route::{Balancer, Route};
 use crate::telemetry::{ConnRecord, Direction, Metrics};
 use crate::transparent;
+use destination::{Balancer, Route};
 
 /// Per-direction buffer of plain forwarding.
 const COPY_BUFFER: usize = 128 * 1024;

@@ -64,18 +64,11 @@ pub struct ControllerConfig {
 
 impl ControllerConfig {
     fn connect(&self, trust_domain: &TrustDomain) -> anyhow::Result<Controller> {
-        // Read now to fail early; read again for every request.
-        std::fs::read_to_string(&self.token_file)
-            .map_err(|e| anyhow::anyhow!("read {}: {e}", self.token_file.display()))?;
-        let pem = std::fs::read_to_string(&self.roots_file)
-            .map_err(|e| anyhow::anyhow!("read {}: {e}", self.roots_file.display()))?;
-        let roots = identity::ca::certs(&pem, "mesh roots")
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.roots_file.display()))?;
-        Ok(Controller::at(
+        Ok(Controller::from_files(
             self.addr.clone(),
             self.token_file.clone(),
-            &roots,
-            control_client::controller_identity(trust_domain),
+            &self.roots_file,
+            trust_domain,
         )?)
     }
 }

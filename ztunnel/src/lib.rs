@@ -16,6 +16,5 @@ pub mod enroll;
 pub mod inbound;
 pub mod metrics;
 pub mod netns;
-pub mod route;
 pub mod telemetry;
 pub mod transparent;

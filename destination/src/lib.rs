@@ -1,7 +1,8 @@
-//! Where an outbound connection goes: the original destination resolved
-//! against the mesh config (a destination with a waypoint → HBONE to the
-//! waypoint, Service VIP → endpoint, meshed → HBONE, unmeshed → plain TCP,
-//! unknown → passthrough).
+//! Where a proxied connection goes: the dialled address resolved against
+//! the mesh config (a destination with a waypoint → HBONE to the waypoint,
+//! Service VIP → endpoint, meshed → HBONE, unmeshed → plain TCP, unknown →
+//! passthrough). Shared by ztunnel (outbound) and waypoints (to the chosen
+//! backend: a waypoint is never sent to itself).
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

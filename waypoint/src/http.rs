@@ -125,6 +125,15 @@ impl Context {
     }
 
     async fn respond(&self, mut req: Request<Incoming>, outcome: &mut Outcome) -> Response<Body> {
+        // Rules see, and backends get, the path in one form: `/a/../b`,
+        // `//b` or `/%62` must not slip past a rule for `/b`.
+        let normalized = normalize_path(req.uri().path());
+        if normalized != req.uri().path()
+            && let Err(reason) = set_path(&mut req, normalized)
+        {
+            outcome.reason = reason;
+            return local(StatusCode::BAD_REQUEST, &outcome.reason);
+        }
         let snapshot = self.waypoint.snapshot();
         let table = self.waypoint.table(&snapshot);
         let port = self.target.addr().port();
@@ -152,7 +161,7 @@ impl Context {
                 RouteFilter::ResponseHeaders(edits) => response_edits.push(edits),
                 RouteFilter::Redirect(redirect) => {
                     outcome.reason = "redirected".into();
-                    return redirect_response(redirect, &req, host.as_deref(), &selected);
+                    return redirect_response(redirect, &req, host.as_deref(), port, &selected);
                 }
                 RouteFilter::Rewrite(rewrite) => {
                     if let Err(reason) = rewrite_request(&mut req, rewrite, &selected) {
@@ -211,6 +220,12 @@ impl Context {
             return local(StatusCode::SERVICE_UNAVAILABLE, &outcome.reason);
         };
         let addr = SocketAddrV4::new(*vip, backend.1);
+        // A port the Service does not have would resolve to nothing in the
+        // mesh and go out as plain TCP: refused instead.
+        if snapshot.service_by_vip(addr).is_none() {
+            outcome.reason = format!("backend service {} has no port {}", backend.0, backend.1);
+            return local(StatusCode::INTERNAL_SERVER_ERROR, &outcome.reason);
+        }
         let target = Target::Service {
             key: backend.0.clone(),
             hostname: service.hostname(),
@@ -263,13 +278,16 @@ impl Context {
                 };
             }
             attempt += 1;
-            outcome.reason = format!("retry {attempt}");
+            outcome.reason = match &result {
+                Ok(resp) => format!("retry {attempt} after {}", resp.status()),
+                Err((_, reason)) => format!("retry {attempt} after: {reason}"),
+            };
             tokio::time::sleep(backoff).await;
         }
     }
 
     /// One try: an endpoint, a connection to it, the request and the
-    /// response's head.
+    /// response's head, all within the rule's `backendRequest` timeout.
     async fn try_once(
         &self,
         snapshot: &Snapshot,
@@ -279,30 +297,33 @@ impl Context {
         rule: &RouteRule,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, (StatusCode, String)> {
-        let routes = self
-            .waypoint
-            .plan(snapshot, &self.me, target.addr())
-            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
-        let (upstream, endpoint) = self
-            .waypoint
-            .connect(&routes, &self.client, target)
-            .await
-            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
-        outcome.endpoint = endpoint;
-        let req = upstream_request(head, body, target);
-        let exchange = send(upstream, req);
+        outcome.endpoint.clear();
+        let attempt = async {
+            let routes = self
+                .waypoint
+                .plan(snapshot, &self.me, target.addr())
+                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+            let (upstream, endpoint) = self
+                .waypoint
+                .connect(&routes, &self.client, target)
+                .await
+                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+            outcome.endpoint = endpoint;
+            send(upstream, upstream_request(head, body, target))
+                .await
+                .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream: {e}")))
+        };
         let resp = match rule.timeouts.backend_request_ms {
-            Some(ms) => tokio::time::timeout(Duration::from_millis(ms), exchange)
+            Some(ms) => tokio::time::timeout(Duration::from_millis(ms), attempt)
                 .await
                 .map_err(|_| {
                     (
                         StatusCode::GATEWAY_TIMEOUT,
                         format!("no response within the backend's {ms} ms timeout"),
                     )
-                })?,
-            None => exchange.await,
-        }
-        .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream: {e}")))?;
+                })??,
+            None => attempt.await?,
+        };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.boxed()))
@@ -387,10 +408,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
+    let only_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !only_trailers {
         headers.remove(header::TE);
     }
 }
@@ -457,25 +479,80 @@ fn rewrite_request<B>(
     }
     if rewrite.path.is_some() {
         let path = rewritten_path(rewrite.path.as_ref(), req.uri().path(), selected)?;
-        let path_and_query = match req.uri().query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        };
-        let mut parts = req.uri().clone().into_parts();
-        parts.path_and_query = Some(
-            path_and_query
-                .parse()
-                .map_err(|e| format!("rewritten path: {e}"))?,
-        );
-        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| format!("rewritten URI: {e}"))?;
+        set_path(req, path)?;
     }
     Ok(())
+}
+
+/// Replaces the request's path, keeping its query.
+fn set_path<B>(req: &mut Request<B>, path: String) -> Result<(), String> {
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|e| format!("path {path_and_query:?}: {e}"))?,
+    );
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| format!("URI: {e}"))?;
+    Ok(())
+}
+
+/// RFC 3986 normalization of a request path: percent-encoded unreserved
+/// characters decoded, repeated slashes merged, `.` and `..` segments
+/// removed (never above the root). A path without a leading `/` (CONNECT,
+/// `*`) is left alone.
+fn normalize_path(path: &str) -> String {
+    if !path.starts_with('/') {
+        return path.to_string();
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = path.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+            && (b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+        {
+            decoded.push(char::from(b));
+            i += 3;
+            continue;
+        }
+        // `path` is a valid URI path: ASCII only.
+        decoded.push(char::from(bytes[i]));
+        i += 1;
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for segment in decoded.split('/').skip(1) {
+        trailing = matches!(segment, "" | "." | "..");
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if trailing || out.is_empty() {
+        out.push('/');
+    }
+    out
 }
 
 fn redirect_response<B>(
     redirect: &Redirect,
     req: &Request<B>,
     host: Option<&str>,
+    listener_port: u16,
     selected: &Selected,
 ) -> Response<Body> {
     let scheme = redirect.scheme.as_deref().unwrap_or("http");
@@ -485,9 +562,17 @@ fn redirect_response<B>(
         .or_else(|| host.map(|h| h.split(':').next().unwrap_or(h).to_string()))
         .unwrap_or_default();
     let default_port = if scheme == "https" { 443 } else { 80 };
-    let port = match redirect.port {
-        Some(p) if p != default_port => format!(":{p}"),
-        _ => String::new(),
+    // Neither scheme nor port given: the port the request came to (the
+    // Service port), as Gateway API asks.
+    let port = match (redirect.port, &redirect.scheme) {
+        (Some(p), _) => p,
+        (None, None) => listener_port,
+        (None, Some(_)) => default_port,
+    };
+    let port = if port == default_port {
+        String::new()
+    } else {
+        format!(":{port}")
     };
     let path = match rewritten_path(redirect.path.as_ref(), req.uri().path(), selected) {
         Ok(path) => path,
@@ -593,6 +678,26 @@ mod tests {
             weight: 0,
         }];
         assert_eq!(pick(&zero), Picked::Nothing);
+    }
+
+    #[test]
+    fn paths_are_matched_and_sent_in_one_form() {
+        for (raw, normal) in [
+            ("/admin", "/admin"),
+            ("/public/../admin", "/admin"),
+            ("/./admin", "/admin"),
+            ("//admin", "/admin"),
+            ("/%61dmin", "/admin"),
+            ("/a/%2e%2e/admin", "/admin"),
+            ("/a%2Fb", "/a%2Fb"),
+            ("/../../admin", "/admin"),
+            ("/dir/", "/dir/"),
+            ("/dir/.", "/dir/"),
+            ("/", "/"),
+            ("*", "*"),
+        ] {
+            assert_eq!(normalize_path(raw), normal, "{raw}");
+        }
     }
 
     #[test]

@@ -146,6 +146,10 @@ impl Entry {
 /// Whole path segments: `/foo` matches `/foo`, `/foo/` and `/foo/bar`,
 /// not `/foobar`; a trailing `/` in the prefix is ignored.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    // A request without a path (CONNECT) matches no path rule.
+    if !path.starts_with('/') {
+        return false;
+    }
     let prefix = prefix.trim_end_matches('/');
     match path.strip_prefix(prefix) {
         Some(rest) => rest.is_empty() || rest.starts_with('/'),

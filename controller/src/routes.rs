@@ -691,9 +691,18 @@ fn finish(
                     Some(("UnsupportedValue", format!("backendRef {} has no port", r.name)))
                 } else {
                     reads.push(target.clone());
-                    resolver.service(&target).is_none().then(|| {
-                        ("BackendNotFound", format!("Service {}/{} not found", target.0, target.1))
-                    })
+                    let backend_port = r.port.map(port).transpose()?.unwrap_or(0);
+                    if resolver.service(&target).is_none() {
+                        Some(("BackendNotFound", format!("Service {}/{} not found", target.0, target.1)))
+                    } else if !resolver.has_port(&target, backend_port) {
+                        // A port the Service lacks resolves to nothing.
+                        Some((
+                            "BackendNotFound",
+                            format!("Service {}/{} has no port {backend_port}", target.0, target.1),
+                        ))
+                    } else {
+                        None
+                    }
                 };
                 let resolved = problem.is_none();
                 if let Some(p) = problem {

@@ -1391,6 +1391,7 @@ impl Translator {
                 name: p.name.clone(),
                 port,
                 target_port: target.filter(|t| *t != port),
+                app_protocol: p.app_protocol.clone(),
             });
         }
         if ports.is_empty() {

@@ -351,6 +351,8 @@ fn what_is_not_implemented_is_refused_by_name() {
     for (backend, reason) in [
         ("{name: web, namespace: other, port: 80}", "RefNotPermitted"),
         ("{group: example.com, kind: Bucket, name: b}", "InvalidKind"),
+        // The target port instead of the Service port.
+        ("{name: web, port: 8080}", "BackendNotFound"),
     ] {
         let mut c = cluster();
         c.http_routes.push(http_route(&format!(

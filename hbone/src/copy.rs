@@ -9,7 +9,9 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
@@ -44,17 +46,105 @@ pub struct CopyError {
 
 /// An ordinary in-memory byte stream for a tunnel, for code that needs
 /// `AsyncRead + AsyncWrite` (an HTTP server or client on top of the
-/// tunnel): a task copies between the two until both directions end. The
+/// tunnel): a task copies between the two until both directions end, or
+/// until the returned stream is dropped (the tunnel is then reset, so a
+/// peer that never finishes does not keep the task and the tunnel). The
 /// in-memory pipe is bounded, so backpressure stays end to end.
-pub fn attach(stream: H2Stream) -> tokio::io::DuplexStream {
+pub fn attach(stream: H2Stream) -> Attached {
     let (app, proxy) = tokio::io::duplex(MAX_BUFFER);
+    let dropped = tokio_util::sync::CancellationToken::new();
+    let gone = dropped.clone();
     tokio::spawn(async move {
         let (r, w) = tokio::io::split(proxy);
-        if let Err(error) = copy_bidirectional(r, w, stream).await {
+        // As a closed TCP socket: what the application wrote before it
+        // dropped the stream is still sent, with END_STREAM; only then is
+        // waiting for the peer given up (nobody would read its answer).
+        let (r, sent_all) = EofSignal::new(r);
+        let stop = async move {
+            gone.cancelled().await;
+            let mut sent_all = sent_all;
+            let _ = sent_all.wait_for(|eof| *eof).await;
+        };
+        if let Err(error) = copy_bidirectional_until(r, w, stream, stop).await {
             tracing::debug!(%error, "attached tunnel ended");
         }
     });
-    app
+    Attached {
+        io: app,
+        _dropped: dropped.drop_guard(),
+    }
+}
+
+/// A reader that says when it has reached its end.
+struct EofSignal<R> {
+    inner: R,
+    eof: tokio::sync::watch::Sender<bool>,
+}
+
+impl<R> EofSignal<R> {
+    fn new(inner: R) -> (Self, tokio::sync::watch::Receiver<bool>) {
+        let (eof, rx) = tokio::sync::watch::channel(false);
+        (Self { inner, eof }, rx)
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for EofSignal<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // A read into a full buffer returns nothing without being the end.
+        let before = if buf.remaining() == 0 {
+            usize::MAX
+        } else {
+            buf.filled().len()
+        };
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Err(_)))
+            || matches!(polled, Poll::Ready(Ok(())) if buf.filled().len() == before)
+        {
+            this.eof.send_replace(true);
+        }
+        polled
+    }
+}
+
+/// The byte stream of an [`attach`]ed tunnel.
+#[derive(Debug)]
+pub struct Attached {
+    io: tokio::io::DuplexStream,
+    /// Ends the copy when the stream is dropped.
+    _dropped: tokio_util::sync::DropGuard,
+}
+
+impl AsyncRead for Attached {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Attached {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// Copies in both directions until both are finished. A half-close on one

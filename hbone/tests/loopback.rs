@@ -6,13 +6,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hbone::copy::Attached;
 use hbone::testing::{Forward, attach};
 use hbone::{ConnectRequest, Error, Pool, PoolConfig, PoolKey, Server, ServerOptions};
 use identity::ca::DEFAULT_LEAF_TTL;
 use identity::testing::{TestRoot, unchecked_client};
 use identity::tls::PeerIdentityError;
 use identity::{CaClient, CertManager, CertificateAuthority, Identity, InProcessCa};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/cart";
@@ -61,7 +62,7 @@ impl Fixture {
         PoolKey::new(id(CLIENT), vec![id(SERVER)], self.hbone_addr, None)
     }
 
-    async fn tunnel(&self, upstream: SocketAddr) -> Result<DuplexStream, Error> {
+    async fn tunnel(&self, upstream: SocketAddr) -> Result<Attached, Error> {
         let stream = self
             .pool
             .connect(&self.key(), &ConnectRequest::new(upstream))

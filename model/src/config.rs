@@ -170,11 +170,80 @@ pub struct ServicePort {
     /// The endpoints' port; the service port when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<u16>,
+    /// Kubernetes' `appProtocol` of the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
 }
+
+/// Protocols that are HTTP to a proxy (`h2c` and WebSocket start as HTTP).
+const HTTP_PROTOCOLS: &[&str] = &[
+    "http",
+    "http2",
+    "grpc",
+    "grpc-web",
+    "h2c",
+    "kubernetes.io/h2c",
+    "kubernetes.io/ws",
+];
+/// Protocols declared as something else: passed on as bytes.
+const OPAQUE_PROTOCOLS: &[&str] = &[
+    "tcp",
+    "tls",
+    "https",
+    "mongo",
+    "mysql",
+    "redis",
+    "udp",
+    "kubernetes.io/wss",
+];
 
 impl ServicePort {
     pub fn target_port(&self) -> u16 {
         self.target_port.unwrap_or(self.port)
+    }
+
+    /// Whether the port carries HTTP, as declared by its `appProtocol` or,
+    /// as Istio reads it, by its name (`<protocol>` or `<protocol>-…`):
+    /// `Some(false)` for another protocol, `None` when nothing says.
+    /// Any other `appProtocol` is not HTTP.
+    pub fn http(&self) -> Option<bool> {
+        if let Some(declared) = &self.app_protocol {
+            return Some(HTTP_PROTOCOLS.contains(&declared.to_ascii_lowercase().as_str()));
+        }
+        let name = self.name.as_deref()?.to_ascii_lowercase();
+        let prefix = HTTP_PROTOCOLS
+            .iter()
+            .chain(OPAQUE_PROTOCOLS)
+            .filter(|p| name == **p || name.starts_with(&format!("{p}-")))
+            .max_by_key(|p| p.len())?;
+        Some(HTTP_PROTOCOLS.contains(prefix))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_say_whether_they_carry_http() {
+        let port = |name: Option<&str>, app: Option<&str>| ServicePort {
+            name: name.map(str::to_string),
+            port: 80,
+            target_port: None,
+            app_protocol: app.map(str::to_string),
+        };
+        assert_eq!(port(Some("http"), None).http(), Some(true));
+        assert_eq!(port(Some("grpc-web-api"), None).http(), Some(true));
+        assert_eq!(port(Some("HTTP2-x"), None).http(), Some(true));
+        assert_eq!(port(Some("tcp-echo"), None).http(), Some(false));
+        assert_eq!(port(Some("mysql"), None).http(), Some(false));
+        assert_eq!(port(Some("web"), None).http(), None);
+        assert_eq!(port(None, None).http(), None);
+        assert_eq!(port(Some("http"), Some("postgresql")).http(), Some(false));
+        assert_eq!(
+            port(Some("db"), Some("kubernetes.io/h2c")).http(),
+            Some(true)
+        );
     }
 }
 

@@ -11,24 +11,29 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
+use std::task::Poll;
+
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::body::{Body as _, Frame};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use model::route::{Backend, HeaderEdits, PathRewrite, Redirect, Rewrite, RouteFilter, RouteRule};
 use model::{Snapshot, Workload};
 
-use crate::proxy::{Client, Target, Upstream, Waypoint};
+use crate::proxy::{Client, Target, Waypoint};
 use crate::table::{RequestView, Selected, prefix_matches};
+use crate::upstream::ReuseError;
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub use crate::upstream::Body;
 
-/// The largest request body kept for retries; a larger one is refused
-/// (413) on a rule with retries rather than sent without them.
+/// The largest request body kept for retries; a request with a larger one
+/// is tried once.
 const RETRY_BODY_LIMIT: usize = 1 << 20;
 
 /// Serves the HTTP requests of one tunnel until the client closes it.
@@ -37,7 +42,7 @@ pub async fn serve(
     me: Workload,
     target: Target,
     client: Client,
-    io: tokio::io::DuplexStream,
+    io: hbone::copy::Attached,
 ) {
     let ctx = Arc::new(Context {
         waypoint,
@@ -125,6 +130,18 @@ impl Context {
     }
 
     async fn respond(&self, mut req: Request<Incoming>, outcome: &mut Outcome) -> Response<Body> {
+        // Upgrades (WebSocket) are not forwarded yet: refused rather than
+        // sent on as a plain request. An `h2c` upgrade is an offer the
+        // request stands without.
+        if let Some(upgrade) = req.headers().get(header::UPGRADE)
+            && !upgrade.as_bytes().eq_ignore_ascii_case(b"h2c")
+        {
+            outcome.reason = format!(
+                "upgrade to {} is not supported by the waypoint",
+                String::from_utf8_lossy(upgrade.as_bytes())
+            );
+            return local(StatusCode::NOT_IMPLEMENTED, &outcome.reason);
+        }
         // Rules see, and backends get, the path in one form: `/a/../b`,
         // `//b` or `/%62` must not slip past a rule for `/b`.
         let normalized = normalize_path(req.uri().path());
@@ -246,20 +263,18 @@ impl Context {
                 }
             };
         };
-        // Retries resend the body: keep it, up to a bound.
-        let body = match Limited::new(body, RETRY_BODY_LIMIT).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) => {
-                outcome.reason = format!("request body not kept for retries: {error}");
-                return local(StatusCode::PAYLOAD_TOO_LARGE, &outcome.reason);
-            }
-        };
+        // The first try streams the body (a client may wait for the
+        // response before it ends its request, as streaming gRPC does);
+        // what it sends is kept, up to a bound, for the retries.
+        let kept = Arc::new(Mutex::new(Kept::new(body.is_end_stream())));
+        let mut body = Tee {
+            inner: body,
+            kept: kept.clone(),
+        }
+        .boxed();
         let backoff = Duration::from_millis(retry.backoff_ms.unwrap_or(25));
         let mut attempt = 0;
         loop {
-            let body = Full::new(body.clone())
-                .map_err(|never| match never {})
-                .boxed();
             let result = self
                 .try_once(snapshot, &target, &head, body, rule, outcome)
                 .await;
@@ -268,7 +283,14 @@ impl Context {
                 // Nothing reached an endpoint, or it did not answer.
                 Err(_) => true,
             };
-            if !retryable || attempt >= retry.attempts {
+            let replay = kept.lock().unwrap_or_else(PoisonError::into_inner).replay();
+            let last = !retryable || attempt >= retry.attempts;
+            let (Some(replay), false) = (replay, last) else {
+                if retryable && !last {
+                    outcome.reason = format!(
+                        "not retried: the request body was not kept (over {RETRY_BODY_LIMIT} bytes, with trailers, or not read to its end)"
+                    );
+                }
                 return match result {
                     Ok(resp) => resp,
                     Err((status, reason)) => {
@@ -276,12 +298,13 @@ impl Context {
                         local(status, &outcome.reason)
                     }
                 };
-            }
+            };
             attempt += 1;
             outcome.reason = match &result {
                 Ok(resp) => format!("retry {attempt} after {}", resp.status()),
                 Err((_, reason)) => format!("retry {attempt} after: {reason}"),
             };
+            body = Full::new(replay).map_err(|never| match never {}).boxed();
             tokio::time::sleep(backoff).await;
         }
     }
@@ -303,13 +326,31 @@ impl Context {
                 .waypoint
                 .plan(snapshot, &self.me, target.addr())
                 .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+            let upstreams = self.waypoint.upstreams();
+            let mut req = upstream_request(head, body, target);
+            // A kept connection to the endpoint the balancer chose first.
+            if let Some(first) = routes.first() {
+                let endpoint = first.endpoint();
+                match upstreams.send_reused(endpoint, req).await {
+                    Ok(resp) => {
+                        outcome.endpoint = endpoint.to_string();
+                        return Ok(resp);
+                    }
+                    Err(ReuseError::Failed(e)) => {
+                        outcome.endpoint = endpoint.to_string();
+                        return Err((StatusCode::BAD_GATEWAY, format!("upstream: {e}")));
+                    }
+                    Err(ReuseError::NoConnection(back)) => req = *back,
+                }
+            }
             let (upstream, endpoint) = self
                 .waypoint
                 .connect(&routes, &self.client, target)
                 .await
                 .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
-            outcome.endpoint = endpoint;
-            send(upstream, upstream_request(head, body, target))
+            outcome.endpoint = endpoint.to_string();
+            upstreams
+                .send_new(endpoint, upstream, req)
                 .await
                 .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream: {e}")))
         };
@@ -326,22 +367,82 @@ impl Context {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.boxed()))
+        Ok(Response::from_parts(parts, body))
     }
 }
 
-/// One request on a new connection, in the request's HTTP version.
-async fn send(upstream: Upstream, req: Request<Body>) -> Result<Response<Incoming>, hyper::Error> {
-    let io = TokioIo::new(upstream);
-    if req.version() == Version::HTTP_2 {
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
-        tokio::spawn(conn);
-        sender.send_request(req).await
-    } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(conn);
-        sender.send_request(req).await
+/// What the first try sent of the request body.
+#[derive(Debug)]
+struct Kept {
+    data: BytesMut,
+    /// The body was read to its end.
+    complete: bool,
+    /// Over the bound, or with trailers: cannot be sent again.
+    lost: bool,
+}
+
+impl Kept {
+    fn new(complete: bool) -> Self {
+        Self {
+            data: BytesMut::new(),
+            complete,
+            lost: false,
+        }
+    }
+
+    /// The whole body, when it can be sent again.
+    fn replay(&self) -> Option<Bytes> {
+        (self.complete && !self.lost).then(|| self.data.clone().freeze())
+    }
+}
+
+/// A request body passed through while a copy is kept.
+struct Tee {
+    inner: Incoming,
+    kept: Arc<Mutex<Kept>>,
+}
+
+impl hyper::body::Body for Tee {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let mut kept = this.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
+                Some(data) if !kept.lost => {
+                    if kept.data.len() + data.len() > RETRY_BODY_LIMIT {
+                        kept.lost = true;
+                        kept.data = BytesMut::new();
+                    } else {
+                        kept.data.extend_from_slice(data);
+                    }
+                }
+                Some(_) => {}
+                None => kept.lost = true,
+            },
+            Poll::Ready(None) => kept.complete = true,
+            Poll::Ready(Some(Err(_))) => kept.lost = true,
+            Poll::Pending => {}
+        }
+        // hyper stops polling once the body says it has ended.
+        if this.inner.is_end_stream() {
+            kept.complete = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -559,7 +660,7 @@ fn redirect_response<B>(
     let hostname = redirect
         .hostname
         .clone()
-        .or_else(|| host.map(|h| h.split(':').next().unwrap_or(h).to_string()))
+        .or_else(|| host.map(|h| crate::table::strip_port(h).to_string()))
         .unwrap_or_default();
     let default_port = if scheme == "https" { 443 } else { 80 };
     // Neither scheme nor port given: the port the request came to (the

@@ -10,3 +10,6 @@ pub mod http;
 pub mod metrics;
 pub mod proxy;
 pub mod table;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod upstream;

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use destination::{Balancer, Route};
-use hbone::copy::{attach, copy_bidirectional};
+use hbone::copy::{Attached, attach, copy_bidirectional};
 use hbone::{ConnectRequest, Forwarded, Handler, InboundRequest, Pool, PoolKey, Rejection, Tunnel};
 use identity::Identity;
 use model::{Snapshot, WaypointRef, Workload};
@@ -20,9 +20,10 @@ use tokio_util::either::Either;
 
 use crate::metrics::Metrics;
 use crate::table::RouteTable;
+use crate::upstream::Upstreams;
 
 /// A connection to the next hop, as a byte stream.
-pub type Upstream = Either<TcpStream, tokio::io::DuplexStream>;
+pub type Upstream = Either<TcpStream, Attached>;
 
 /// What the client addressed, once known to use this waypoint.
 #[derive(Debug, Clone)]
@@ -86,6 +87,7 @@ struct Inner {
     table: Mutex<Arc<RouteTable>>,
     balancer: Balancer,
     pool: Pool,
+    upstreams: Arc<Upstreams>,
     metrics: Arc<Metrics>,
 }
 
@@ -104,6 +106,7 @@ impl Waypoint {
                 table: Mutex::new(Arc::new(RouteTable::default())),
                 balancer: Balancer::default(),
                 pool,
+                upstreams: Arc::default(),
                 metrics,
             }),
         }
@@ -115,6 +118,11 @@ impl Waypoint {
 
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// HTTP connections to endpoints, kept for reuse.
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.inner.upstreams
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -192,11 +200,11 @@ impl Waypoint {
         routes: &[Route],
         client: &Client,
         target: &Target,
-    ) -> Result<(Upstream, String), String> {
+    ) -> Result<(Upstream, SocketAddr), String> {
         let mut errors = Vec::new();
         for route in routes {
             match self.connect_one(route, client, target).await {
-                Ok(upstream) => return Ok((upstream, route.endpoint().to_string())),
+                Ok(upstream) => return Ok((upstream, route.endpoint())),
                 Err(error) => {
                     self.inner.balancer.eject(route.hbone_endpoint());
                     errors.push(format!("{}: {error}", route.endpoint()));
@@ -366,8 +374,16 @@ impl Handler for Waypoint {
             Ok(target) => target,
             Err((code, reason)) => return refuse(code, reason, tunnel),
         };
+        // HTTP when the port has routes, unless it is declared as another
+        // protocol (a route for all ports of a Service with a database
+        // port must not feed the database's bytes to an HTTP parser).
         let routed = match &target {
-            Target::Service { key, addr, .. } => self.table(&snapshot).routes(key, addr.port()),
+            Target::Service { key, addr, .. } => {
+                self.table(&snapshot).routes(key, addr.port())
+                    && snapshot
+                        .service_by_vip(*addr)
+                        .is_none_or(|t| t.port.http() != Some(false))
+            }
             Target::Workload { .. } => false,
         };
         if routed {

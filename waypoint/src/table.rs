@@ -125,13 +125,14 @@ impl Entry {
             }
         }
         for (name, value) in &self.query {
+            // Decoded (`%20` and `+` are spaces); the first of repeated
+            // parameters counts.
             let found = req
                 .query
                 .into_iter()
-                .flat_map(|q| q.split('&'))
-                .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                .flat_map(|q| form_urlencoded::parse(q.as_bytes()))
                 .find(|(k, _)| k == name);
-            if !found.is_some_and(|(_, v)| value.matches(v)) {
+            if !found.is_some_and(|(_, v)| value.matches(&v)) {
                 return None;
             }
         }
@@ -157,19 +158,27 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-fn strip_port(host: &str) -> &str {
+pub fn strip_port(host: &str) -> &str {
     match host.rsplit_once(':') {
-        Some((h, port)) if !h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        // `[::1]:80` → `[::1]`; a bare `[::1]` has no port.
+        Some((h, port))
+            if (h.ends_with(']') || !h.contains(':'))
+                && !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            h
+        }
         _ => host,
     }
 }
 
 fn host_matches(pattern: &str, host: &str) -> bool {
+    let (pattern, host) = (pattern.to_ascii_lowercase(), host.to_ascii_lowercase());
     match pattern.strip_prefix("*.") {
         Some(suffix) => host
             .strip_suffix(suffix)
             .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
-        None => pattern.eq_ignore_ascii_case(host),
+        None => pattern == host,
     }
 }
 
@@ -192,7 +201,9 @@ impl RouteTable {
             .iter()
             .filter(|r| r.serves(waypoint))
             .collect();
-        routes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        // Ties go to the route first by `namespace/name` (Gateway API puts
+        // the oldest first; creation times are not in the model).
+        routes.sort_by_key(|r| r.key());
         for route in routes {
             let name = format!("{} {}", route.kind.as_str(), route.key());
             let hostnames: Arc<[String]> = route.hostnames.clone().into();
@@ -277,9 +288,12 @@ fn compile(m: &RouteMatch) -> Result<Compiled, String> {
         .transpose()?;
     let named =
         |n: &NamedMatch| Ok::<_, String>((n.name.clone(), CompiledValue::compile(&n.value)?));
+    // Of entries naming the same header, the first counts.
+    let mut seen = std::collections::HashSet::new();
     let headers = m
         .headers
         .iter()
+        .filter(|n| seen.insert(n.name.to_ascii_lowercase()))
         .map(|n| {
             let (name, value) = named(n)?;
             let name = http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
@@ -386,6 +400,7 @@ routes:
             name("header")
         );
         assert_eq!(select(&table, "GET", "/api?a=b&v=3", &[]), name("query"));
+        assert_eq!(select(&table, "GET", "/api?%76=3", &[]), name("query"));
         assert_eq!(select(&table, "GET", "/api?v=x", &[]), name("prefix-api"));
         assert_eq!(select(&table, "GET", "/apix", &[]), name("any"));
         assert_eq!(select(&table, "GET", "/", &[]), name("any"));
@@ -422,6 +437,8 @@ routes:
         assert!(host_matches("Echo.Demo", "echo.demo"));
         assert_eq!(strip_port("echo:80"), "echo");
         assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert!(host_matches("*.Demo.svc", "echo.demo.SVC"));
     }
 
     #[test]

@@ -47,9 +47,10 @@ pub struct CopyError {
 /// An ordinary in-memory byte stream for a tunnel, for code that needs
 /// `AsyncRead + AsyncWrite` (an HTTP server or client on top of the
 /// tunnel): a task copies between the two until both directions end, or
-/// until the returned stream is dropped (the tunnel is then reset, so a
-/// peer that never finishes does not keep the task and the tunnel). The
-/// in-memory pipe is bounded, so backpressure stays end to end.
+/// until the returned stream is dropped and what was written to it is sent
+/// (the tunnel is then reset, so a peer that never finishes does not keep
+/// the task and the tunnel). The in-memory pipe is bounded, so
+/// backpressure stays end to end.
 pub fn attach(stream: H2Stream) -> Attached {
     let (app, proxy) = tokio::io::duplex(MAX_BUFFER);
     let dropped = tokio_util::sync::CancellationToken::new();
@@ -57,21 +58,66 @@ pub fn attach(stream: H2Stream) -> Attached {
     tokio::spawn(async move {
         let (r, w) = tokio::io::split(proxy);
         // As a closed TCP socket: what the application wrote before it
-        // dropped the stream is still sent, with END_STREAM; only then is
-        // waiting for the peer given up (nobody would read its answer).
+        // dropped the stream is still sent, with END_STREAM; what the peer
+        // sends after that is read and discarded; once the write side is
+        // done (or after a linger, if the peer does not take it), the
+        // stream is dropped, which h2 resets after the frames it queued.
         let (r, sent_all) = EofSignal::new(r);
+        let w = DiscardWhenClosed(w);
         let stop = async move {
             gone.cancelled().await;
             let mut sent_all = sent_all;
-            let _ = sent_all.wait_for(|eof| *eof).await;
+            let _ = tokio::time::timeout(LINGER, sent_all.wait_for(|eof| *eof)).await;
         };
-        if let Err(error) = copy_bidirectional_until(r, w, stream, stop).await {
-            tracing::debug!(%error, "attached tunnel ended");
+        tokio::select! {
+            result = copy_bidirectional(r, w, stream) => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "attached tunnel ended");
+                }
+            }
+            () = stop => {}
         }
     });
     Attached {
         io: app,
         _dropped: dropped.drop_guard(),
+    }
+}
+
+/// How long a dropped [`Attached`] stream may still take to send what was
+/// written to it.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A writer whose reader has gone: what is written after that is dropped,
+/// so the other direction of the copy can still finish.
+struct DiscardWhenClosed<W>(W);
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for DiscardWhenClosed<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.get_mut().0).poll_write(cx, buf) {
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                Poll::Ready(Ok(buf.len()))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.get_mut().0).poll_flush(cx) {
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.get_mut().0).poll_shutdown(cx) {
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Poll::Ready(Ok(())),
+            other => other,
+        }
     }
 }
 

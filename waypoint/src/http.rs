@@ -28,7 +28,7 @@ use model::{Snapshot, Workload};
 
 use crate::proxy::{Client, Target, Waypoint};
 use crate::table::{RequestView, Selected, prefix_matches};
-use crate::upstream::ReuseError;
+use crate::upstream::{Key, ReuseError};
 
 pub use crate::upstream::Body;
 
@@ -257,9 +257,9 @@ impl Context {
                 .await
             {
                 Ok(resp) => resp,
-                Err((status, reason)) => {
-                    outcome.reason = reason;
-                    local(status, &outcome.reason)
+                Err(failure) => {
+                    outcome.reason = failure.reason;
+                    local(failure.status, &outcome.reason)
                 }
             };
         };
@@ -275,7 +275,7 @@ impl Context {
         let backoff = Duration::from_millis(retry.backoff_ms.unwrap_or(25));
         let mut attempt = 0;
         loop {
-            let result = self
+            let mut result = self
                 .try_once(snapshot, &target, &head, body, rule, outcome)
                 .await;
             let retryable = match &result {
@@ -283,28 +283,41 @@ impl Context {
                 // Nothing reached an endpoint, or it did not answer.
                 Err(_) => true,
             };
-            let replay = kept.lock().unwrap_or_else(PoisonError::into_inner).replay();
             let last = !retryable || attempt >= retry.attempts;
-            let (Some(replay), false) = (replay, last) else {
-                if retryable && !last {
-                    outcome.reason = format!(
-                        "not retried: the request body was not kept (over {RETRY_BODY_LIMIT} bytes, with trailers, or not read to its end)"
-                    );
-                }
+            // The next try's body: what this one did not send at all, or
+            // the copy kept of what it sent.
+            let unsent = match &mut result {
+                Err(failure) => failure.unsent.take(),
+                Ok(_) => None,
+            };
+            let next = unsent.or_else(|| {
+                let kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
+                kept.replay()
+                    .map(|b| Full::new(b).map_err(|never| match never {}).boxed())
+            });
+            let (Some(next), false) = (next, last) else {
+                let not_kept = if last {
+                    ""
+                } else {
+                    "; not retried: the request body was not kept (over the bound, with trailers, or not read to its end)"
+                };
                 return match result {
-                    Ok(resp) => resp,
-                    Err((status, reason)) => {
-                        outcome.reason = reason;
-                        local(status, &outcome.reason)
+                    Ok(resp) => {
+                        outcome.reason = not_kept.trim_start_matches("; ").to_string();
+                        resp
+                    }
+                    Err(failure) => {
+                        outcome.reason = format!("{}{not_kept}", failure.reason);
+                        local(failure.status, &outcome.reason)
                     }
                 };
             };
             attempt += 1;
             outcome.reason = match &result {
                 Ok(resp) => format!("retry {attempt} after {}", resp.status()),
-                Err((_, reason)) => format!("retry {attempt} after: {reason}"),
+                Err(failure) => format!("retry {attempt} after: {}", failure.reason),
             };
-            body = Full::new(replay).map_err(|never| match never {}).boxed();
+            body = next;
             tokio::time::sleep(backoff).await;
         }
     }
@@ -319,46 +332,61 @@ impl Context {
         body: Body,
         rule: &RouteRule,
         outcome: &mut Outcome,
-    ) -> Result<Response<Body>, (StatusCode, String)> {
+    ) -> Result<Response<Body>, Failure> {
         outcome.endpoint.clear();
         let attempt = async {
-            let routes = self
-                .waypoint
-                .plan(snapshot, &self.me, target.addr())
-                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+            let req = upstream_request(head, body, target);
+            let unsent = |req: Request<Body>, status, reason: String| Failure {
+                status,
+                reason,
+                unsent: Some(req.into_body()),
+            };
+            let routes = match self.waypoint.plan(snapshot, &self.me, target.addr()) {
+                Ok(routes) => routes,
+                Err(e) => return Err(unsent(req, StatusCode::SERVICE_UNAVAILABLE, e)),
+            };
             let upstreams = self.waypoint.upstreams();
-            let mut req = upstream_request(head, body, target);
+            let key = |endpoint| Key {
+                endpoint,
+                http2: head.version() == Version::HTTP_2,
+                client: self.client.addr,
+                host: target.hostname(),
+            };
+            let mut req = req;
             // A kept connection to the endpoint the balancer chose first.
             if let Some(first) = routes.first() {
                 let endpoint = first.endpoint();
-                match upstreams.send_reused(endpoint, req).await {
+                match upstreams.send_reused(&key(endpoint), req).await {
                     Ok(resp) => {
                         outcome.endpoint = endpoint.to_string();
                         return Ok(resp);
                     }
                     Err(ReuseError::Failed(e)) => {
                         outcome.endpoint = endpoint.to_string();
-                        return Err((StatusCode::BAD_GATEWAY, format!("upstream: {e}")));
+                        return Err(Failure::sent(
+                            StatusCode::BAD_GATEWAY,
+                            format!("upstream: {e}"),
+                        ));
                     }
                     Err(ReuseError::NoConnection(back)) => req = *back,
                 }
             }
-            let (upstream, endpoint) = self
-                .waypoint
-                .connect(&routes, &self.client, target)
-                .await
-                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+            let (upstream, endpoint) =
+                match self.waypoint.connect(&routes, &self.client, target).await {
+                    Ok(connected) => connected,
+                    Err(e) => return Err(unsent(req, StatusCode::SERVICE_UNAVAILABLE, e)),
+                };
             outcome.endpoint = endpoint.to_string();
             upstreams
-                .send_new(endpoint, upstream, req)
+                .send_new(key(endpoint), upstream, req)
                 .await
-                .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream: {e}")))
+                .map_err(|e| Failure::sent(StatusCode::BAD_GATEWAY, format!("upstream: {e}")))
         };
         let resp = match rule.timeouts.backend_request_ms {
             Some(ms) => tokio::time::timeout(Duration::from_millis(ms), attempt)
                 .await
                 .map_err(|_| {
-                    (
+                    Failure::sent(
                         StatusCode::GATEWAY_TIMEOUT,
                         format!("no response within the backend's {ms} ms timeout"),
                     )
@@ -368,6 +396,25 @@ impl Context {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// A try that failed, and the request body when it was not sent at all
+/// (no endpoint, no connection): the next try sends it.
+struct Failure {
+    status: StatusCode,
+    reason: String,
+    unsent: Option<Body>,
+}
+
+impl Failure {
+    /// A failure after the body went (or may have gone) out.
+    fn sent(status: StatusCode, reason: String) -> Self {
+        Self {
+            status,
+            reason,
+            unsent: None,
+        }
     }
 }
 
@@ -610,7 +657,7 @@ fn normalize_path(path: &str) -> String {
         return path.to_string();
     }
     let bytes = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
+    let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%'
@@ -618,14 +665,16 @@ fn normalize_path(path: &str) -> String {
             && let Ok(b) = u8::from_str_radix(hex, 16)
             && (b.is_ascii_alphanumeric() || b"-._~".contains(&b))
         {
-            decoded.push(char::from(b));
+            decoded.push(b);
             i += 3;
             continue;
         }
-        // `path` is a valid URI path: ASCII only.
-        decoded.push(char::from(bytes[i]));
+        // Other bytes as they are (a path may hold raw UTF-8).
+        decoded.push(bytes[i]);
         i += 1;
     }
+    // Only ASCII was decoded into a valid UTF-8 text.
+    let decoded = String::from_utf8(decoded).unwrap_or_else(|_| path.to_string());
     let mut segments: Vec<&str> = Vec::new();
     let mut trailing = false;
     for segment in decoded.split('/').skip(1) {
@@ -796,6 +845,7 @@ mod tests {
             ("/dir/.", "/dir/"),
             ("/", "/"),
             ("*", "*"),
+            ("/caf\u{e9}/./menu", "/caf\u{e9}/menu"),
         ] {
             assert_eq!(normalize_path(raw), normal, "{raw}");
         }

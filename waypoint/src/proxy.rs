@@ -56,7 +56,8 @@ impl Target {
         }
     }
 
-    fn hostname(&self) -> Option<String> {
+    /// The Service's hostname, for `forwarded: host=`.
+    pub fn hostname(&self) -> Option<String> {
         match self {
             Self::Service { hostname, .. } => Some(hostname.clone()),
             Self::Workload { .. } => None,

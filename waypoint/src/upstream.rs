@@ -1,17 +1,24 @@
-//! HTTP connections from the waypoint to endpoints, reused across requests:
-//! per endpoint and HTTP version, HTTP/2 connections are shared by all
-//! requests and HTTP/1.1 connections go back to an idle list once their
-//! response has been read to its end. A reused connection that turns out
-//! closed gives the request back, which then goes on a new connection.
+//! HTTP connections from the waypoint to endpoints, reused across requests
+//! of the same client connection: the tunnel under them carries that
+//! client's address and Service in its `forwarded` header, so they are not
+//! shared between clients. Per endpoint and HTTP version, HTTP/2
+//! connections are shared by the client's requests and HTTP/1.1
+//! connections go back to an idle list once both the request and the
+//! response bodies have ended. Idle connections are closed after
+//! [`IDLE_TIMEOUT`], before common servers' keep-alive timeouts would close
+//! them under a request. A kept connection that closed meanwhile gives the
+//! request back, which then goes on a new connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, Version};
+use http::{Request, Response};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body as _, Frame, Incoming};
@@ -22,16 +29,66 @@ use crate::proxy::Upstream;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Idle HTTP/1.1 connections kept per endpoint.
-const MAX_IDLE: usize = 32;
+type H1 = http1::SendRequest<Body>;
 
-/// (endpoint, HTTP/2).
-type Key = (SocketAddr, bool);
+/// Idle HTTP/1.1 connections kept per key.
+const MAX_IDLE: usize = 8;
+/// How long a connection stays idle before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a kept HTTP/1.1 connection may take to be ready again.
+const READY_WAIT: Duration = Duration::from_millis(100);
+
+/// What a connection may be reused for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub endpoint: SocketAddr,
+    pub http2: bool,
+    /// The client connection (its tunnel's `forwarded: for=`).
+    pub client: SocketAddr,
+    /// The Service addressed (`forwarded: host=`).
+    pub host: Option<String>,
+}
 
 #[derive(Debug, Default)]
 pub struct Upstreams {
-    idle: Mutex<HashMap<Key, Vec<http1::SendRequest<Body>>>>,
-    shared: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+    /// Idle HTTP/1.1 connections and since when.
+    idle: Mutex<Kept<Vec<(H1, Instant)>>>,
+    /// HTTP/2 connections and when they were last used.
+    shared: Mutex<Kept<(http2::SendRequest<Body>, Instant)>>,
+}
+
+#[derive(Debug)]
+struct Kept<T> {
+    by_key: HashMap<Key, T>,
+    swept: Option<Instant>,
+}
+
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Self {
+            by_key: HashMap::new(),
+            swept: None,
+        }
+    }
+}
+
+impl<T> Kept<T> {
+    /// Keeps what `keep` says (closed and expired connections go), at
+    /// most once a second.
+    fn sweep(&mut self, now: Instant, mut keep: impl FnMut(&mut T) -> bool) {
+        if self
+            .swept
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.swept = Some(now);
+        self.by_key.retain(|_, v| keep(v));
+    }
+}
+
+fn fresh(since: Instant, now: Instant) -> bool {
+    now.duration_since(since) < IDLE_TIMEOUT
 }
 
 /// A connection to send one request on.
@@ -41,60 +98,74 @@ enum Sender {
 }
 
 impl Upstreams {
-    /// A connection to `endpoint` for `version` that is still open.
-    fn take(&self, endpoint: SocketAddr, version: Version) -> Option<Sender> {
-        if version == Version::HTTP_2 {
+    /// A kept connection for `key` that is still open.
+    fn take(&self, key: &Key) -> Option<Sender> {
+        let now = Instant::now();
+        if key.http2 {
             let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-            let key = (endpoint, true);
-            match shared.get(&key) {
-                Some(s) if !s.is_closed() => return Some(Sender::H2(s.clone())),
-                Some(_) => {
-                    shared.remove(&key);
-                }
-                None => {}
+            shared.sweep(now, |(s, used)| !s.is_closed() && fresh(*used, now));
+            let (s, used) = shared.by_key.get_mut(key)?;
+            if s.is_closed() {
+                shared.by_key.remove(key);
+                return None;
             }
-            return None;
+            *used = now;
+            return Some(Sender::H2(s.clone()));
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.get_mut(&(endpoint, false))?;
-        list.retain(|s| !s.is_closed());
-        // Each has finished its last response; one may still be settling
-        // (`ready` below waits for it).
-        list.pop().map(Sender::H1)
+        idle.sweep(now, |list| {
+            list.retain(|(s, since)| !s.is_closed() && fresh(*since, now));
+            !list.is_empty()
+        });
+        let list = idle.by_key.get_mut(key)?;
+        while let Some((s, since)) = list.pop() {
+            if !s.is_closed() && fresh(since, now) {
+                return Some(Sender::H1(s));
+            }
+        }
+        None
     }
 
-    fn put_h1(&self, endpoint: SocketAddr, sender: http1::SendRequest<Body>) {
+    fn put_h1(&self, key: Key, sender: http1::SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.entry((endpoint, false)).or_default();
-        list.retain(|s| !s.is_closed());
+        idle.sweep(now, |list| {
+            list.retain(|(s, since)| !s.is_closed() && fresh(*since, now));
+            !list.is_empty()
+        });
+        let list = idle.by_key.entry(key).or_default();
         if list.len() < MAX_IDLE {
-            list.push(sender);
+            list.push((sender, now));
         }
     }
 
-    /// Sends `req` on a kept connection to `endpoint`, if one is open;
+    /// Sends `req` on a kept connection for `key`, if one is open;
     /// otherwise (or if it closed meanwhile) gives the request back.
     pub async fn send_reused(
         self: &Arc<Self>,
-        endpoint: SocketAddr,
+        key: &Key,
         req: Request<Body>,
     ) -> Result<Response<Body>, ReuseError> {
-        let Some(sender) = self.take(endpoint, req.version()) else {
+        let Some(sender) = self.take(key) else {
             return Err(ReuseError::NoConnection(Box::new(req)));
         };
         let sent = match sender {
             Sender::H1(mut s) => {
-                // A connection that has just finished a response takes
-                // the next one a moment later; one that closed meanwhile
-                // leaves the request for a new connection.
-                if s.ready().await.is_err() {
+                // A connection that has just finished an exchange takes the
+                // next request a moment later; one that does not, or that
+                // closed meanwhile, leaves it for a new connection.
+                if !matches!(
+                    tokio::time::timeout(READY_WAIT, s.ready()).await,
+                    Ok(Ok(()))
+                ) {
                     return Err(ReuseError::NoConnection(Box::new(req)));
                 }
+                let (req, sent) = track(req);
                 match s.try_send_request(req).await {
-                    Ok(resp) => Ok(self.recycle(endpoint, s, resp)),
+                    Ok(resp) => Ok(self.recycle(key.clone(), s, sent, resp)),
                     Err(e) => Err(e),
                 }
             }
@@ -106,43 +177,52 @@ impl Upstreams {
         })
     }
 
-    /// Sends `req` on a new connection over `upstream`, which is kept for
-    /// the next requests to `endpoint`.
+    /// Sends `req` on a new connection over `upstream`, kept for the next
+    /// requests with the same `key`.
     pub async fn send_new(
         self: &Arc<Self>,
-        endpoint: SocketAddr,
+        key: Key,
         upstream: Upstream,
         req: Request<Body>,
     ) -> Result<Response<Body>, hyper::Error> {
         let io = TokioIo::new(upstream);
-        if req.version() == Version::HTTP_2 {
+        if key.http2 {
             let (mut sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
             tokio::spawn(conn);
             self.shared
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .insert((endpoint, true), sender.clone());
+                .by_key
+                .insert(key, (sender.clone(), Instant::now()));
             Ok(sender.send_request(req).await?.map(|b| b.boxed()))
         } else {
             let (mut sender, conn) = http1::handshake(io).await?;
             tokio::spawn(conn);
+            let (req, sent) = track(req);
             let resp = sender.send_request(req).await?;
-            Ok(self.recycle(endpoint, sender, resp))
+            Ok(self.recycle(key, sender, sent, resp))
         }
     }
 
-    /// The response, whose end gives the HTTP/1.1 connection back.
+    /// The response, whose end gives the HTTP/1.1 connection back if the
+    /// request body has been sent whole by then.
     fn recycle(
         self: &Arc<Self>,
-        endpoint: SocketAddr,
+        key: Key,
         sender: http1::SendRequest<Body>,
+        sent: Arc<AtomicBool>,
         resp: Response<Incoming>,
     ) -> Response<Body> {
         let pool = Arc::downgrade(self);
         resp.map(|inner| {
             let mut body = Recycle {
                 inner,
-                back: Some((sender, endpoint, pool)),
+                back: Some(GiveBack {
+                    sender,
+                    key,
+                    pool,
+                    sent,
+                }),
             };
             body.give_back_if_done();
             body.boxed()
@@ -159,7 +239,63 @@ pub enum ReuseError {
     Failed(hyper::Error),
 }
 
-type GiveBack = (http1::SendRequest<Body>, SocketAddr, Weak<Upstreams>);
+/// The request with a flag set once its body has been sent whole.
+fn track(req: Request<Body>) -> (Request<Body>, Arc<AtomicBool>) {
+    let sent = Arc::new(AtomicBool::new(req.body().is_end_stream()));
+    let flag = sent.clone();
+    let req = req.map(|inner| Sent { inner, sent: flag }.boxed());
+    (req, sent)
+}
+
+/// A request body that says when it has ended.
+struct Sent {
+    inner: Body,
+    sent: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for Sent {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream() {
+            this.sent.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+struct GiveBack {
+    sender: http1::SendRequest<Body>,
+    key: Key,
+    pool: Weak<Upstreams>,
+    /// The request body has been sent whole.
+    sent: Arc<AtomicBool>,
+}
+
+impl GiveBack {
+    fn give(self) {
+        // A connection still sending its request body is not idle.
+        if self.sent.load(Ordering::Acquire)
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.put_h1(self.key, self.sender);
+        }
+    }
+}
 
 /// A response body that returns its connection to the pool once read to
 /// its end (dropped before that, the connection closes with it).
@@ -171,10 +307,9 @@ struct Recycle {
 impl Recycle {
     fn give_back_if_done(&mut self) {
         if self.inner.is_end_stream()
-            && let Some((sender, endpoint, pool)) = self.back.take()
-            && let Some(pool) = pool.upgrade()
+            && let Some(back) = self.back.take()
         {
-            pool.put_h1(endpoint, sender);
+            back.give();
         }
     }
 }
@@ -191,10 +326,8 @@ impl hyper::body::Body for Recycle {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => {
-                if let Some((sender, endpoint, pool)) = this.back.take()
-                    && let Some(pool) = pool.upgrade()
-                {
-                    pool.put_h1(endpoint, sender);
+                if let Some(back) = this.back.take() {
+                    back.give();
                 }
             }
             Poll::Ready(Some(Err(_))) => this.back = None,

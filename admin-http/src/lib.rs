@@ -1,6 +1,9 @@
 //! The small HTTP servers of admin, metrics and health endpoints: plain
 //! HTTP/1 or HTTP/2 on a listener the caller binds (loopback for admin),
-//! each request answered synchronously from in-memory state.
+//! each request answered synchronously from in-memory state; and the
+//! Prometheus [`registry::Registry`] such endpoints render.
+
+pub mod registry;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -11,21 +11,19 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
-use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::body::{Body as _, Frame};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use model::route::{Backend, HeaderEdits, PathRewrite, Redirect, Rewrite, RouteFilter, RouteRule};
 use model::{Snapshot, Workload};
 
+use crate::body::{Seen, Watched};
 use crate::proxy::{Client, Target, Waypoint};
 use crate::table::{RequestView, Selected, prefix_matches};
 use crate::upstream::{Key, ReuseError};
@@ -266,11 +264,14 @@ impl Context {
         // The first try streams the body (a client may wait for the
         // response before it ends its request, as streaming gRPC does);
         // what it sends is kept, up to a bound, for the retries.
-        let kept = Arc::new(Mutex::new(Kept::new(body.is_end_stream())));
-        let mut body = Tee {
-            inner: body,
-            kept: kept.clone(),
-        }
+        let kept = Arc::new(Mutex::new(Kept::default()));
+        let keeper = kept.clone();
+        let mut body = Watched::new(body, move |seen| {
+            keeper
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .see(seen);
+        })
         .boxed();
         let backoff = Duration::from_millis(retry.backoff_ms.unwrap_or(25));
         let mut attempt = 0;
@@ -419,7 +420,7 @@ impl Failure {
 }
 
 /// What the first try sent of the request body.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Kept {
     data: BytesMut,
     /// The body was read to its end.
@@ -429,11 +430,16 @@ struct Kept {
 }
 
 impl Kept {
-    fn new(complete: bool) -> Self {
-        Self {
-            data: BytesMut::new(),
-            complete,
-            lost: false,
+    fn see(&mut self, seen: Seen<'_>) {
+        match seen {
+            Seen::Data(_) if self.lost => {}
+            Seen::Data(data) if self.data.len() + data.len() > RETRY_BODY_LIMIT => {
+                self.lost = true;
+                self.data = BytesMut::new();
+            }
+            Seen::Data(data) => self.data.extend_from_slice(data),
+            Seen::Trailers | Seen::Error => self.lost = true,
+            Seen::End => self.complete = true,
         }
     }
 
@@ -443,83 +449,34 @@ impl Kept {
     }
 }
 
-/// A request body passed through while a copy is kept.
-struct Tee {
-    inner: Incoming,
-    kept: Arc<Mutex<Kept>>,
-}
-
-impl hyper::body::Body for Tee {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        let mut kept = this.kept.lock().unwrap_or_else(PoisonError::into_inner);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
-                Some(data) if !kept.lost => {
-                    if kept.data.len() + data.len() > RETRY_BODY_LIMIT {
-                        kept.lost = true;
-                        kept.data = BytesMut::new();
-                    } else {
-                        kept.data.extend_from_slice(data);
-                    }
-                }
-                Some(_) => {}
-                None => kept.lost = true,
-            },
-            Poll::Ready(None) => kept.complete = true,
-            Poll::Ready(Some(Err(_))) => kept.lost = true,
-            Poll::Pending => {}
-        }
-        // hyper stops polling once the body says it has ended.
-        if this.inner.is_end_stream() {
-            kept.complete = true;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// The request as sent on: origin-form for HTTP/1.1, absolute for HTTP/2
 /// (its `:scheme` and `:authority`).
 fn upstream_request(head: &Request<()>, body: Body, target: &Target) -> Request<Body> {
-    let path = head
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    let uri = if head.version() == Version::HTTP_2 {
+    let mut uri = http::uri::Parts::default();
+    uri.path_and_query = Some(
+        head.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    if head.version() == Version::HTTP_2 {
+        // The client's host when it is a valid authority, else the
+        // address it dialled.
         let authority = host(head)
-            .map(str::to_string)
-            .unwrap_or_else(|| target.addr().to_string());
-        Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-            .ok()
-    } else {
-        path.parse().ok()
-    };
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .or_else(|| target.addr().to_string().parse().ok());
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = authority;
+    }
     let mut req = Request::new(body);
     *req.method_mut() = head.method().clone();
     *req.version_mut() = head.version();
     *req.headers_mut() = head.headers().clone();
-    if let Some(uri) = uri {
-        *req.uri_mut() = uri;
+    match Uri::from_parts(uri) {
+        Ok(uri) => *req.uri_mut() = uri,
+        // Only an authority-less HTTP/2 URI could fail, and a socket
+        // address always is one: the request's own URI is kept.
+        Err(_) => *req.uri_mut() = head.uri().clone(),
     }
     req
 }

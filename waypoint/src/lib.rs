@@ -6,6 +6,7 @@
 //! the controller, as for ztunnel.
 
 pub mod app;
+pub mod body;
 pub mod http;
 pub mod metrics;
 pub mod proxy;

@@ -11,20 +11,19 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use hyper::body::{Body as _, Frame, Incoming};
+use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use crate::body::{Seen, Watched};
 use crate::proxy::Upstream;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -213,19 +212,24 @@ impl Upstreams {
         sent: Arc<AtomicBool>,
         resp: Response<Incoming>,
     ) -> Response<Body> {
-        let pool = Arc::downgrade(self);
+        let mut back = Some(GiveBack {
+            sender,
+            key,
+            pool: Arc::downgrade(self),
+            sent,
+        });
+        // Dropped before its end, the body closes the connection with it.
         resp.map(|inner| {
-            let mut body = Recycle {
-                inner,
-                back: Some(GiveBack {
-                    sender,
-                    key,
-                    pool,
-                    sent,
-                }),
-            };
-            body.give_back_if_done();
-            body.boxed()
+            Watched::new(inner, move |seen| match seen {
+                Seen::End => {
+                    if let Some(back) = back.take() {
+                        back.give();
+                    }
+                }
+                Seen::Error => back = None,
+                Seen::Data(_) | Seen::Trailers => {}
+            })
+            .boxed()
         })
     }
 }
@@ -241,41 +245,17 @@ pub enum ReuseError {
 
 /// The request with a flag set once its body has been sent whole.
 fn track(req: Request<Body>) -> (Request<Body>, Arc<AtomicBool>) {
-    let sent = Arc::new(AtomicBool::new(req.body().is_end_stream()));
+    let sent = Arc::new(AtomicBool::new(false));
     let flag = sent.clone();
-    let req = req.map(|inner| Sent { inner, sent: flag }.boxed());
+    let req = req.map(|inner| {
+        Watched::new(inner, move |seen| {
+            if matches!(seen, Seen::End) {
+                flag.store(true, Ordering::Release);
+            }
+        })
+        .boxed()
+    });
     (req, sent)
-}
-
-/// A request body that says when it has ended.
-struct Sent {
-    inner: Body,
-    sent: Arc<AtomicBool>,
-}
-
-impl hyper::body::Body for Sent {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream() {
-            this.sent.store(true, Ordering::Release);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 struct GiveBack {
@@ -294,53 +274,5 @@ impl GiveBack {
         {
             pool.put_h1(self.key, self.sender);
         }
-    }
-}
-
-/// A response body that returns its connection to the pool once read to
-/// its end (dropped before that, the connection closes with it).
-struct Recycle {
-    inner: Incoming,
-    back: Option<GiveBack>,
-}
-
-impl Recycle {
-    fn give_back_if_done(&mut self) {
-        if self.inner.is_end_stream()
-            && let Some(back) = self.back.take()
-        {
-            back.give();
-        }
-    }
-}
-
-impl hyper::body::Body for Recycle {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => {
-                if let Some(back) = this.back.take() {
-                    back.give();
-                }
-            }
-            Poll::Ready(Some(Err(_))) => this.back = None,
-            _ => this.give_back_if_done(),
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
     }
 }

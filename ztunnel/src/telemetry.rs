@@ -11,11 +11,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
+use admin_http::registry::Registry;
 use hbone::{PoolKey, PoolObserver};
-use metrics::{Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics::{Label, Unit};
 use model::Workload;
 use serde::Serialize;
 
@@ -33,8 +31,6 @@ const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0, 300.0, 1800.0,
 ];
-
-static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -202,15 +198,9 @@ fn owner(w: &Workload) -> (String, String) {
 }
 
 /// The Prometheus registry of connection metrics of one ztunnel.
+#[derive(Debug)]
 pub struct Metrics {
-    recorder: PrometheusRecorder,
-    handle: PrometheusHandle,
-}
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").finish_non_exhaustive()
-    }
+    registry: Registry,
 }
 
 impl Default for Metrics {
@@ -221,80 +211,60 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
-            .expect("the bucket list is not empty")
-            .build_recorder();
-        let handle = recorder.handle();
-        let describe = |name: &'static str, unit, help: &'static str| {
-            recorder.describe_counter(
-                KeyName::from_const_str(name),
-                unit,
-                SharedString::const_str(help),
-            );
-        };
-        describe(OPENED, None, "TCP connections opened.");
-        describe(CLOSED, None, "TCP connections closed after being opened.");
-        describe(
+        let registry = Registry::new(BUCKETS);
+        registry.describe_counter(OPENED, None, "TCP connections opened.");
+        registry.describe_counter(CLOSED, None, "TCP connections closed after being opened.");
+        registry.describe_counter(
             FAILED,
             None,
             "TCP connections that failed or were refused, by reason.",
         );
-        describe(
+        registry.describe_counter(
             SENT,
             Some(Unit::Bytes),
             "Bytes sent in the response direction (destination to source).",
         );
-        describe(
+        registry.describe_counter(
             RECEIVED,
             Some(Unit::Bytes),
             "Bytes received in the request direction (source to destination).",
         );
-        recorder.describe_histogram(
-            KeyName::from_const_str(DURATION),
-            Some(Unit::Seconds),
-            SharedString::const_str("How long connections stayed open."),
+        registry.describe_histogram(DURATION, "How long connections stayed open.");
+        registry.describe_histogram(
+            HANDSHAKE,
+            "HBONE connection set-up (TCP and TLS handshakes).",
         );
-        recorder.describe_histogram(
-            KeyName::from_const_str(HANDSHAKE),
-            Some(Unit::Seconds),
-            SharedString::const_str("HBONE connection set-up (TCP and TLS handshakes)."),
-        );
-        Self { recorder, handle }
-    }
-
-    fn counter(&self, name: &'static str, labels: Vec<Label>) -> metrics::Counter {
-        self.recorder
-            .register_counter(&Key::from_parts(name, labels), &META)
+        Self { registry }
     }
 
     pub fn opened(&self, record: &ConnRecord) {
-        self.counter(OPENED, record.labels()).increment(1);
+        self.registry.counter(OPENED, record.labels()).increment(1);
     }
 
     /// A connection that was opened ended; `to_dst`/`to_src` as in
     /// [`ConnRecord::log`].
     pub fn closed(&self, record: &ConnRecord, to_dst: u64, to_src: u64) {
         let labels = record.labels();
-        self.counter(CLOSED, labels.clone()).increment(1);
-        self.counter(RECEIVED, labels.clone()).increment(to_dst);
-        self.counter(SENT, labels).increment(to_src);
-        let key = Key::from_parts(
-            DURATION,
-            vec![
-                Label::new("reporter", record.direction.reporter()),
-                Label::new(
-                    "destination_service",
-                    if record.dst_service.is_empty() {
-                        "unknown".to_string()
-                    } else {
-                        record.dst_service.clone()
-                    },
-                ),
-            ],
-        );
-        self.recorder
-            .register_histogram(&key, &META)
+        self.registry.counter(CLOSED, labels.clone()).increment(1);
+        self.registry
+            .counter(RECEIVED, labels.clone())
+            .increment(to_dst);
+        self.registry.counter(SENT, labels).increment(to_src);
+        self.registry
+            .histogram(
+                DURATION,
+                vec![
+                    Label::new("reporter", record.direction.reporter()),
+                    Label::new(
+                        "destination_service",
+                        if record.dst_service.is_empty() {
+                            "unknown".to_string()
+                        } else {
+                            record.dst_service.clone()
+                        },
+                    ),
+                ],
+            )
             .record(record.clock.elapsed().as_secs_f64());
     }
 
@@ -303,20 +273,18 @@ impl Metrics {
     pub fn failed(&self, record: &ConnRecord, reason: &'static str) {
         let mut labels = record.labels();
         labels.push(Label::new("reason", reason));
-        self.counter(FAILED, labels).increment(1);
+        self.registry.counter(FAILED, labels).increment(1);
     }
 
     fn handshake(&self, elapsed: Duration, result: &'static str) {
-        let key = Key::from_parts(HANDSHAKE, vec![Label::new("result", result)]);
-        self.recorder
-            .register_histogram(&key, &META)
+        self.registry
+            .histogram(HANDSHAKE, vec![Label::new("result", result)])
             .record(elapsed.as_secs_f64());
     }
 
     /// The Prometheus text of every connection metric.
     pub fn render(&self) -> String {
-        self.handle.run_upkeep();
-        self.handle.render()
+        self.registry.render()
     }
 }
 

@@ -147,13 +147,24 @@ fn policies_decide_who_reaches_a_workload() {
     eventually("only probe allowed", || {
         !t.reaches("app/sleep-0", &url) && !t.reaches("legacy/sleep-0", &url)
     });
-    assert!(t.reaches("app/probe-0", &url));
-    let log = access_log(&t, &echo_node);
-    assert!(
-        log.iter().any(|l| l.contains("policy=app/allow-probe")
-            && l.contains("authz=audited by app/audit-probe; dry run: denied by app/would-deny")),
-        "{log:#?}"
+    // The three policies are files the controller may pick up in more
+    // than one poll, and a connection is logged when it closes: the probe
+    // connects until its line shows all three at work.
+    wait_until(
+        "probe allowed by app/allow-probe, audited and dry-run denied",
+        PROPAGATION,
+        || format!("{:#?}", access_log(&t, &echo_node)),
+        || {
+            t.reaches("app/probe-0", &url)
+                && access_log(&t, &echo_node).iter().any(|l| {
+                    l.contains("policy=app/allow-probe")
+                        && l.contains(
+                            "authz=audited by app/audit-probe; dry run: denied by app/would-deny",
+                        )
+                })
+        },
     );
+    let log = access_log(&t, &echo_node);
     assert!(
         log.iter()
             .any(|l| l.contains("reason=\"denied: no ALLOW policy matched\"")),

@@ -269,6 +269,15 @@ async fn main() {
             println!("HBONE tunnel-only throughput: {:.2} Gbit/s", tp.gbit_per_s);
             return;
         }
+        Ok("connections") => {
+            let (rate, h) = connection_rate(via_echo).await;
+            println!(
+                "HBONE new connections over the pooled connection: {rate:.0}/s, p50 {:.1} µs p99 {:.1} µs",
+                us(&h, 0.5),
+                us(&h, 0.99)
+            );
+            return;
+        }
         Ok("latency") => {
             let h = request_latency(via_echo).await;
             println!(

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use capture::{
-    Capture, CaptureError, Exclusions, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, Pod, PodCapture,
+    Capture, CaptureError, Destinations, Exclusions, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, Pod,
+    PodCapture,
 };
 use hbone::{ConnectRequest, Forwarded, Pool, PoolConfig, PoolKey};
 use identity::{CertManager, Identity};
@@ -132,6 +133,8 @@ const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Captures and serves the pods of one node.
 pub struct NodeAgent {
     capture: Mutex<Capture>,
+    /// Looked up per outbound connection, without the capture's lock.
+    destinations: Arc<Destinations>,
     mesh: Mesh,
     shared: Arc<Shared>,
     pool: Option<Pool>,
@@ -172,6 +175,7 @@ impl NodeAgent {
             stats: Arc::default(),
         });
         Ok(Arc::new(Self {
+            destinations: capture.destinations(),
             capture: Mutex::new(capture),
             mesh,
             shared,
@@ -494,7 +498,7 @@ impl NodeAgent {
                 () = stop.cancelled() => return,
             };
             let SocketAddr::V4(peer) = peer else { continue };
-            let orig = self.lock_capture().original_destination(netns_cookie, peer);
+            let orig = self.destinations.original_destination(netns_cookie, peer);
             let orig = match orig {
                 Ok(Some(orig)) => orig,
                 Ok(None) => {

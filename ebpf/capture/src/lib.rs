@@ -5,7 +5,7 @@
 //!
 //! Outbound capture: a pod's TCP connects to anything but loopback and its
 //! own address go to ztunnel's `127.0.0.1:15001` listener in the pod's
-//! network namespace; [`Capture::original_destination`] answers where they
+//! network namespace; [`Destinations::original_destination`] answers where they
 //! were going, keyed by the namespace and the client address ztunnel sees.
 
 use std::fs::File;
@@ -13,6 +13,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use std::os::fd::AsRawFd;
 
@@ -85,6 +86,51 @@ pub struct Capture {
     bpf: Ebpf,
     pin_dir: PathBuf,
     free_slots: Vec<u32>,
+    destinations: Arc<Destinations>,
+}
+
+/// The original destinations of captured connections, kept apart from the
+/// rest of [`Capture`]: looking one up happens for every outbound
+/// connection and must not wait behind a pod being captured or released.
+#[derive(Debug)]
+pub struct Destinations {
+    map: Mutex<BpfHashMap<MapData, ClientKey, OrigDst>>,
+}
+
+impl Destinations {
+    /// Where a captured connection was going: `netns_cookie` of the pod's
+    /// namespace and `client`, the peer address of the accepted socket on
+    /// 15001. Each record is handed out once.
+    pub fn original_destination(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddrV4,
+    ) -> Result<Option<SocketAddrV4>, CaptureError> {
+        let key = ClientKey {
+            netns_cookie,
+            ip: u32::from_ne_bytes(client.ip().octets()),
+            port: client.port(),
+            _pad: 0,
+        };
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let orig = match map.get(&key, 0) {
+            Ok(orig) => orig,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(orig_dst_error(e)),
+        };
+        let _ = map.remove(&key);
+        Ok(Some(SocketAddrV4::new(
+            Ipv4Addr::from(orig.ip.to_ne_bytes()),
+            u16::from_be(orig.port),
+        )))
+    }
+}
+
+fn orig_dst_error(e: aya::maps::MapError) -> CaptureError {
+    CaptureError::Map {
+        map: "ORIG_DST",
+        detail: e.to_string(),
+    }
 }
 
 /// What capture needs to know of a pod.
@@ -173,10 +219,19 @@ impl Capture {
         let sockops: &mut SockOps = program(&mut bpf, SOCKOPS)?;
         sockops.load().map_err(|e| load_error(SOCKOPS, e))?;
         load_classifier(&mut bpf, INBOUND)?;
+        // The programs hold the map through their own references; this is
+        // the process's handle to it.
+        let orig_dst = bpf
+            .take_map("ORIG_DST")
+            .ok_or_else(|| missing_map("ORIG_DST"))?;
+        let destinations = Arc::new(Destinations {
+            map: Mutex::new(BpfHashMap::try_from(orig_dst).map_err(orig_dst_error)?),
+        });
         let mut this = Self {
             bpf,
             pin_dir: pin_dir.to_path_buf(),
             free_slots: Vec::new(),
+            destinations,
         };
         let used: Vec<u32> = this
             .slots()?
@@ -453,40 +508,10 @@ impl Capture {
         Ok(())
     }
 
-    /// Where a captured connection was going: `netns_cookie` of the pod's
-    /// namespace and `client`, the peer address of the accepted socket on
-    /// 15001. Each record is handed out once.
-    pub fn original_destination(
-        &mut self,
-        netns_cookie: u64,
-        client: SocketAddrV4,
-    ) -> Result<Option<SocketAddrV4>, CaptureError> {
-        let key = ClientKey {
-            netns_cookie,
-            ip: u32::from_ne_bytes(client.ip().octets()),
-            port: client.port(),
-            _pad: 0,
-        };
-        let map_err = |e: aya::maps::MapError| CaptureError::Map {
-            map: "ORIG_DST",
-            detail: e.to_string(),
-        };
-        let mut map: BpfHashMap<&mut MapData, ClientKey, OrigDst> = BpfHashMap::try_from(
-            self.bpf
-                .map_mut("ORIG_DST")
-                .ok_or_else(|| missing_map("ORIG_DST"))?,
-        )
-        .map_err(map_err)?;
-        let orig = match map.get(&key, 0) {
-            Ok(orig) => orig,
-            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(map_err(e)),
-        };
-        let _ = map.remove(&key);
-        Ok(Some(SocketAddrV4::new(
-            Ipv4Addr::from(orig.ip.to_ne_bytes()),
-            u16::from_be(orig.port),
-        )))
+    /// The original destinations of captured connections, usable without
+    /// holding the [`Capture`].
+    pub fn destinations(&self) -> Arc<Destinations> {
+        self.destinations.clone()
     }
 
     fn pods(&mut self) -> Result<BpfHashMap<&mut MapData, u64, PodConfig>, CaptureError> {

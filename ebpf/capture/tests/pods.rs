@@ -78,7 +78,9 @@ fn capture_pod(capture: &mut Capture, pod: &lab::plan::PodPlan) -> (PodCapture, 
 /// connections, asks capture where each was going, connects there from
 /// inside the namespace, and copies. Reports each original destination.
 fn passthrough(capture: TestCapture, pod_netns: &Path) -> (mpsc::Receiver<SocketAddrV4>, Pins) {
-    let TestCapture(mut capture, pins) = capture;
+    let TestCapture(capture, pins) = capture;
+    // Looked up apart from the capture, as ztunnel does.
+    let destinations = capture.destinations();
     let ns = pod_netns.to_path_buf();
     let listener = netns::run_in(&ns, || {
         TcpListener::bind((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)).unwrap()
@@ -87,12 +89,14 @@ fn passthrough(capture: TestCapture, pod_netns: &Path) -> (mpsc::Receiver<Socket
     let cookie = netns::netns_cookie(&listener).unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        // Loaded for as long as the passthrough serves.
+        let _capture = capture;
         for accepted in listener.incoming() {
             let client = accepted.unwrap();
             let SocketAddr::V4(peer) = client.peer_addr().unwrap() else {
                 panic!("IPv4 only")
             };
-            let orig = capture
+            let orig = destinations
                 .original_destination(cookie, peer)
                 .unwrap()
                 .expect("recorded");

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::oneshot;
 
-/// Unbound sockets kept ready per pod (one file descriptor each): taking
-/// one instead of waking the namespace's thread took 50–140 µs off a new
-/// meshed connection's p50 (docs/benchmarks.md).
+/// Unbound sockets kept ready per pod (one file descriptor each), so that
+/// a new connection takes one instead of waking the namespace's thread and
+/// waiting for it (measurements in docs/benchmarks.md).
 const SPARE_SOCKETS: usize = 4;
 
 enum Request {
@@ -28,8 +28,8 @@ enum Request {
 #[derive(Debug, Default)]
 struct Spare {
     sockets: Mutex<Vec<TcpSocket>>,
-    /// A refill is asked for and not yet done: one request in the queue
-    /// at a time.
+    /// A refill is asked for and has not started: at most one such
+    /// request waits in the queue.
     refilling: AtomicBool,
 }
 
@@ -42,6 +42,9 @@ impl Spare {
     /// ready; stops at the first failure, which a caller asking for a
     /// socket then sees itself.
     fn fill(&self) {
+        // Cleared first: a socket taken while this fill runs asks for the
+        // next one.
+        self.refilling.store(false, Ordering::Release);
         loop {
             if self.lock().len() >= SPARE_SOCKETS {
                 break;
@@ -51,7 +54,6 @@ impl Spare {
                 Err(_) => break,
             }
         }
-        self.refilling.store(false, Ordering::Release);
     }
 }
 
@@ -64,7 +66,8 @@ pub struct PodSockets {
 }
 
 impl PodSockets {
-    /// Starts the namespace's socket thread; it ends when every handle is dropped.
+    /// Starts the namespace's socket thread, which has the first sockets
+    /// ready when this returns; it ends when every handle is dropped.
     pub fn new(netns: &Path) -> io::Result<Self> {
         let ns = std::fs::File::open(netns)?;
         let (tx, rx) = mpsc::channel::<Request>();
@@ -77,12 +80,14 @@ impl PodSockets {
                 use std::os::fd::AsFd;
                 let entered = nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(io::Error::from);
+                if entered.is_ok() {
+                    filled.fill();
+                }
                 let failed = entered.is_err();
                 let _ = ready_tx.send(entered);
                 if failed {
                     return;
                 }
-                filled.fill();
                 for request in rx {
                     match request {
                         Request::Socket(reply) => {
@@ -107,21 +112,27 @@ impl PodSockets {
     }
 
     /// A new, unbound TCP socket in the pod's namespace: a ready one if
-    /// there is one, else made now.
+    /// there is one, else made now (before the ready ones are refilled).
     pub async fn socket(&self) -> io::Result<TcpSocket> {
         let ready = self.spare.lock().pop();
-        if !self.spare.refilling.swap(true, Ordering::AcqRel) {
-            let _ = self.requests.send(Request::Refill);
-        }
         if let Some(socket) = ready {
+            self.refill();
             return Ok(socket);
         }
         let (tx, rx) = oneshot::channel();
-        self.requests
-            .send(Request::Socket(tx))
-            .map_err(|_| io::Error::other("netns socket thread ended"))?;
+        let asked = self.requests.send(Request::Socket(tx));
+        self.refill();
+        asked.map_err(|_| io::Error::other("netns socket thread ended"))?;
         rx.await
             .map_err(|_| io::Error::other("netns socket thread ended"))?
+    }
+
+    /// Asks the thread to top up the ready sockets, unless that is already
+    /// asked for.
+    fn refill(&self) {
+        if !self.spare.refilling.swap(true, Ordering::AcqRel) {
+            let _ = self.requests.send(Request::Refill);
+        }
     }
 
     /// Connects from inside the pod's namespace.
@@ -171,5 +182,119 @@ impl hbone::Dialer for PodSockets {
     ) -> futures_util::future::BoxFuture<'static, io::Result<tokio::net::TcpStream>> {
         let sockets = self.clone();
         Box::pin(async move { sockets.connect(dst).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Need root (a network namespace of the test's own); under CI a
+    //! missing root is a failure.
+
+    #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+    use std::time::{Duration, Instant};
+
+    use capture::netns::netns_cookie;
+    use integration_tests::require_root;
+
+    use super::*;
+
+    /// A network namespace that lives as long as the value: a thread that
+    /// entered a new one and waits to be told to end (the namespace goes
+    /// with its last reference, so nothing is left behind).
+    struct TestNetns {
+        path: PathBuf,
+        cookie: u64,
+        end: Option<mpsc::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl TestNetns {
+        fn new() -> Self {
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let (end_tx, end_rx) = mpsc::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let probe = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+                let cookie = netns_cookie(&probe).unwrap();
+                // `<pid>/task/<tid>`: this thread's namespace, named so
+                // that other threads can open it.
+                let task = std::fs::read_link("/proc/thread-self").unwrap();
+                let path = format!("/proc/{}/ns/net", task.display());
+                ready_tx.send((path, cookie)).unwrap();
+                let _ = end_rx.recv();
+            });
+            let (path, cookie) = ready_rx.recv().unwrap();
+            Self {
+                path: path.into(),
+                cookie,
+                end: Some(end_tx),
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for TestNetns {
+        fn drop(&mut self) {
+            drop(self.end.take());
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    async fn refilled(sockets: &PodSockets) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sockets.spare.lock().len() < SPARE_SOCKETS {
+            assert!(Instant::now() < deadline, "ready sockets not refilled");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn ready_and_on_demand_sockets_are_in_the_pods_namespace() {
+        if !require_root("ready_and_on_demand_sockets_are_in_the_pods_namespace") {
+            return;
+        }
+        let ns = TestNetns::new();
+        let host = netns_cookie(&std::net::TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+        assert_ne!(host, ns.cookie);
+        let sockets = PodSockets::new(&ns.path).unwrap();
+        assert_eq!(sockets.spare.lock().len(), SPARE_SOCKETS, "ready on start");
+
+        // The ready ones, then again after they were refilled.
+        for _ in 0..2 {
+            for _ in 0..SPARE_SOCKETS {
+                let socket = sockets.socket().await.unwrap();
+                assert_eq!(netns_cookie(&socket).unwrap(), ns.cookie);
+            }
+            refilled(&sockets).await;
+        }
+
+        // More at once than are ready: the rest are made on demand.
+        let mut held = Vec::new();
+        for _ in 0..5 * SPARE_SOCKETS {
+            held.push(sockets.socket().await.unwrap());
+        }
+        for socket in &held {
+            assert_eq!(netns_cookie(socket).unwrap(), ns.cookie);
+        }
+        refilled(&sockets).await;
+
+        let listener = sockets.listen(Ipv4Addr::UNSPECIFIED, 0).await.unwrap();
+        assert_eq!(netns_cookie(&listener).unwrap(), ns.cookie);
+    }
+
+    #[test]
+    fn a_file_that_is_no_network_namespace_is_refused() {
+        // Opens, but is no namespace: the thread's setns fails.
+        let err = PodSockets::new(Path::new("/dev/null")).unwrap_err();
+        let refused = [nix::errno::Errno::EINVAL, nix::errno::Errno::EPERM].map(|e| e as i32);
+        assert!(
+            err.raw_os_error().is_some_and(|e| refused.contains(&e)),
+            "{err}"
+        );
+        let err = PodSockets::new(Path::new("/nonexistent/netns")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
 }

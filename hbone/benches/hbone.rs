@@ -4,9 +4,13 @@
 //! connection is accepted by an outbound proxy, tunnelled through a pooled
 //! mTLS HTTP/2 connection to an HBONE server, which connects to the upstream
 //! over TCP. The direct path is the application connecting to the upstream.
+//! The relay path has the HBONE path's three TCP connections without TLS or
+//! HTTP/2 (two plain TCP relays copying bytes): what the hops alone cost.
 //!
 //! Run: `cargo bench -p hbone --bench hbone` (prints a Markdown table).
 //! `HBONE_BENCH_SECS` sets the seconds per throughput/rate measurement (default 3).
+//! `HBONE_BENCH_ONLY` runs one measurement, for profiling: `throughput`,
+//! `tunnel`, `connections`, `latency` (HBONE), `latency-relay`, `latency-direct`.
 
 #![allow(clippy::unwrap_used)] // A benchmark: a panic is the failure report.
 #![allow(unsafe_code)] // The counting allocator below.
@@ -69,52 +73,84 @@ fn secs() -> Duration {
     Duration::from_secs_f64(s)
 }
 
-/// Reads to EOF, then answers with the byte count.
-async fn sink() -> SocketAddr {
+/// Listens on loopback and runs `handle` on a task per accepted connection.
+async fn serve_each<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut total = 0u64;
-                loop {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => total += n as u64,
-                    }
-                }
-                let _ = tcp.write_all(&total.to_be_bytes()).await;
-            });
+        while let Ok((tcp, _)) = listener.accept().await {
+            tcp.set_nodelay(true).unwrap();
+            tokio::spawn(handle(tcp));
         }
     });
     addr
 }
 
-async fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = tcp.set_nodelay(true);
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
+/// Reads to EOF, then answers with the byte count.
+async fn sink() -> SocketAddr {
+    serve_each(|mut tcp| async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n as u64,
+            }
         }
-    });
-    addr
+        let _ = tcp.write_all(&total.to_be_bytes()).await;
+    })
+    .await
+}
+
+async fn echo() -> SocketAddr {
+    serve_each(|mut tcp| async move {
+        let (mut r, mut w) = tcp.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
 }
 
 struct Throughput {
     gbit_per_s: f64,
     allocations_per_mib: f64,
+    /// Busy time of all CPUs per gigabyte moved, from `/proc/stat`: the
+    /// sender, every relay, the receiver and the kernel's work for them
+    /// (softirq included, which the process's own CPU time leaves out).
+    cpu_s_per_gb: f64,
+}
+
+/// Busy jiffies of all CPUs together.
+fn cpu_jiffies() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    // Everything but idle and iowait.
+    fields.iter().sum::<u64>() - fields[3] - fields[4]
+}
+
+/// CPU-seconds per GB for `bytes` moved while the busy jiffies went from
+/// `before` to now.
+fn cpu_per_gb(before: u64, bytes: u64) -> f64 {
+    // `/proc/stat` counts in USER_HZ, 100 per second on Linux.
+    let busy_secs = (cpu_jiffies() - before) as f64 / 100.0;
+    busy_secs / (bytes as f64 / 1e9)
 }
 
 async fn throughput(addr: SocketAddr) -> Throughput {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let chunk = vec![0x5au8; 1 << 20];
     let allocs_before = ALLOCATIONS.load(Ordering::Relaxed);
+    let cpu_before = cpu_jiffies();
     let start = Instant::now();
     let mut sent = 0u64;
     while start.elapsed() < secs() {
@@ -129,6 +165,7 @@ async fn throughput(addr: SocketAddr) -> Throughput {
     Throughput {
         gbit_per_s: sent as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
         allocations_per_mib: allocs as f64 / (sent as f64 / (1 << 20) as f64),
+        cpu_s_per_gb: cpu_per_gb(cpu_before, sent),
     }
 }
 
@@ -139,6 +176,7 @@ async fn tunnel_throughput(pool: &Pool, key: &PoolKey, sink: SocketAddr) -> Thro
     let stream = pool.connect(key, &ConnectRequest::new(sink)).await.unwrap();
     let mut reply = Vec::new();
     let allocs_before = ALLOCATIONS.load(Ordering::Relaxed);
+    let cpu_before = cpu_jiffies();
     let start = Instant::now();
     let source = tokio::io::repeat(0x5a).take(total);
     copy_bidirectional(source, &mut reply, stream)
@@ -150,25 +188,39 @@ async fn tunnel_throughput(pool: &Pool, key: &PoolKey, sink: SocketAddr) -> Thro
     Throughput {
         gbit_per_s: total as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
         allocations_per_mib: allocs as f64 / (total as f64 / (1 << 20) as f64),
+        cpu_s_per_gb: cpu_per_gb(cpu_before, total),
     }
 }
 
-/// 1 KiB request, 1 KiB response, on one connection.
-async fn request_latency(addr: SocketAddr) -> Histogram<u64> {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
+/// 1 KiB request, 1 KiB response, one connection per path, in rounds that
+/// alternate between the paths so that a slow stretch of the shared machine
+/// falls on all of them alike.
+async fn request_latency(addrs: &[SocketAddr]) -> Vec<Histogram<u64>> {
+    const ROUNDS: usize = 5;
+    const PER_ROUND: usize = 4_000;
+    const WARM_UP: usize = 500;
+    let mut conns = Vec::new();
+    for addr in addrs {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        conns.push(tcp);
+    }
     let req = [7u8; 1024];
     let mut resp = [0u8; 1024];
-    let mut hist = Histogram::new(3).unwrap();
-    for i in 0..22_000 {
-        let start = Instant::now();
-        tcp.write_all(&req).await.unwrap();
-        tcp.read_exact(&mut resp).await.unwrap();
-        if i >= 2_000 {
-            hist.record(start.elapsed().as_nanos() as u64).unwrap();
+    let mut hists: Vec<_> = addrs.iter().map(|_| Histogram::new(3).unwrap()).collect();
+    for _ in 0..ROUNDS {
+        for (tcp, hist) in conns.iter_mut().zip(&mut hists) {
+            for i in 0..WARM_UP + PER_ROUND {
+                let start = Instant::now();
+                tcp.write_all(&req).await.unwrap();
+                tcp.read_exact(&mut resp).await.unwrap();
+                if i >= WARM_UP {
+                    hist.record(start.elapsed().as_nanos() as u64).unwrap();
+                }
+            }
         }
     }
-    hist
+    hists
 }
 
 /// New connections, one at a time: connect, 1-byte round trip, close.
@@ -211,6 +263,18 @@ async fn fresh_handshake_proxy(
             let _ = copy_bidirectional(r, w, stream).await;
         });
     }
+}
+
+/// A plain TCP relay to `target`: the HBONE path's hops without its work.
+async fn relay_to(target: SocketAddr) -> SocketAddr {
+    serve_each(move |mut tcp| async move {
+        let mut upstream = TcpStream::connect(target).await.unwrap();
+        upstream.set_nodelay(true).unwrap();
+        // The HBONE copy loop's largest buffer.
+        let size = 256 * 1024;
+        let _ = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut upstream, size, size).await;
+    })
+    .await
 }
 
 async fn proxy_to(pool: &Pool, key: &PoolKey, target: SocketAddr) -> SocketAddr {
@@ -278,10 +342,15 @@ async fn main() {
             );
             return;
         }
-        Ok("latency") => {
-            let h = request_latency(via_echo).await;
+        Ok(only @ ("latency" | "latency-relay" | "latency-direct")) => {
+            let (name, addr) = match only {
+                "latency-direct" => ("direct", echo),
+                "latency-relay" => ("relay", relay_to(relay_to(echo).await).await),
+                _ => ("HBONE", via_echo),
+            };
+            let h = request_latency(&[addr]).await.remove(0);
             println!(
-                "HBONE 1 KiB p50 {:.1} µs p99 {:.1} µs",
+                "{name} 1 KiB p50 {:.1} µs p99 {:.1} µs",
                 us(&h, 0.5),
                 us(&h, 0.99)
             );
@@ -289,56 +358,77 @@ async fn main() {
         }
         _ => {}
     }
+    let (relay_sink, relay_echo) = (
+        relay_to(relay_to(sink).await).await,
+        relay_to(relay_to(echo).await).await,
+    );
     let direct_tp = throughput(sink).await;
+    let relay_tp = throughput(relay_sink).await;
     let tunnel_tp = tunnel_throughput(&pool, &key, sink).await;
     let hbone_tp = throughput(via_sink).await;
-    let direct_lat = request_latency(echo).await;
-    let hbone_lat = request_latency(via_echo).await;
+    let [direct_lat, relay_lat, hbone_lat]: [Histogram<u64>; 3] =
+        request_latency(&[echo, relay_echo, via_echo])
+            .await
+            .try_into()
+            .unwrap();
     let (direct_rate, direct_conn) = connection_rate(echo).await;
+    let (relay_rate, relay_conn) = connection_rate(relay_echo).await;
     let (pooled_rate, pooled_conn) = connection_rate(via_echo).await;
     let (fresh_rate, fresh_conn) = connection_rate(via_fresh).await;
 
-    println!("| measurement | direct TCP | HBONE | HBONE / direct |");
-    println!("|---|---|---|---|");
+    let percent = |tp: &Throughput| 100.0 * tp.gbit_per_s / direct_tp.gbit_per_s;
     println!(
-        "| single-stream throughput, app → proxy → HBONE → upstream | {:.2} Gbit/s | {:.2} Gbit/s | {:.0}% |",
+        "| measurement | direct TCP | plain TCP relay, same three hops | HBONE | HBONE / direct |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| single-stream throughput, app → proxy → HBONE → upstream | {:.2} Gbit/s | {:.2} Gbit/s ({:.0}%) | {:.2} Gbit/s | {:.0}% |",
         direct_tp.gbit_per_s,
+        relay_tp.gbit_per_s,
+        percent(&relay_tp),
         hbone_tp.gbit_per_s,
-        100.0 * hbone_tp.gbit_per_s / direct_tp.gbit_per_s
+        percent(&hbone_tp)
     );
     println!(
-        "| single-stream throughput, tunnel only (no client-side socket) | {:.2} Gbit/s | {:.2} Gbit/s | {:.0}% |",
-        direct_tp.gbit_per_s,
+        "| single-stream throughput, tunnel only (no client-side socket) | | | {:.2} Gbit/s | {:.0}% |",
         tunnel_tp.gbit_per_s,
-        100.0 * tunnel_tp.gbit_per_s / direct_tp.gbit_per_s
+        percent(&tunnel_tp)
     );
     println!(
-        "| heap allocations per MiB moved (whole process) | {:.2} | {:.2} (tunnel only {:.2}) | |",
-        direct_tp.allocations_per_mib, hbone_tp.allocations_per_mib, tunnel_tp.allocations_per_mib
+        "| CPU-seconds per GB, all cores (tunnel only) | {:.2} | {:.2} | {:.2} ({:.2}) | |",
+        direct_tp.cpu_s_per_gb,
+        relay_tp.cpu_s_per_gb,
+        hbone_tp.cpu_s_per_gb,
+        tunnel_tp.cpu_s_per_gb
     );
     println!(
-        "| 1 KiB request/response p50 | {:.1} µs | {:.1} µs | +{:.1} µs |",
-        us(&direct_lat, 0.5),
-        us(&hbone_lat, 0.5),
-        us(&hbone_lat, 0.5) - us(&direct_lat, 0.5)
+        "| heap allocations per MiB moved, whole process (tunnel only) | {:.2} | {:.2} | {:.2} ({:.2}) | |",
+        direct_tp.allocations_per_mib,
+        relay_tp.allocations_per_mib,
+        hbone_tp.allocations_per_mib,
+        tunnel_tp.allocations_per_mib
     );
+    for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+        println!(
+            "| 1 KiB request/response {name} | {:.1} µs | {:.1} µs (+{:.1}) | {:.1} µs | +{:.1} µs |",
+            us(&direct_lat, q),
+            us(&relay_lat, q),
+            us(&relay_lat, q) - us(&direct_lat, q),
+            us(&hbone_lat, q),
+            us(&hbone_lat, q) - us(&direct_lat, q)
+        );
+    }
     println!(
-        "| 1 KiB request/response p99 | {:.1} µs | {:.1} µs | +{:.1} µs |",
-        us(&direct_lat, 0.99),
-        us(&hbone_lat, 0.99),
-        us(&hbone_lat, 0.99) - us(&direct_lat, 0.99)
-    );
-    println!(
-        "| new connection, pooled HBONE connection | {:.0}/s, p50 {:.0} µs | {:.0}/s, p50 {:.0} µs | |",
+        "| new connection, pooled HBONE connection | {:.0}/s, p50 {:.0} µs | {:.0}/s, p50 {:.0} µs | {:.0}/s, p50 {:.0} µs | |",
         direct_rate,
         us(&direct_conn, 0.5),
+        relay_rate,
+        us(&relay_conn, 0.5),
         pooled_rate,
         us(&pooled_conn, 0.5)
     );
     println!(
-        "| new connection, fresh mTLS handshake | {:.0}/s, p50 {:.0} µs | {:.0}/s, p50 {:.0} µs | |",
-        direct_rate,
-        us(&direct_conn, 0.5),
+        "| new connection, fresh mTLS handshake | | | {:.0}/s, p50 {:.0} µs | |",
         fresh_rate,
         us(&fresh_conn, 0.5)
     );

@@ -1,7 +1,10 @@
 //! The mesh benchmark: one client/server pair across two lab nodes, meshed
 //! (captured by both nodes' ztunnels, HBONE between them) against the same
-//! pair unmeshed (direct), in one run. Prints a Markdown table for
-//! `docs/benchmarks.md`. Needs root; run in release:
+//! pair unmeshed (direct), in one run. A third path sends the unmeshed
+//! pair's traffic through a plain TCP relay on each node (`ambit-relay`,
+//! where the ztunnels sit): the mesh path's TCP hops and nothing else.
+//! Prints a Markdown table for `docs/benchmarks.md`. Needs root; run in
+//! release:
 //!
 //! ```sh
 //! cargo bench -p integration-tests --bench mesh
@@ -9,10 +12,12 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // A report, not a library.
 
+use std::io::BufRead;
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use integration_tests::{TestLab, require_root};
+use integration_tests::{TestLab, bin_dir, require_root};
 use lab::LabSpec;
 use serde_json::Value;
 
@@ -32,6 +37,88 @@ fn cpu(t: &TestLab) -> [u64; 2] {
     NODES.map(|n| t.lab.ztunnel_cpu_usec(n).unwrap())
 }
 
+/// The server ports a path's client uses: iperf3, TCP echo, HTTP.
+const PORTS: [u16; 3] = [5201, 9000, 8080];
+/// Where the relays listen, for the ports above in that order.
+const RELAY_PORTS: [u16; 3] = [15101, 15102, 15103];
+/// The relays' cgroup below each node's.
+const RELAY: &str = "relay";
+
+/// Where a path's client connects, and whose CPU is counted.
+struct Route<'a> {
+    /// Client and server pods' namespace.
+    ns: &'a str,
+    host: String,
+    /// iperf3, TCP echo, HTTP.
+    ports: [u16; 3],
+    /// CPU microseconds of the proxies on node-1 and node-2.
+    cpu: Box<dyn Fn() -> [u64; 2] + 'a>,
+}
+
+/// The relays on both nodes; ended when dropped.
+struct Relays(Vec<Child>);
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts a relay on the client's node to one on the server's node, which
+/// connects to the server pod: client → relay → relay → server, as the
+/// mesh path goes client → ztunnel → ztunnel → server.
+fn relay_route(t: &TestLab) -> (Relays, Route<'_>) {
+    let plan = t.lab.plan();
+    let client = plan.pod("plain/client-0").unwrap();
+    let server = plan.pod("plain/server-0").unwrap();
+    assert_ne!(client.node, server.node, "the pair spans both nodes");
+    let (client_node, server_node) = (&plan.nodes[client.node], &plan.nodes[server.node]);
+    let bin = bin_dir().join("ambit-relay");
+    let mut relays = Relays(Vec::new());
+    for (node, target) in [(server_node, server.ip), (client_node, server_node.ip)] {
+        let mut argv = vec![bin.to_string_lossy().into_owned()];
+        for (listen, port) in RELAY_PORTS.iter().zip(PORTS) {
+            let target_port = if target == server.ip { port } else { *listen };
+            argv.push("--route".into());
+            argv.push(format!("0.0.0.0:{listen}={target}:{target_port}"));
+        }
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let mut child = t.lab.node_spawn(&node.name, RELAY, &argv).unwrap();
+        let mut ready = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        relays.0.push(child);
+        assert_eq!(
+            ready.trim(),
+            "ready",
+            "ambit-relay on {} did not start",
+            node.name
+        );
+    }
+    let route = Route {
+        ns: "plain",
+        host: client_node.pod_gateway.to_string(),
+        ports: RELAY_PORTS,
+        cpu: Box::new(|| NODES.map(|n| t.lab.node_cpu_usec(n, RELAY).unwrap())),
+    };
+    (relays, route)
+}
+
+/// The pair's server itself, with the ztunnels' CPU counted.
+fn server_route<'a>(t: &'a TestLab, ns: &'a str) -> Route<'a> {
+    let server = format!("{ns}/server-0");
+    Route {
+        ns,
+        host: t.lab.plan().pod(&server).unwrap().ip.to_string(),
+        ports: PORTS,
+        cpu: Box::new(|| cpu(t)),
+    }
+}
+
 fn rss(t: &TestLab) -> [u64; 2] {
     NODES.map(|n| t.lab.ztunnel_rss_kib(n).unwrap())
 }
@@ -48,22 +135,28 @@ struct PathResult {
     peak_rss_kib: [u64; 2],
 }
 
-fn measure(t: &TestLab, ns: &str) -> PathResult {
-    let client = format!("{ns}/client-0");
-    let server = format!("{ns}/server-0");
-    let ip = t.lab.plan().pod(&server).unwrap().ip.to_string();
+fn measure(t: &TestLab, route: &Route<'_>) -> PathResult {
+    let client = format!("{}/client-0", route.ns);
+    let server = format!("{}/server-0", route.ns);
+    let host = &route.host;
+    let [iperf_port, echo_port, http_port] = route.ports.map(|p| p.to_string());
+    let cpu = || (route.cpu)();
     let mut r = PathResult::default();
     // Warm up: certificates issued, the pooled HBONE connection open.
     json(
         t,
         &client,
-        &["ambit-load", &format!("http://{ip}:8080/"), "--json"],
+        &[
+            "ambit-load",
+            &format!("http://{host}:{http_port}/"),
+            "--json",
+        ],
     );
 
     // Throughput, with the ztunnels' memory sampled while it runs.
     t.exec(&server, &["iperf3", "--server", "--one-off", "--daemon"]);
     std::thread::sleep(Duration::from_millis(500));
-    let before = cpu(t);
+    let before = cpu();
     let sampling = AtomicBool::new(true);
     let peaks = [AtomicU64::new(0), AtomicU64::new(0)];
     let iperf = std::thread::scope(|s| {
@@ -76,11 +169,24 @@ fn measure(t: &TestLab, ns: &str) -> PathResult {
             }
         });
         let secs = IPERF_SECONDS.to_string();
-        let v = json(t, &client, &["iperf3", "-c", &ip, "-t", &secs, "--json"]);
+        let v = json(
+            t,
+            &client,
+            &[
+                "iperf3",
+                "-c",
+                host,
+                "-p",
+                &iperf_port,
+                "-t",
+                &secs,
+                "--json",
+            ],
+        );
         sampling.store(false, Ordering::Relaxed);
         v
     });
-    let after = cpu(t);
+    let after = cpu();
     let received = &iperf["end"]["sum_received"];
     r.gbps = received["bits_per_second"].as_f64().unwrap() / 1e9;
     let gb = received["bytes"].as_f64().unwrap() / 1e9;
@@ -88,21 +194,21 @@ fn measure(t: &TestLab, ns: &str) -> PathResult {
     r.peak_rss_kib = peaks.map(AtomicU64::into_inner);
 
     // 1 KiB request/response on one connection.
-    let before = cpu(t);
+    let before = cpu();
     let n = ROUND_TRIPS.to_string();
     let rr = json(
         t,
         &client,
         &[
             "ambit-load",
-            &format!("tcp://{ip}:9000"),
+            &format!("tcp://{host}:{echo_port}"),
             "--tcp-rr",
             "1024",
             "-n",
             &n,
         ],
     );
-    let after = cpu(t);
+    let after = cpu();
     r.rr_p50_us = rr["latency_ms"]["p50"].as_f64().unwrap() * 1000.0;
     r.rr_p99_us = rr["latency_ms"]["p99"].as_f64().unwrap() * 1000.0;
     r.cpu_us_per_request = [0, 1].map(|i| (after[i] - before[i]) as f64 / ROUND_TRIPS as f64);
@@ -114,7 +220,7 @@ fn measure(t: &TestLab, ns: &str) -> PathResult {
         &client,
         &[
             "ambit-load",
-            &format!("http://{ip}:8080/"),
+            &format!("http://{host}:{http_port}/"),
             "-n",
             &n,
             "-c",
@@ -140,47 +246,60 @@ fn main() {
     // pages over about 10 s).
     std::thread::sleep(Duration::from_secs(20));
     let idle = rss(&t);
-    let direct = measure(&t, "plain");
-    let mesh = measure(&t, "meshed");
+    let direct = measure(&t, &server_route(&t, "plain"));
+    let mesh = measure(&t, &server_route(&t, "meshed"));
+    let relay = {
+        let (_relays, route) = relay_route(&t);
+        measure(&t, &route)
+    };
     let pair = |a: [f64; 2]| format!("{:.2} / {:.2}", a[0], a[1]);
-    println!("| measurement | direct | mesh (HBONE) | mesh vs direct |");
-    println!("|---|---|---|---|");
     println!(
-        "| iperf3 single stream, {IPERF_SECONDS} s | {:.2} Gbit/s | {:.2} Gbit/s | {:.0}% |",
+        "| measurement | direct | plain TCP relay on both nodes | mesh (HBONE) | mesh vs direct |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| iperf3 single stream, {IPERF_SECONDS} s | {:.2} Gbit/s | {:.2} Gbit/s ({:.0}%) | {:.2} Gbit/s | {:.0}% |",
         direct.gbps,
+        relay.gbps,
+        100.0 * relay.gbps / direct.gbps,
         mesh.gbps,
         100.0 * mesh.gbps / direct.gbps
     );
+    for (q, d, r, m) in [
+        ("p50", direct.rr_p50_us, relay.rr_p50_us, mesh.rr_p50_us),
+        ("p99", direct.rr_p99_us, relay.rr_p99_us, mesh.rr_p99_us),
+    ] {
+        println!(
+            "| 1 KiB request/response on one connection, {q} | {d:.0} µs | {r:.0} µs (+{:.0}) | {m:.0} µs | +{:.0} µs |",
+            r - d,
+            m - d
+        );
+    }
     println!(
-        "| 1 KiB request/response on one connection, p50 | {:.0} µs | {:.0} µs | +{:.0} µs |",
-        direct.rr_p50_us,
-        mesh.rr_p50_us,
-        mesh.rr_p50_us - direct.rr_p50_us
+        "| new connection + HTTP request, one at a time | {:.0}/s, p50 {:.2} ms | {:.0}/s, p50 {:.2} ms | {:.0}/s, p50 {:.2} ms | |",
+        direct.new_conn_rps,
+        direct.new_conn_p50_ms,
+        relay.new_conn_rps,
+        relay.new_conn_p50_ms,
+        mesh.new_conn_rps,
+        mesh.new_conn_p50_ms
     );
     println!(
-        "| 1 KiB request/response on one connection, p99 | {:.0} µs | {:.0} µs | +{:.0} µs |",
-        direct.rr_p99_us,
-        mesh.rr_p99_us,
-        mesh.rr_p99_us - direct.rr_p99_us
-    );
-    println!(
-        "| new connection + HTTP request, one at a time | {:.0}/s, p50 {:.2} ms | {:.0}/s, p50 {:.2} ms | |",
-        direct.new_conn_rps, direct.new_conn_p50_ms, mesh.new_conn_rps, mesh.new_conn_p50_ms
-    );
-    println!(
-        "| ztunnel CPU-seconds per GB (node-1 / node-2) | | {} | |",
+        "| proxy CPU-seconds per GB (node-1 / node-2) | | {} | {} | |",
+        pair(relay.cpu_s_per_gb),
         pair(mesh.cpu_s_per_gb)
     );
     println!(
-        "| ztunnel CPU µs per 1 KiB request (node-1 / node-2) | | {} | |",
+        "| proxy CPU µs per 1 KiB request (node-1 / node-2) | | {} | {} | |",
+        pair(relay.cpu_us_per_request),
         pair(mesh.cpu_us_per_request)
     );
     println!(
-        "| ztunnel RSS idle (node-1 / node-2) | | {} / {} KiB | |",
+        "| ztunnel RSS idle (node-1 / node-2) | | | {} / {} KiB | |",
         idle[0], idle[1]
     );
     println!(
-        "| ztunnel RSS peak during iperf3 (node-1 / node-2) | | {} / {} KiB | |",
+        "| ztunnel RSS peak during iperf3 (node-1 / node-2) | | | {} / {} KiB | |",
         mesh.peak_rss_kib[0], mesh.peak_rss_kib[1]
     );
 }

@@ -427,23 +427,38 @@ impl Lab {
 
     /// Runs a command in a node's network namespace (as a node component).
     pub fn node_exec_captured(&self, node: &str, argv: &[&str]) -> Result<Output, LabError> {
-        let node = self
-            .plan
-            .nodes
-            .iter()
-            .find(|n| n.name == node)
-            .ok_or_else(|| LabError::Spec {
-                reason: format!("no node {node:?} in lab {:?}", self.name()),
-            })?;
-        let cgroup = node.cgroup.join("exec");
+        self.in_node(node, "exec", |place| process::run_captured(place, argv))
+    }
+
+    /// Starts `argv` in a node's network namespace, in the node's cgroup
+    /// `component` (for [`Lab::node_cpu_usec`]), as a child of the caller
+    /// with stdout piped. The caller ends it before the lab goes down.
+    pub fn node_spawn(
+        &self,
+        node: &str,
+        component: &str,
+        argv: &[&str],
+    ) -> Result<std::process::Child, LabError> {
+        self.in_node(node, component, |place| process::spawn_piped(place, argv))
+    }
+
+    /// Runs `start` with a node component's placement: the node's network
+    /// namespace and its cgroup `component` (created if missing).
+    fn in_node<T>(
+        &self,
+        node: &str,
+        component: &str,
+        start: impl FnOnce(&Placement<'_>) -> Result<T, LabError>,
+    ) -> Result<T, LabError> {
+        let node = self.node(node)?;
+        let cgroup = node.cgroup.join(component);
         cgroup::create(&cgroup)?;
-        let place = Placement {
+        start(&Placement {
             role: Role::Node,
             netns: &node.netns,
             cgroup: &cgroup,
             env: Vec::new(),
-        };
-        process::run_captured(&place, argv)
+        })
     }
 
     /// A value from a node's ztunnel metrics, if it answers.
@@ -638,15 +653,21 @@ impl Lab {
     /// CPU time a node's ztunnel has used, in microseconds (its cgroup's
     /// `cpu.stat`).
     pub fn ztunnel_cpu_usec(&self, node: &str) -> Option<u64> {
-        let node = self.plan.nodes.iter().find(|n| n.name == node)?;
-        let stat = std::fs::read_to_string(node.cgroup.join("ztunnel/cpu.stat")).ok()?;
+        self.node_cpu_usec(node, "ztunnel")
+    }
+
+    /// CPU time the processes of a node's cgroup `component` have used, in
+    /// microseconds (`cpu.stat`).
+    pub fn node_cpu_usec(&self, node: &str, component: &str) -> Option<u64> {
+        let node = self.node(node).ok()?;
+        let stat = std::fs::read_to_string(node.cgroup.join(component).join("cpu.stat")).ok()?;
         stat.lines()
             .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
     }
 
     /// Resident memory of a node's ztunnel, in KiB (`VmRSS`).
     pub fn ztunnel_rss_kib(&self, node: &str) -> Option<u64> {
-        let node = self.plan.nodes.iter().find(|n| n.name == node)?;
+        let node = self.node(node).ok()?;
         let procs = std::fs::read_to_string(node.cgroup.join("ztunnel/cgroup.procs")).ok()?;
         procs
             .lines()

@@ -117,7 +117,8 @@ async fn echo() -> SocketAddr {
 struct Throughput {
     gbit_per_s: f64,
     allocations_per_mib: f64,
-    /// Busy time of all CPUs per gigabyte moved, from `/proc/stat`: the
+    /// Busy time of all the machine's CPUs per gigabyte moved, from
+    /// `/proc/stat`: with the benchmark the only thing running, that is the
     /// sender, every relay, the receiver and the kernel's work for them
     /// (softirq included, which the process's own CPU time leaves out).
     cpu_s_per_gb: f64,
@@ -134,8 +135,10 @@ fn cpu_jiffies() -> u64 {
         .skip(1)
         .map(|f| f.parse().unwrap())
         .collect();
-    // Everything but idle and iowait.
-    fields.iter().sum::<u64>() - fields[3] - fields[4]
+    // user nice system idle iowait irq softirq steal guest guest_nice:
+    // everything but idle and iowait, and not steal (time the hypervisor
+    // gave to others) or guest time (already counted in user and nice).
+    fields[..7].iter().sum::<u64>() - fields[3] - fields[4]
 }
 
 /// CPU-seconds per GB for `bytes` moved while the busy jiffies went from
@@ -288,8 +291,21 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+/// Everything the measurements run against, on one runtime.
+struct Setup {
+    pool: Pool,
+    key: PoolKey,
+    sink: SocketAddr,
+    echo: SocketAddr,
+    /// The outbound proxy (HBONE over the pooled connection) to the sink.
+    via_sink: SocketAddr,
+    /// The outbound proxy to the echo server.
+    via_echo: SocketAddr,
+    /// A proxy with a fresh mTLS handshake per connection, to the echo server.
+    via_fresh: SocketAddr,
+}
+
+async fn setup() -> Setup {
     let td = TrustDomain::new("cluster.local").unwrap();
     let ca = Arc::new(CertificateAuthority::self_signed(td, DEFAULT_LEAF_TTL).unwrap());
     let certs = CertManager::new(Arc::new(InProcessCa::new(ca)));
@@ -311,42 +327,44 @@ async fn main() {
     );
     let fresh = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let via_fresh = fresh.local_addr().unwrap();
-    tokio::spawn(fresh_handshake_proxy(
-        fresh,
-        certs.clone(),
-        hbone_addr,
-        echo,
-    ));
-
+    tokio::spawn(fresh_handshake_proxy(fresh, certs, hbone_addr, echo));
     // Warm up: certificates issued, pooled connection open.
     connection_rate_once(via_echo).await;
+    Setup {
+        pool,
+        key,
+        sink,
+        echo,
+        via_sink,
+        via_echo,
+        via_fresh,
+    }
+}
 
-    // Single measurements, for profiling.
-    match std::env::var("HBONE_BENCH_ONLY").as_deref() {
-        Ok("throughput") => {
-            let tp = throughput(via_sink).await;
+/// One measurement alone (`HBONE_BENCH_ONLY`), for profiling.
+async fn only(which: &str, s: &Setup) {
+    match which {
+        "throughput" => {
+            let tp = throughput(s.via_sink).await;
             println!("HBONE throughput: {:.2} Gbit/s", tp.gbit_per_s);
-            return;
         }
-        Ok("tunnel") => {
-            let tp = tunnel_throughput(&pool, &key, sink).await;
+        "tunnel" => {
+            let tp = tunnel_throughput(&s.pool, &s.key, s.sink).await;
             println!("HBONE tunnel-only throughput: {:.2} Gbit/s", tp.gbit_per_s);
-            return;
         }
-        Ok("connections") => {
-            let (rate, h) = connection_rate(via_echo).await;
+        "connections" => {
+            let (rate, h) = connection_rate(s.via_echo).await;
             println!(
                 "HBONE new connections over the pooled connection: {rate:.0}/s, p50 {:.1} µs p99 {:.1} µs",
                 us(&h, 0.5),
                 us(&h, 0.99)
             );
-            return;
         }
-        Ok(only @ ("latency" | "latency-relay" | "latency-direct")) => {
-            let (name, addr) = match only {
-                "latency-direct" => ("direct", echo),
-                "latency-relay" => ("relay", relay_to(relay_to(echo).await).await),
-                _ => ("HBONE", via_echo),
+        "latency" | "latency-relay" | "latency-direct" => {
+            let (name, addr) = match which {
+                "latency-direct" => ("direct", s.echo),
+                "latency-relay" => ("relay", relay_to(relay_to(s.echo).await).await),
+                _ => ("HBONE", s.via_echo),
             };
             let h = request_latency(&[addr]).await.remove(0);
             println!(
@@ -354,83 +372,132 @@ async fn main() {
                 us(&h, 0.5),
                 us(&h, 0.99)
             );
-            return;
         }
-        _ => {}
+        other => panic!("HBONE_BENCH_ONLY={other}: not a measurement"),
     }
+}
+
+/// Every measurement of the table.
+struct Results {
+    direct_tp: Throughput,
+    relay_tp: Throughput,
+    tunnel_tp: Throughput,
+    hbone_tp: Throughput,
+    direct_lat: Histogram<u64>,
+    relay_lat: Histogram<u64>,
+    hbone_lat: Histogram<u64>,
+    direct_rate: f64,
+    direct_conn: Histogram<u64>,
+    relay_rate: f64,
+    relay_conn: Histogram<u64>,
+    pooled_rate: f64,
+    pooled_conn: Histogram<u64>,
+    fresh_rate: f64,
+    fresh_conn: Histogram<u64>,
+}
+
+async fn measure_all(s: &Setup) -> Results {
     let (relay_sink, relay_echo) = (
-        relay_to(relay_to(sink).await).await,
-        relay_to(relay_to(echo).await).await,
+        relay_to(relay_to(s.sink).await).await,
+        relay_to(relay_to(s.echo).await).await,
     );
-    let direct_tp = throughput(sink).await;
+    let direct_tp = throughput(s.sink).await;
     let relay_tp = throughput(relay_sink).await;
-    let tunnel_tp = tunnel_throughput(&pool, &key, sink).await;
-    let hbone_tp = throughput(via_sink).await;
+    let tunnel_tp = tunnel_throughput(&s.pool, &s.key, s.sink).await;
+    let hbone_tp = throughput(s.via_sink).await;
     let [direct_lat, relay_lat, hbone_lat]: [Histogram<u64>; 3] =
-        request_latency(&[echo, relay_echo, via_echo])
+        request_latency(&[s.echo, relay_echo, s.via_echo])
             .await
             .try_into()
             .unwrap();
-    let (direct_rate, direct_conn) = connection_rate(echo).await;
+    let (direct_rate, direct_conn) = connection_rate(s.echo).await;
     let (relay_rate, relay_conn) = connection_rate(relay_echo).await;
-    let (pooled_rate, pooled_conn) = connection_rate(via_echo).await;
-    let (fresh_rate, fresh_conn) = connection_rate(via_fresh).await;
+    let (pooled_rate, pooled_conn) = connection_rate(s.via_echo).await;
+    let (fresh_rate, fresh_conn) = connection_rate(s.via_fresh).await;
+    Results {
+        direct_tp,
+        relay_tp,
+        tunnel_tp,
+        hbone_tp,
+        direct_lat,
+        relay_lat,
+        hbone_lat,
+        direct_rate,
+        direct_conn,
+        relay_rate,
+        relay_conn,
+        pooled_rate,
+        pooled_conn,
+        fresh_rate,
+        fresh_conn,
+    }
+}
 
-    let percent = |tp: &Throughput| 100.0 * tp.gbit_per_s / direct_tp.gbit_per_s;
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let s = setup().await;
+    match std::env::var("HBONE_BENCH_ONLY") {
+        Ok(which) => only(&which, &s).await,
+        Err(_) => print_table(&measure_all(&s).await),
+    }
+}
+
+fn print_table(r: &Results) {
+    let percent = |tp: &Throughput| 100.0 * tp.gbit_per_s / r.direct_tp.gbit_per_s;
     println!(
         "| measurement | direct TCP | plain TCP relay, same three hops | HBONE | HBONE / direct |"
     );
     println!("|---|---|---|---|---|");
     println!(
         "| single-stream throughput, app → proxy → HBONE → upstream | {:.2} Gbit/s | {:.2} Gbit/s ({:.0}%) | {:.2} Gbit/s | {:.0}% |",
-        direct_tp.gbit_per_s,
-        relay_tp.gbit_per_s,
-        percent(&relay_tp),
-        hbone_tp.gbit_per_s,
-        percent(&hbone_tp)
+        r.direct_tp.gbit_per_s,
+        r.relay_tp.gbit_per_s,
+        percent(&r.relay_tp),
+        r.hbone_tp.gbit_per_s,
+        percent(&r.hbone_tp)
     );
     println!(
         "| single-stream throughput, tunnel only (no client-side socket) | | | {:.2} Gbit/s | {:.0}% |",
-        tunnel_tp.gbit_per_s,
-        percent(&tunnel_tp)
+        r.tunnel_tp.gbit_per_s,
+        percent(&r.tunnel_tp)
     );
     println!(
         "| CPU-seconds per GB, all cores (tunnel only) | {:.2} | {:.2} | {:.2} ({:.2}) | |",
-        direct_tp.cpu_s_per_gb,
-        relay_tp.cpu_s_per_gb,
-        hbone_tp.cpu_s_per_gb,
-        tunnel_tp.cpu_s_per_gb
+        r.direct_tp.cpu_s_per_gb,
+        r.relay_tp.cpu_s_per_gb,
+        r.hbone_tp.cpu_s_per_gb,
+        r.tunnel_tp.cpu_s_per_gb
     );
     println!(
         "| heap allocations per MiB moved, whole process (tunnel only) | {:.2} | {:.2} | {:.2} ({:.2}) | |",
-        direct_tp.allocations_per_mib,
-        relay_tp.allocations_per_mib,
-        hbone_tp.allocations_per_mib,
-        tunnel_tp.allocations_per_mib
+        r.direct_tp.allocations_per_mib,
+        r.relay_tp.allocations_per_mib,
+        r.hbone_tp.allocations_per_mib,
+        r.tunnel_tp.allocations_per_mib
     );
     for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
         println!(
             "| 1 KiB request/response {name} | {:.1} µs | {:.1} µs (+{:.1}) | {:.1} µs | +{:.1} µs |",
-            us(&direct_lat, q),
-            us(&relay_lat, q),
-            us(&relay_lat, q) - us(&direct_lat, q),
-            us(&hbone_lat, q),
-            us(&hbone_lat, q) - us(&direct_lat, q)
+            us(&r.direct_lat, q),
+            us(&r.relay_lat, q),
+            us(&r.relay_lat, q) - us(&r.direct_lat, q),
+            us(&r.hbone_lat, q),
+            us(&r.hbone_lat, q) - us(&r.direct_lat, q)
         );
     }
     println!(
         "| new connection, pooled HBONE connection | {:.0}/s, p50 {:.0} µs | {:.0}/s, p50 {:.0} µs | {:.0}/s, p50 {:.0} µs | |",
-        direct_rate,
-        us(&direct_conn, 0.5),
-        relay_rate,
-        us(&relay_conn, 0.5),
-        pooled_rate,
-        us(&pooled_conn, 0.5)
+        r.direct_rate,
+        us(&r.direct_conn, 0.5),
+        r.relay_rate,
+        us(&r.relay_conn, 0.5),
+        r.pooled_rate,
+        us(&r.pooled_conn, 0.5)
     );
     println!(
         "| new connection, fresh mTLS handshake | | | {:.0}/s, p50 {:.0} µs | |",
-        fresh_rate,
-        us(&fresh_conn, 0.5)
+        r.fresh_rate,
+        us(&r.fresh_conn, 0.5)
     );
 }
 

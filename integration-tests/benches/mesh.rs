@@ -78,24 +78,36 @@ fn relay_route(t: &TestLab) -> (Relays, Route<'_>) {
     let (client_node, server_node) = (&plan.nodes[client.node], &plan.nodes[server.node]);
     let bin = bin_dir().join("ambit-relay");
     let mut relays = Relays(Vec::new());
-    for (node, target) in [(server_node, server.ip), (client_node, server_node.ip)] {
+    // The server's node relays to the server's ports, the client's node to
+    // the relay ports of the server's node.
+    for (node, target, ports) in [
+        (server_node, server.ip, PORTS),
+        (client_node, server_node.ip, RELAY_PORTS),
+    ] {
         let mut argv = vec![bin.to_string_lossy().into_owned()];
-        for (listen, port) in RELAY_PORTS.iter().zip(PORTS) {
-            let target_port = if target == server.ip { port } else { *listen };
+        for (listen, port) in RELAY_PORTS.iter().zip(ports) {
             argv.push("--route".into());
-            argv.push(format!("0.0.0.0:{listen}={target}:{target_port}"));
+            argv.push(format!("0.0.0.0:{listen}={target}:{port}"));
         }
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let mut child = t.lab.node_spawn(&node.name, RELAY, &argv).unwrap();
+        let child = t.lab.node_spawn(&node.name, RELAY, &argv).unwrap();
+        relays.0.push(child);
+        let child = relays.0.last_mut().unwrap();
+        // The relay's errors go to ours, and its pipe never fills.
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let name = node.name.clone();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("ambit-relay on {name}: {line}");
+            }
+        });
         let mut ready = String::new();
         std::io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut ready)
             .unwrap();
-        relays.0.push(child);
-        assert_eq!(
-            ready.trim(),
-            "ready",
-            "ambit-relay on {} did not start",
+        assert!(
+            ready.starts_with("ready"),
+            "ambit-relay on {} did not start (its errors are above)",
             node.name
         );
     }
@@ -137,26 +149,24 @@ struct PathResult {
 
 fn measure(t: &TestLab, route: &Route<'_>) -> PathResult {
     let client = format!("{}/client-0", route.ns);
-    let server = format!("{}/server-0", route.ns);
-    let host = &route.host;
-    let [iperf_port, echo_port, http_port] = route.ports.map(|p| p.to_string());
-    let cpu = || (route.cpu)();
-    let mut r = PathResult::default();
+    let [_, _, http_port] = route.ports;
     // Warm up: certificates issued, the pooled HBONE connection open.
-    json(
-        t,
-        &client,
-        &[
-            "ambit-load",
-            &format!("http://{host}:{http_port}/"),
-            "--json",
-        ],
-    );
+    let url = format!("http://{}:{http_port}/", route.host);
+    json(t, &client, &["ambit-load", &url, "--json"]);
+    let mut r = PathResult::default();
+    throughput(t, route, &mut r);
+    round_trips(t, route, &mut r);
+    new_connections(t, route, &mut r);
+    r
+}
 
-    // Throughput, with the ztunnels' memory sampled while it runs.
+/// iperf3 single stream, with the ztunnels' memory sampled while it runs.
+fn throughput(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
+    let client = format!("{}/client-0", route.ns);
+    let server = format!("{}/server-0", route.ns);
     t.exec(&server, &["iperf3", "--server", "--one-off", "--daemon"]);
     std::thread::sleep(Duration::from_millis(500));
-    let before = cpu();
+    let before = (route.cpu)();
     let sampling = AtomicBool::new(true);
     let peaks = [AtomicU64::new(0), AtomicU64::new(0)];
     let iperf = std::thread::scope(|s| {
@@ -168,71 +178,65 @@ fn measure(t: &TestLab, route: &Route<'_>) -> PathResult {
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
-        let secs = IPERF_SECONDS.to_string();
-        let v = json(
-            t,
-            &client,
-            &[
-                "iperf3",
-                "-c",
-                host,
-                "-p",
-                &iperf_port,
-                "-t",
-                &secs,
-                "--json",
-            ],
-        );
+        let (port, secs) = (route.ports[0].to_string(), IPERF_SECONDS.to_string());
+        let argv = [
+            "iperf3",
+            "-c",
+            &route.host,
+            "-p",
+            &port,
+            "-t",
+            &secs,
+            "--json",
+        ];
+        let v = json(t, &client, &argv);
         sampling.store(false, Ordering::Relaxed);
         v
     });
-    let after = cpu();
+    let after = (route.cpu)();
     let received = &iperf["end"]["sum_received"];
     r.gbps = received["bits_per_second"].as_f64().unwrap() / 1e9;
     let gb = received["bytes"].as_f64().unwrap() / 1e9;
     r.cpu_s_per_gb = [0, 1].map(|i| (after[i] - before[i]) as f64 / 1e6 / gb);
     r.peak_rss_kib = peaks.map(AtomicU64::into_inner);
+}
 
-    // 1 KiB request/response on one connection.
-    let before = cpu();
+/// 1 KiB request/response on one connection.
+fn round_trips(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
+    let client = format!("{}/client-0", route.ns);
+    let url = format!("tcp://{}:{}", route.host, route.ports[1]);
     let n = ROUND_TRIPS.to_string();
+    let before = (route.cpu)();
     let rr = json(
         t,
         &client,
-        &[
-            "ambit-load",
-            &format!("tcp://{host}:{echo_port}"),
-            "--tcp-rr",
-            "1024",
-            "-n",
-            &n,
-        ],
+        &["ambit-load", &url, "--tcp-rr", "1024", "-n", &n],
     );
-    let after = cpu();
+    let after = (route.cpu)();
     r.rr_p50_us = rr["latency_ms"]["p50"].as_f64().unwrap() * 1000.0;
     r.rr_p99_us = rr["latency_ms"]["p99"].as_f64().unwrap() * 1000.0;
     r.cpu_us_per_request = [0, 1].map(|i| (after[i] - before[i]) as f64 / ROUND_TRIPS as f64);
+}
 
-    // A new connection per request (pooled HBONE for the mesh).
+/// A new connection per request (pooled HBONE for the mesh).
+fn new_connections(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
+    let client = format!("{}/client-0", route.ns);
+    let url = format!("http://{}:{}/", route.host, route.ports[2]);
     let n = NEW_CONNECTIONS.to_string();
-    let conns = json(
-        t,
-        &client,
-        &[
-            "ambit-load",
-            &format!("http://{host}:{http_port}/"),
-            "-n",
-            &n,
-            "-c",
-            "1",
-            "--new-connections",
-            "--json",
-        ],
-    );
+    let argv = [
+        "ambit-load",
+        &url,
+        "-n",
+        &n,
+        "-c",
+        "1",
+        "--new-connections",
+        "--json",
+    ];
+    let conns = json(t, &client, &argv);
     assert_eq!(conns["errors"], 0, "{conns}");
     r.new_conn_rps = conns["rps"].as_f64().unwrap();
     r.new_conn_p50_ms = conns["latency_ms"]["p50"].as_f64().unwrap();
-    r
 }
 
 fn main() {
@@ -252,6 +256,10 @@ fn main() {
         let (_relays, route) = relay_route(&t);
         measure(&t, &route)
     };
+    print_table(&direct, &relay, &mesh, idle);
+}
+
+fn print_table(direct: &PathResult, relay: &PathResult, mesh: &PathResult, idle: [u64; 2]) {
     let pair = |a: [f64; 2]| format!("{:.2} / {:.2}", a[0], a[1]);
     println!(
         "| measurement | direct | plain TCP relay on both nodes | mesh (HBONE) | mesh vs direct |"

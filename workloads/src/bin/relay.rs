@@ -38,25 +38,39 @@ fn parse_route(s: &str) -> Result<(SocketAddr, SocketAddr), String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let mut tasks = tokio::task::JoinSet::new();
-    for (listen, target) in args.routes {
+    let bound = build(Args::parse().routes).await?;
+    // Ready: every route listens (the benchmark waits for this line).
+    let bound: Vec<String> = bound.iter().map(SocketAddr::to_string).collect();
+    println!("ready {}", bound.join(" "));
+    std::future::pending().await
+}
+
+/// Binds every route's listener and starts relaying on it; returns the
+/// bound addresses.
+async fn build(routes: Vec<(SocketAddr, SocketAddr)>) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut bound = Vec::new();
+    for (listen, target) in routes {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("listen on {listen}"))?;
-        tasks.spawn(relay(listener, target));
+        bound.push(listener.local_addr()?);
+        tokio::spawn(relay(listener, target));
     }
-    // Ready: every route listens.
-    println!("ready");
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
-    Ok(())
+    Ok(bound)
 }
 
-async fn relay(listener: TcpListener, target: SocketAddr) -> anyhow::Result<()> {
+async fn relay(listener: TcpListener, target: SocketAddr) {
     loop {
-        let (mut client, peer) = listener.accept().await.context("accept")?;
+        let (mut client, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors or a connection reset before it was
+                // accepted: the route stays, the next accept may succeed.
+                eprintln!("accept for {target}: {error}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
         tokio::spawn(async move {
             let result = async {
                 client.set_nodelay(true)?;

@@ -273,8 +273,7 @@ async fn relay_to(target: SocketAddr) -> SocketAddr {
     serve_each(move |mut tcp| async move {
         let mut upstream = TcpStream::connect(target).await.unwrap();
         upstream.set_nodelay(true).unwrap();
-        // The HBONE copy loop's largest buffer.
-        let size = 256 * 1024;
+        let size = hbone::copy::MAX_BUFFER;
         let _ = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut upstream, size, size).await;
     })
     .await

@@ -22,7 +22,7 @@ use crate::H2Stream;
 /// First read buffer: small, so that idle or chatty tunnels stay cheap.
 const INITIAL_BUFFER: usize = 16 * 1024;
 /// Largest read buffer, reached after consecutive full reads (bulk transfer).
-pub(crate) const MAX_BUFFER: usize = 256 * 1024;
+pub const MAX_BUFFER: usize = 256 * 1024;
 /// Read buffers per direction (see `socket_to_stream`).
 const RING: usize = 3;
 

@@ -55,6 +55,12 @@ struct Route<'a> {
     cpu: Box<dyn Fn() -> [u64; 2] + 'a>,
 }
 
+impl Route<'_> {
+    fn client(&self) -> String {
+        format!("{}/client-0", self.ns)
+    }
+}
+
 /// The relays on both nodes; ended when dropped.
 struct Relays(Vec<Child>);
 
@@ -148,7 +154,7 @@ struct PathResult {
 }
 
 fn measure(t: &TestLab, route: &Route<'_>) -> PathResult {
-    let client = format!("{}/client-0", route.ns);
+    let client = route.client();
     let [_, _, http_port] = route.ports;
     // Warm up: certificates issued, the pooled HBONE connection open.
     let url = format!("http://{}:{http_port}/", route.host);
@@ -162,7 +168,7 @@ fn measure(t: &TestLab, route: &Route<'_>) -> PathResult {
 
 /// iperf3 single stream, with the ztunnels' memory sampled while it runs.
 fn throughput(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
-    let client = format!("{}/client-0", route.ns);
+    let client = route.client();
     let server = format!("{}/server-0", route.ns);
     t.exec(&server, &["iperf3", "--server", "--one-off", "--daemon"]);
     std::thread::sleep(Duration::from_millis(500));
@@ -203,7 +209,7 @@ fn throughput(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
 
 /// 1 KiB request/response on one connection.
 fn round_trips(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
-    let client = format!("{}/client-0", route.ns);
+    let client = route.client();
     let url = format!("tcp://{}:{}", route.host, route.ports[1]);
     let n = ROUND_TRIPS.to_string();
     let before = (route.cpu)();
@@ -220,7 +226,7 @@ fn round_trips(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
 
 /// A new connection per request (pooled HBONE for the mesh).
 fn new_connections(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
-    let client = format!("{}/client-0", route.ns);
+    let client = route.client();
     let url = format!("http://{}:{}/", route.host, route.ports[2]);
     let n = NEW_CONNECTIONS.to_string();
     let argv = [

@@ -1,6 +1,6 @@
 //! ztunnel's admin API on each lab node (127.0.0.1:15000 in the node's
-//! namespace): readiness, config dump with certificates, open connections
-//! and run-time log levels.
+//! namespace): readiness, config dump with certificates, open connections,
+//! memory and run-time log levels.
 
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
@@ -101,6 +101,35 @@ fn the_admin_api_reports_config_connections_and_sets_log_levels() {
         .unwrap_or_else(|| panic!("no certificate for echo: {dump:#}"));
     let expires = cert["expiresInSeconds"].as_i64().unwrap();
     assert!(expires > 0 && expires <= 24 * 3600, "{cert}");
+
+    // Memory: the kernel's split of resident memory and jemalloc's counters
+    // (the binary runs with jemalloc and reports it).
+    let (code, body) = admin(&t, &node, "GET", "/debug/memory");
+    assert_eq!(code, 200, "{body}");
+    let mem: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let bytes = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("{mem:#}"));
+    let process = &mem["process"];
+    let rss = bytes(&process["rss"]);
+    assert!(rss > 1 << 20, "{mem:#}");
+    assert!(
+        bytes(&process["rssAnon"]) + bytes(&process["rssFile"]) <= rss,
+        "{mem:#}"
+    );
+    assert!(bytes(&process["rssPeak"]) >= rss, "{mem:#}");
+    let heap = &mem["heap"];
+    let allocated = bytes(&heap["allocated"]);
+    assert!(allocated > 0, "{mem:#}");
+    assert!(bytes(&heap["active"]) >= allocated, "{mem:#}");
+    assert!(bytes(&heap["metadata"]) > 0, "{mem:#}");
+    // One arena per CPU (the binary's jemalloc options), not four, and
+    // jemalloc's own for allocations of several MiB.
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count() as u64;
+    let arenas = bytes(&heap["arenas"]);
+    assert!((2..=cpus + 1).contains(&arenas), "{cpus} CPUs: {mem:#}");
 
     // Log level: changed, shown, and a bad filter refused with the reason.
     assert_eq!(

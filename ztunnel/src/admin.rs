@@ -6,6 +6,8 @@
 //! - `GET /debug/connections`: the open connections.
 //! - `GET /healthz/ready`: `200` once ztunnel serves with its config.
 //! - `GET|POST /logging?level=<filter>`: shows or changes the log filter.
+//! - `GET /debug/memory`: resident memory by kind and the heap allocator's
+//!   own account, to tell a leak from cached pages or mapped code.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -23,11 +25,35 @@ pub trait LogControl: std::fmt::Debug + Send + Sync + 'static {
     fn set(&self, filter: &str) -> Result<String, String>;
 }
 
+/// The heap allocator's counters, in bytes. Only the binary knows which
+/// allocator it runs with, so it supplies them.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeapStats {
+    /// Held by live allocations.
+    pub allocated: u64,
+    /// In pages that hold live allocations.
+    pub active: u64,
+    /// The allocator's own bookkeeping.
+    pub metadata: u64,
+    /// Resident pages the allocator maps (live, cached and bookkeeping).
+    pub resident: u64,
+    /// Kept mapped for reuse but returned to the kernel.
+    pub retained: u64,
+    /// Arenas the allocator spreads threads over, each with its own pages
+    /// (jemalloc: one more for allocations of several MiB).
+    pub arenas: u32,
+}
+
+/// Reads the heap allocator's counters.
+pub type HeapStatsFn = fn() -> Result<HeapStats, String>;
+
 /// What the admin API serves from.
 #[derive(Debug)]
 pub struct Admin {
     pub agent: Arc<NodeAgent>,
     pub logging: Option<Arc<dyn LogControl>>,
+    pub heap_stats: Option<HeapStatsFn>,
     /// Whether a config source was configured (then readiness waits for
     /// its first config).
     pub expects_config: bool,
@@ -99,12 +125,37 @@ impl Admin {
                 }
             }
             (&Method::GET | &Method::POST, "/logging") => self.logging(req),
+            (&Method::GET, "/debug/memory") => self.memory(),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /config_dump, /debug/connections, /healthz/ready, /logging\n"
+                "not found; try /config_dump, /debug/connections, /debug/memory, \
+                 /healthz/ready, /logging\n"
                     .into(),
             ),
         }
+    }
+
+    fn memory(&self) -> Reply {
+        let process = match std::fs::read_to_string("/proc/self/status") {
+            Ok(status) => ProcessMemory::parse(&status),
+            Err(e) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("reading /proc/self/status: {e}\n"),
+                );
+            }
+        };
+        let heap = match self.heap_stats.map(|read| read()) {
+            None => None,
+            Some(Ok(heap)) => Some(heap),
+            Some(Err(e)) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("reading the heap allocator's counters: {e}\n"),
+                );
+            }
+        };
+        json(&MemoryView { process, heap })
     }
 
     fn logging(&self, req: &Req) -> Reply {
@@ -127,6 +178,50 @@ impl Admin {
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid level: {e}\n")),
             },
         }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MemoryView {
+    process: ProcessMemory,
+    /// Absent when the binary does not report its allocator.
+    heap: Option<HeapStats>,
+}
+
+/// Resident memory of the whole process, in bytes, from the kernel.
+#[derive(Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ProcessMemory {
+    rss: u64,
+    /// Private memory: heap, stacks, relocated data.
+    rss_anon: u64,
+    /// Mapped file pages (the binary and shared libraries), shared with
+    /// the page cache.
+    rss_file: u64,
+    /// The peak of `rss` since start.
+    rss_peak: u64,
+}
+
+impl ProcessMemory {
+    /// Reads the `Vm*`/`Rss*` lines of `/proc/<pid>/status` (values in kB).
+    fn parse(status: &str) -> Self {
+        let mut m = Self::default();
+        for line in status.lines() {
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let field = match key {
+                "VmRSS" => &mut m.rss,
+                "RssAnon" => &mut m.rss_anon,
+                "RssFile" => &mut m.rss_file,
+                "VmHWM" => &mut m.rss_peak,
+                _ => continue,
+            };
+            let kb = value.trim().trim_end_matches("kB").trim();
+            *field = kb.parse::<u64>().unwrap_or(0) * 1024;
+        }
+        m
     }
 }
 
@@ -161,7 +256,22 @@ fn percent_decode(value: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::percent_decode;
+    use super::{ProcessMemory, percent_decode};
+
+    #[test]
+    fn process_memory_is_read_from_status_lines() {
+        let status = "Name:\tztunnel\nVmHWM:\t   25784 kB\nVmRSS:\t   15424 kB\n\
+                      RssAnon:\t    3180 kB\nRssFile:\t   12244 kB\nRssShmem:\t       0 kB\n";
+        assert_eq!(
+            ProcessMemory::parse(status),
+            ProcessMemory {
+                rss: 15424 * 1024,
+                rss_anon: 3180 * 1024,
+                rss_file: 12244 * 1024,
+                rss_peak: 25784 * 1024,
+            }
+        );
+    }
 
     #[test]
     fn query_values_are_decoded_and_bad_escapes_refused() {

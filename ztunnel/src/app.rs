@@ -18,7 +18,7 @@ use model::{ConfigSink, ConfigSource, FileSource};
 
 use crate::agent::{Mesh, NodeAgent};
 
-use crate::admin::{self, Admin, LogControl};
+use crate::admin::{self, Admin, HeapStatsFn, LogControl};
 use crate::{enroll, metrics};
 
 /// ztunnel's configuration, read once at start.
@@ -34,6 +34,8 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// Run-time log filter changes through the admin API.
     pub logging: Option<Arc<dyn LogControl>>,
+    /// The heap allocator's counters for the admin API.
+    pub heap_stats: Option<HeapStatsFn>,
     /// BPF filesystem directory for this node's pinned maps and links.
     pub bpf_dir: PathBuf,
     /// Mesh config file (workloads, services), re-read on change.
@@ -152,6 +154,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     let admin = Admin {
         agent: agent.clone(),
         logging: config.logging.clone(),
+        heap_stats: config.heap_stats,
         expects_config: config.mesh_config.is_some() || config.controller.is_some(),
     };
     tasks.spawn(admin::serve(

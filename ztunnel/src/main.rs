@@ -8,11 +8,28 @@ use capture::Exclusions;
 use clap::Parser;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
-use ztunnel::admin::LogControl;
+use ztunnel::admin::{HeapStats, LogControl};
 use ztunnel::app::{self, Config};
 
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read before `main`. One arena per CPU instead of
+/// four: every arena in use keeps its own partly filled pages and
+/// bookkeeping, about 0.3 MiB of an idle ztunnel's resident memory
+/// (`docs/benchmarks.md`), and the runtime has no more busy threads than
+/// CPUs anyway.
+#[allow(unsafe_code)] // jemalloc looks the option string up by symbol name.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: MallocConf = MallocConf(c"percpu_arena:percpu".as_ptr());
+
+/// A C string pointer that may live in a `static`.
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: it points to a string literal that is never written.
+#[allow(unsafe_code)]
+unsafe impl Sync for MallocConf {}
 
 #[derive(Debug, Parser)]
 #[command(name = "ztunnel", version, about = "Ambit node proxy")]
@@ -147,6 +164,7 @@ async fn run() -> anyhow::Result<()> {
         metrics_addr: args.metrics,
         admin_addr: args.admin,
         logging: Some(logging),
+        heap_stats: Some(jemalloc_stats),
         bpf_dir: args.bpf_dir,
         mesh_config: args.mesh_config,
         ca_dir: args.ca_dir,
@@ -177,6 +195,23 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     app.shutdown().await;
     Ok(())
+}
+
+/// jemalloc's counters, refreshed first (they are cached per epoch).
+fn jemalloc_stats() -> Result<HeapStats, String> {
+    use tikv_jemalloc_ctl::{arenas, epoch, stats};
+    let read = || -> Result<HeapStats, tikv_jemalloc_ctl::Error> {
+        epoch::advance()?;
+        Ok(HeapStats {
+            allocated: stats::allocated::read()? as u64,
+            active: stats::active::read()? as u64,
+            metadata: stats::metadata::read()? as u64,
+            resident: stats::resident::read()? as u64,
+            retained: stats::retained::read()? as u64,
+            arenas: arenas::narenas::read()?,
+        })
+    };
+    read().map_err(|e| e.to_string())
 }
 
 /// Every proxied connection holds two or three descriptors; a node with

@@ -48,6 +48,7 @@ fn config(
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         logging: None,
+        heap_stats: None,
         bpf_dir: pins.0.clone(),
         mesh_config: None,
         ca_dir: None,

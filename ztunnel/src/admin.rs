@@ -136,8 +136,11 @@ impl Admin {
     }
 
     fn memory(&self) -> Reply {
-        let process = match std::fs::read_to_string("/proc/self/status") {
-            Ok(status) => ProcessMemory::parse(&status),
+        let status = std::fs::read_to_string("/proc/self/status")
+            .map_err(|e| e.to_string())
+            .and_then(|status| ProcessMemory::parse(&status));
+        let process = match status {
+            Ok(process) => process,
             Err(e) => {
                 return text(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -204,8 +207,9 @@ struct ProcessMemory {
 }
 
 impl ProcessMemory {
-    /// Reads the `Vm*`/`Rss*` lines of `/proc/<pid>/status` (values in kB).
-    fn parse(status: &str) -> Self {
+    /// Reads the `Vm*`/`Rss*` lines of `/proc/<pid>/status` (values in kB);
+    /// a value that is not a number is an error naming its line.
+    fn parse(status: &str) -> Result<Self, String> {
         let mut m = Self::default();
         for line in status.lines() {
             let Some((key, value)) = line.split_once(':') else {
@@ -219,9 +223,12 @@ impl ProcessMemory {
                 _ => continue,
             };
             let kb = value.trim().trim_end_matches("kB").trim();
-            *field = kb.parse::<u64>().unwrap_or(0) * 1024;
+            let kb: u64 = kb
+                .parse()
+                .map_err(|_| format!("unexpected line {line:?}"))?;
+            *field = kb * 1024;
         }
-        m
+        Ok(m)
     }
 }
 
@@ -264,12 +271,16 @@ mod tests {
                       RssAnon:\t    3180 kB\nRssFile:\t   12244 kB\nRssShmem:\t       0 kB\n";
         assert_eq!(
             ProcessMemory::parse(status),
-            ProcessMemory {
+            Ok(ProcessMemory {
                 rss: 15424 * 1024,
                 rss_anon: 3180 * 1024,
                 rss_file: 12244 * 1024,
                 rss_peak: 25784 * 1024,
-            }
+            })
+        );
+        assert_eq!(
+            ProcessMemory::parse("VmRSS:\t lots kB\n"),
+            Err("unexpected line \"VmRSS:\\t lots kB\"".into())
         );
     }
 

@@ -27,7 +27,7 @@ pub trait LogControl: std::fmt::Debug + Send + Sync + 'static {
 
 /// The heap allocator's counters, in bytes. Only the binary knows which
 /// allocator it runs with, so it supplies them.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeapStats {
     /// Held by live allocations.
@@ -136,29 +136,24 @@ impl Admin {
     }
 
     fn memory(&self) -> Reply {
-        let status = std::fs::read_to_string("/proc/self/status")
+        match self.memory_view() {
+            Ok(view) => json(&view),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        }
+    }
+
+    fn memory_view(&self) -> Result<MemoryView, String> {
+        let status = |e: String| format!("reading /proc/self/status: {e}");
+        let process = std::fs::read_to_string("/proc/self/status")
             .map_err(|e| e.to_string())
-            .and_then(|status| ProcessMemory::parse(&status));
-        let process = match status {
-            Ok(process) => process,
-            Err(e) => {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("reading /proc/self/status: {e}\n"),
-                );
-            }
-        };
-        let heap = match self.heap_stats.map(|read| read()) {
-            None => None,
-            Some(Ok(heap)) => Some(heap),
-            Some(Err(e)) => {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("reading the heap allocator's counters: {e}\n"),
-                );
-            }
-        };
-        json(&MemoryView { process, heap })
+            .and_then(|text| ProcessMemory::parse(&text))
+            .map_err(status)?;
+        let heap = self
+            .heap_stats
+            .map(|read| read())
+            .transpose()
+            .map_err(|e| format!("reading the heap allocator's counters: {e}"))?;
+        Ok(MemoryView { process, heap })
     }
 
     fn logging(&self, req: &Req) -> Reply {

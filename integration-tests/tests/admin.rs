@@ -119,6 +119,7 @@ fn the_admin_api_reports_config_connections_and_sets_log_levels() {
     let heap = &mem["heap"];
     let allocated = bytes(&heap["allocated"]);
     assert!(allocated > 0, "{mem:#}");
+    assert!(bytes(&heap["threadCached"]) <= allocated, "{mem:#}");
     assert!(bytes(&heap["active"]) >= allocated, "{mem:#}");
     assert!(bytes(&heap["metadata"]) > 0, "{mem:#}");
     // One arena per CPU (the binary's jemalloc options), not four, and

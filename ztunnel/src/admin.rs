@@ -30,8 +30,11 @@ pub trait LogControl: std::fmt::Debug + Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeapStats {
-    /// Held by live allocations.
+    /// Held by live allocations, including the freed ones in `thread_cached`.
     pub allocated: u64,
+    /// Freed allocations that threads keep for their next allocations of
+    /// the same size, still counted in `allocated`.
+    pub thread_cached: u64,
     /// In pages that hold live allocations.
     pub active: u64,
     /// The allocator's own bookkeeping.

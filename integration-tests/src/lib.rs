@@ -32,11 +32,26 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// The target of the node proxy as deployed: statically linked against musl
+/// (ADR 0021).
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+
 /// The directory of the workspace's binaries (`ambit`, `ambit-echo`,
 /// `ambit-load`, `ztunnel`, `controller`), built once per test run with the same profile.
 pub fn bin_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
+    &built().0
+}
+
+/// The ztunnel binary labs run: in release (benchmarks) the deployed build,
+/// statically linked for [`STATIC_TARGET`]; otherwise the one in
+/// [`bin_dir`].
+pub fn ztunnel_bin() -> &'static Path {
+    &built().1
+}
+
+fn built() -> &'static (PathBuf, PathBuf) {
+    static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("test binary path");
         // target/<profile>/deps/<test> → target/<profile>
         let dir = exe
@@ -44,9 +59,8 @@ pub fn bin_dir() -> &'static Path {
             .and_then(Path::parent)
             .expect("test binary lives in target/<profile>/deps")
             .to_path_buf();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args([
+        let release = dir.file_name().is_some_and(|p| p == "release");
+        let mut args = vec![
             "build",
             "--quiet",
             "-p",
@@ -59,18 +73,47 @@ pub fn bin_dir() -> &'static Path {
             "controller",
             "-p",
             "waypoint",
-        ]);
-        if dir.file_name().is_some_and(|p| p == "release") {
-            build.arg("--release");
+        ];
+        if release {
+            args.push("--release");
         }
-        let status = build.status().expect("run cargo build");
-        assert!(status.success(), "building the lab's binaries failed");
-        dir
+        cargo(&args);
+        let ztunnel = if release {
+            cargo(&[
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "ztunnel",
+                "--target",
+                STATIC_TARGET,
+            ]);
+            let target = dir.parent().expect("target/<profile> has a parent");
+            target.join(STATIC_TARGET).join("release").join("ztunnel")
+        } else {
+            dir.join("ztunnel")
+        };
+        (dir, ztunnel)
     })
 }
 
+fn cargo(args: &[&str]) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(args)
+        .status()
+        .expect("run cargo build");
+    assert!(
+        status.success(),
+        "building the lab's binaries failed: cargo {args:?}"
+    );
+}
+
 pub fn options() -> LabOptions {
-    LabOptions::new(bin_dir().to_path_buf())
+    LabOptions {
+        ztunnel: ztunnel_bin().to_path_buf(),
+        ..LabOptions::new(bin_dir().to_path_buf())
+    }
 }
 
 /// A small lab: `nodes` nodes, namespace `app` with `echo` replicas of the

@@ -21,12 +21,16 @@ pub const STATE_ROOT: &str = "/run/ambit-lab";
 pub struct LabOptions {
     /// Directory holding `ambit-echo` and the other Ambit binaries.
     pub bin_dir: PathBuf,
+    /// The node proxy each node runs: `ztunnel` in `bin_dir` unless set to
+    /// another build of it (the benchmarks run the statically linked one).
+    pub ztunnel: PathBuf,
     pub state_root: PathBuf,
 }
 
 impl LabOptions {
     pub fn new(bin_dir: PathBuf) -> Self {
         Self {
+            ztunnel: bin_dir.join("ztunnel"),
             bin_dir,
             state_root: PathBuf::from(STATE_ROOT),
         }
@@ -39,6 +43,7 @@ pub struct Lab {
     plan: Plan,
     state: PathBuf,
     bin_dir: PathBuf,
+    ztunnel: PathBuf,
 }
 
 /// What `status` reports of one pod.
@@ -91,6 +96,7 @@ impl Lab {
             plan: Plan::new(&spec),
             state,
             bin_dir: opts.bin_dir.clone(),
+            ztunnel: opts.ztunnel.clone(),
         };
         if let Err(e) = lab.build() {
             let _ = Lab::down(&spec.name, opts);
@@ -263,7 +269,7 @@ impl Lab {
         let controller = self.controller_addr();
         let roots = self.ca_dir().join(identity::ca::ROOT_CERT_FILE);
         let token = self.token_file(&node.name);
-        let bin = self.bin_dir.join("ztunnel");
+        let bin = &self.ztunnel;
         let mut argv: Vec<String> = vec![
             bin.to_string_lossy().into(),
             "--pods".into(),
@@ -482,6 +488,7 @@ impl Lab {
             plan: Plan::new(&spec),
             state,
             bin_dir: opts.bin_dir.clone(),
+            ztunnel: opts.ztunnel.clone(),
         })
     }
 

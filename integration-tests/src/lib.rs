@@ -34,7 +34,7 @@ pub fn require_root(test: &str) -> bool {
 
 /// The target of the node proxy as deployed: statically linked against musl
 /// (ADR 0021).
-pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// The directory of the workspace's binaries (`ambit`, `ambit-echo`,
 /// `ambit-load`, `ztunnel`, `controller`), built once per test run with the same profile.
@@ -45,7 +45,7 @@ pub fn bin_dir() -> &'static Path {
 /// The ztunnel binary labs run: in release (benchmarks) the deployed build,
 /// statically linked for [`STATIC_TARGET`]; otherwise the one in
 /// [`bin_dir`].
-pub fn ztunnel_bin() -> &'static Path {
+fn ztunnel_bin() -> &'static Path {
     &built().1
 }
 

@@ -181,10 +181,16 @@ pub struct TestLab {
 
 impl TestLab {
     pub fn up(spec: LabSpec) -> TestLab {
+        TestLab::up_with(spec, &options())
+    }
+
+    /// A lab started with other options than [`options`] (another ztunnel
+    /// binary).
+    pub fn up_with(spec: LabSpec, opts: &LabOptions) -> TestLab {
         // A previous run killed mid-test may have left this lab behind.
-        let _ = Lab::down(&spec.name, &options());
+        let _ = Lab::down(&spec.name, opts);
         TestLab {
-            lab: Lab::up(spec, &options()).expect("lab comes up"),
+            lab: Lab::up(spec, opts).expect("lab comes up"),
         }
     }
 

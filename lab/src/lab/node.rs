@@ -99,10 +99,8 @@ impl Lab {
 
     /// Resident memory of a node's ztunnel, in KiB (`VmRSS`).
     pub fn ztunnel_rss_kib(&self, node: &str) -> Option<u64> {
-        let node = self.node(node).ok()?;
-        let procs = std::fs::read_to_string(node.cgroup.join("ztunnel/cgroup.procs")).ok()?;
-        procs
-            .lines()
+        self.ztunnel_pids(node)
+            .into_iter()
             .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
             .filter_map(|status| {
                 status.lines().find_map(|l| {
@@ -115,5 +113,18 @@ impl Lab {
                 })
             })
             .reduce(|a, b| a + b)
+    }
+
+    /// The processes of a node's ztunnel (its cgroup's `cgroup.procs`);
+    /// empty when the node is unknown or ztunnel is not running.
+    pub fn ztunnel_pids(&self, node: &str) -> Vec<u32> {
+        let Ok(node) = self.node(node) else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(node.cgroup.join("ztunnel/cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|pid| pid.parse().ok())
+            .collect()
     }
 }

@@ -5,9 +5,9 @@
 //! touches, so code spread over the whole binary keeps most of it resident.
 //! `link-order.txt` lists the functions and data an idle and a loaded
 //! ztunnel touch; lld puts them first in their sections, so those pages are
-//! few and adjacent. The list is measured by `scripts/link-order`. A symbol
-//! it names that no longer exists is skipped by the linker, so a stale list
-//! costs memory, never correctness.
+//! few and adjacent. The list is measured by the `link_order` example of
+//! `integration-tests`. A symbol it names that no longer exists is skipped by
+//! the linker, so a stale list costs memory, never correctness.
 
 use std::env;
 use std::path::PathBuf;

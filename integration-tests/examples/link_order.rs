@@ -97,6 +97,7 @@ fn build_spread_out(work: &Path) -> PathBuf {
 /// A small ext4 file system holding the binary, mounted with read-ahead off
 /// and nothing of it cached; unmounted on drop.
 struct ColdMount {
+    image: PathBuf,
     dir: PathBuf,
     ztunnel: PathBuf,
 }
@@ -107,14 +108,13 @@ impl ColdMount {
         let dir = work.join("mnt");
         fs::create_dir_all(&dir).unwrap();
         let size = fs::metadata(binary).unwrap().len() * 2 + (64 << 20);
-        let f = fs::File::create(&image).unwrap();
-        f.set_len(size).unwrap();
-        drop(f);
-        run("mkfs.ext4", &["-q", "-F", path(&image)]);
         let mount = ColdMount {
             ztunnel: dir.join("ztunnel"),
+            image: image.clone(),
             dir,
         };
+        fs::File::create(&image).unwrap().set_len(size).unwrap();
+        run("mkfs.ext4", &["-q", "-F", path(&image)]);
         mount.mount(&image, "loop");
         fs::copy(binary, &mount.ztunnel).unwrap();
         // Unmounting drops the copy's cached pages.
@@ -141,8 +141,10 @@ impl ColdMount {
 
 impl Drop for ColdMount {
     fn drop(&mut self) {
-        // The loop device goes with the mount (mount sets it to autoclear).
+        // The loop device goes with the mount (mount sets it to autoclear),
+        // and the next attach sets its read-ahead afresh.
         let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = fs::remove_file(&self.image);
     }
 }
 

@@ -42,7 +42,7 @@ fn main() {
         .expect("integration-tests sits in the workspace")
         .to_path_buf();
     let work = workspace.join("target/link-order");
-    let spread = build_spread_out(&work);
+    let spread = build_spread_out(&workspace, &work);
     let mount = ColdMount::new(&work, &spread);
     let opts = LabOptions {
         ztunnel: mount.ztunnel.clone(),
@@ -72,13 +72,14 @@ fn main() {
 
 /// Builds the deployed ztunnel with each function aligned to a page, in a
 /// target directory of its own.
-fn build_spread_out(work: &Path) -> PathBuf {
+fn build_spread_out(workspace: &Path, work: &Path) -> PathBuf {
     let target_dir = work.join("build");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     // Cargo appends these to the target's flags in .cargo/config.toml.
     let rustflags =
         format!("target.{TARGET}.rustflags=[\"-C\", \"llvm-args=-align-all-functions=12\"]");
     let status = Command::new(cargo)
+        .current_dir(workspace)
         .args(["build", "--quiet", "--release", "-p", "ztunnel"])
         .args(["--target", TARGET, "--config", &rustflags])
         .arg("--target-dir")

@@ -24,13 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{TestLab, options, require_root};
+use integration_tests::{STATIC_TARGET as TARGET, TestLab, options, require_root};
 use lab::{LabOptions, LabSpec};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
-/// The deployed ztunnel's target (ADR 0021).
-const TARGET: &str = "x86_64-unknown-linux-musl";
-const NODES: [&str; 2] = ["node-1", "node-2"];
 const PAGE: u64 = 4096;
 
 fn main() {
@@ -192,7 +189,7 @@ fn load(t: &TestLab) {
         "--new-connections",
     ];
     t.exec(client, &argv);
-    for node in NODES {
+    for node in &t.lab.plan().spec.nodes {
         t.lab.ztunnel_metrics(node).expect("metrics page");
         let admin = [
             "curl",
@@ -210,7 +207,14 @@ fn load(t: &TestLab) {
 /// ztunnels.
 fn touched(t: &TestLab, binary: &Path) -> HashSet<u64> {
     let mut pages = HashSet::new();
-    for pid in NODES.iter().flat_map(|n| t.lab.ztunnel_pids(n)) {
+    for pid in t
+        .lab
+        .plan()
+        .spec
+        .nodes
+        .iter()
+        .flat_map(|n| t.lab.ztunnel_pids(n))
+    {
         let mut pagemap = fs::File::open(format!("/proc/{pid}/pagemap")).unwrap();
         for line in fs::read_to_string(format!("/proc/{pid}/maps"))
             .unwrap()

@@ -34,7 +34,7 @@ pub fn require_root(test: &str) -> bool {
 
 /// The target of the node proxy as deployed: statically linked against musl
 /// (ADR 0021).
-const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// The directory of the workspace's binaries (`ambit`, `ambit-echo`,
 /// `ambit-load`, `ztunnel`, `controller`), built once per test run with the same profile.

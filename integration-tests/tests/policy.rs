@@ -95,16 +95,23 @@ fn policies_decide_who_reaches_a_workload() {
             "{action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/app/sa/sleep]}}]}]}",
         ))
         .unwrap();
-    eventually("sleep refused", || !t.reaches("app/sleep-0", &url));
+    // A request in flight as the policy lands is closed by re-evaluation
+    // and fails too: the client retries until a new stream is refused.
+    wait_until(
+        "sleep refused by app/deny-sleep",
+        PROPAGATION,
+        || format!("{:#?}", access_log(&t, &echo_node)),
+        || {
+            !t.reaches("app/sleep-0", &url)
+                && access_log(&t, &echo_node).iter().any(|l| {
+                    l.contains("policy=app/deny-sleep")
+                        && l.contains("reason=\"denied by app/deny-sleep\"")
+                        && l.contains("src_identity=spiffe://cluster.local/ns/app/sa/sleep")
+                })
+        },
+    );
     assert!(t.reaches("app/probe-0", &url));
     assert!(t.reaches("legacy/sleep-0", &url));
-    let log = access_log(&t, &echo_node);
-    assert!(
-        log.iter().any(|l| l.contains("policy=app/deny-sleep")
-            && l.contains("reason=\"denied by app/deny-sleep\"")
-            && l.contains("src_identity=spiffe://cluster.local/ns/app/sa/sleep")),
-        "{log:#?}"
-    );
     let log = access_log(&t, &sleep_node);
     assert!(
         log.iter().any(|l| l.contains("rejected_unauthorized")),
@@ -219,7 +226,8 @@ fn a_policy_change_closes_open_connections_it_now_denies() {
     let log = access_log(&t, &echo_node);
     assert!(
         log.iter()
-            .any(|l| l.contains("policy changed: denied by app/deny-all")),
+            .any(|l| l.contains("policy changed: denied by app/deny-all")
+                && l.contains("policy=app/deny-all")),
         "{log:#?}"
     );
 }

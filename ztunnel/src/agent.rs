@@ -603,14 +603,14 @@ impl NodeAgent {
                         Err(e) => (
                             e.transferred.sent,
                             e.transferred.received,
-                            tracked.closed_for().unwrap_or(e.source.to_string()),
+                            tracked.close_reason(&mut record, e.source),
                         ),
                     }
                 }
                 Upstream::Tcp(mut upstream) => {
                     match copy_plain_until(&mut client, &mut upstream, tracked.closed()).await {
                         Ok((to_dst, to_src)) => (to_dst, to_src, String::new()),
-                        Err(e) => (0, 0, tracked.closed_for().unwrap_or(e.to_string())),
+                        Err(e) => (0, 0, tracked.close_reason(&mut record, e)),
                     }
                 }
             };

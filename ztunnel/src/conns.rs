@@ -90,7 +90,15 @@ struct Open {
     authorized: Option<Authorized>,
     close: CancellationToken,
     /// Why it was closed by us, if it was.
-    closed_for: Arc<Mutex<Option<String>>>,
+    closed_for: Arc<Mutex<Option<Closure>>>,
+}
+
+/// Why the registry closed a connection.
+#[derive(Debug, Clone)]
+struct Closure {
+    reason: String,
+    /// `namespace/name` of the policy that now refuses it, or empty.
+    policy: String,
 }
 
 /// The registry of open connections.
@@ -114,7 +122,7 @@ pub struct Tracked {
     id: u64,
     registry: Arc<Connections>,
     close: CancellationToken,
-    closed_for: Arc<Mutex<Option<String>>>,
+    closed_for: Arc<Mutex<Option<Closure>>>,
 }
 
 impl Tracked {
@@ -123,12 +131,24 @@ impl Tracked {
         self.close.cancelled().await;
     }
 
-    /// Why the registry closed it (policy change, drain deadline).
-    pub fn closed_for(&self) -> Option<String> {
-        self.closed_for
+    /// The access log's reason for a copy that ended with `error`: why
+    /// the registry closed it (policy change, drain deadline) when it did,
+    /// naming in `record` the policy that now refuses it.
+    pub fn close_reason(&self, record: &mut ConnRecord, error: impl std::fmt::Display) -> String {
+        let closure = self
+            .closed_for
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .clone();
+        match closure {
+            Some(closure) => {
+                if !closure.policy.is_empty() {
+                    record.policy = closure.policy;
+                }
+                closure.reason
+            }
+            None => error.to_string(),
+        }
     }
 }
 
@@ -213,7 +233,13 @@ impl Connections {
                     reason = %judgement.reason,
                     "closing connection after a policy change"
                 );
-                close(open, format!("policy changed: {}", judgement.reason));
+                close(
+                    open,
+                    Closure {
+                        reason: format!("policy changed: {}", judgement.reason),
+                        policy: judgement.policy,
+                    },
+                );
                 closed += 1;
             }
         }
@@ -223,15 +249,21 @@ impl Connections {
     /// Closes every open connection (a drain ran out of time).
     pub fn close_all(&self, reason: &str) {
         for open in self.lock().values() {
-            close(open, reason.to_string());
+            close(
+                open,
+                Closure {
+                    reason: reason.to_string(),
+                    policy: String::new(),
+                },
+            );
         }
     }
 }
 
-fn close(open: &Open, reason: String) {
+fn close(open: &Open, closure: Closure) {
     *open
         .closed_for
         .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Some(reason);
+        .unwrap_or_else(PoisonError::into_inner) = Some(closure);
     open.close.cancel();
 }

@@ -150,7 +150,7 @@ impl Inbound {
         let (to_dst, to_src, reason) =
             match copy_plain_until(&mut client, &mut upstream, tracked.closed()).await {
                 Ok((to_dst, to_src)) => (to_dst, to_src, String::new()),
-                Err(error) => (0, 0, tracked.closed_for().unwrap_or(error.to_string())),
+                Err(error) => (0, 0, tracked.close_reason(&mut record, error)),
             };
         self.shared.metrics.closed(&record, to_dst, to_src);
         record.log(to_dst, to_src, &reason);
@@ -216,10 +216,7 @@ impl Handler for Inbound {
         let (t, reason) =
             match copy_bidirectional_until(reader, writer, stream, tracked.closed()).await {
                 Ok(t) => (t, String::new()),
-                Err(e) => (
-                    e.transferred,
-                    tracked.closed_for().unwrap_or(e.source.to_string()),
-                ),
+                Err(e) => (e.transferred, tracked.close_reason(&mut record, e.source)),
             };
         self.shared.metrics.closed(&record, t.received, t.sent);
         record.log(t.received, t.sent, &reason);

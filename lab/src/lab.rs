@@ -451,6 +451,24 @@ impl Lab {
 
     fn wait_ready(&self) -> Result<(), LabError> {
         let deadline = Instant::now() + READY_TIMEOUT;
+        // `setsid -f` returns before the forked app has joined its pod's
+        // cgroup: until it has, the pod is neither running nor killed with
+        // its cgroup, and an empty cgroup would read as an app that died.
+        for pod in self.plan.pods.iter().filter(|p| p.app != App::Waypoint) {
+            while !cgroup::populated(&pod.cgroup) {
+                if Instant::now() > deadline {
+                    return Err(LabError::Command {
+                        command: format!("the app of {}", pod.key()),
+                        stderr: format!(
+                            "not in its cgroup after {}s; see {}",
+                            READY_TIMEOUT.as_secs(),
+                            self.log_path(&pod.key()).display()
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         for pod in self.plan.pods.iter().filter(|p| p.app == App::Echo) {
             let port = ECHO_HTTP_PORT.to_string();
             loop {

@@ -401,10 +401,8 @@ impl NodeAgent {
             }
         }
         tracing::info!(pod = %key, ip = %pod.ip, identity = %pod.identity, "pod captured");
-        self.shared
-            .stats
-            .captured_pods
-            .fetch_add(1, Ordering::Relaxed);
+        // Listed before counted, so that the gauge never runs ahead of
+        // the pods the agent reports.
         self.lock_pods().insert(
             pod.uid.clone(),
             Enrolled {
@@ -413,6 +411,10 @@ impl NodeAgent {
                 stop,
             },
         );
+        self.shared
+            .stats
+            .captured_pods
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

@@ -34,6 +34,8 @@ struct Server {
     config: ConfigServer,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    /// The serving task; done once its listener is closed.
+    served: tokio::task::JoinHandle<()>,
 }
 
 async fn start(ca: &Arc<CertificateAuthority>, addr: SocketAddr) -> Server {
@@ -49,7 +51,7 @@ async fn start(ca: &Arc<CertificateAuthority>, addr: SocketAddr) -> Server {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let routes = tonic::service::Routes::new(ConfigServiceServer::new(config.clone()));
-    tokio::spawn(serve(
+    let served = tokio::spawn(serve(
         listener,
         ServingCert::new(ca.clone()),
         routes,
@@ -60,6 +62,7 @@ async fn start(ca: &Arc<CertificateAuthority>, addr: SocketAddr) -> Server {
         config,
         metrics,
         stop,
+        served,
     }
 }
 
@@ -114,12 +117,20 @@ fn mesh(pods: usize, label: &str) -> MeshConfig {
     serde_yaml::from_str(&yaml).unwrap()
 }
 
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    eventually_within(what, Duration::from_secs(10), check).await;
+}
+
+async fn eventually_within<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
     while !check().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -421,7 +432,9 @@ async fn data_planes_keep_their_config_through_a_controller_restart() {
     }
 
     // The controller goes away: the data planes keep serving what they had.
+    // Its address is free again once the serving task has ended.
     server.stop.cancel();
+    server.served.await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (sink, _) in &subs {
         assert_eq!(rev(sink).as_deref(), Some("before"));
@@ -503,7 +516,9 @@ async fn a_large_update_arrives_in_parts_and_is_applied_whole() {
     drop(sub);
 
     let (sink, stop) = subscribe(&ca, server.addr, "n1");
-    eventually("the whole config", || async {
+    // Building 20,000 workloads' snapshot is unoptimised test-profile code
+    // on a shared machine; what is checked is that all of them arrive.
+    eventually_within("the whole config", Duration::from_secs(60), || async {
         sink.current().config().workloads.len() == 20_000
     })
     .await;

@@ -4,9 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration_tests::{TestLab, require_root, spec};
+use integration_tests::{TestLab, require_root, spec, wait_until};
 
 /// `curl` on a node; (HTTP status, body).
 fn admin(t: &TestLab, node: &str, method: &str, path: &str) -> (u16, String) {
@@ -53,31 +53,49 @@ fn the_admin_api_reports_config_connections_and_sets_log_levels() {
     );
 
     // A connection held open shows in /debug/connections, and the echo
-    // pod's certificate in /config_dump.
-    let slow = format!("http://{}:8080/delay/3000", echo.ip);
+    // pod's certificate in /config_dump. A first request gets both
+    // ztunnels their certificates and the pooled tunnel, so that the held
+    // one is open at once.
+    t.curl("app/sleep-0", &format!("http://{}:8080/", echo.ip));
+    let slow = format!("http://{}:8080/delay/5000", echo.ip);
+    let dst = format!("{}:8080", echo.ip);
+    let listed = || {
+        let (code, body) = admin(&t, &node, "GET", "/debug/connections");
+        assert_eq!(code, 200, "{body}");
+        let conns: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        conns.into_iter().find(|c| c["dst_addr"] == dst.as_str())
+    };
+    wait_until(
+        "the first request's connection is gone",
+        Duration::from_secs(10),
+        || admin(&t, &node, "GET", "/debug/connections").1,
+        || listed().is_none(),
+    );
     std::thread::scope(|s| {
-        let held = s.spawn(|| t.curl("app/sleep-0", &slow));
-        let deadline = Instant::now() + Duration::from_secs(3);
-        let conns = loop {
-            let (code, body) = admin(&t, &node, "GET", "/debug/connections");
-            assert_eq!(code, 200, "{body}");
-            let conns: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-            if !conns.is_empty() || Instant::now() > deadline {
-                break conns;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let conn = conns
-            .iter()
-            .find(|c| c["dst_addr"] == format!("{}:8080", echo.ip))
-            .unwrap_or_else(|| panic!("{conns:#?}"));
+        let held = s.spawn(|| {
+            t.lab
+                .exec_captured("app/sleep-0", &["curl", "-sS", "--max-time", "20", &slow])
+                .unwrap()
+        });
+        wait_until(
+            "the held connection is listed",
+            Duration::from_secs(10),
+            || admin(&t, &node, "GET", "/debug/connections").1,
+            || listed().is_some(),
+        );
+        let conn = listed().unwrap();
         assert_eq!(conn["direction"], "inbound");
         assert_eq!(conn["protocol"], "HBONE");
         assert_eq!(
             conn["src_identity"],
             "spiffe://cluster.local/ns/app/sa/sleep"
         );
-        held.join().unwrap();
+        let out = held.join().unwrap();
+        assert!(
+            out.status.success(),
+            "the held request failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     });
 
     let (code, body) = admin(&t, &node, "GET", "/config_dump");

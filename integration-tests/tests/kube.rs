@@ -412,16 +412,15 @@ async fn a_waypoint_is_deployed_enrolls_what_is_labelled_and_says_when_it_is_pro
     );
 
     // No address yet (the fake API server allocates no cluster IPs).
+    // Each Gateway's status is its own write: wait for both.
     eventually("accepted, no address", || async {
         condition(&api, "Accepted") == Some(("True".into(), "Accepted".into()))
             && condition(&api, "Programmed") == Some(("False".into(), "AddressNotAssigned".into()))
+            && condition_of(&api, "http", "Accepted")
+                == Some(("False".into(), "ListenersNotValid".into()))
     })
     .await;
     assert!(api.get(GATEWAYS, "ingress").unwrap()["status"].is_null());
-    assert_eq!(
-        condition_of(&api, "http", "Accepted"),
-        Some(("False".into(), "ListenersNotValid".into()))
-    );
     assert!(api.get(DEPLOYMENTS, "http").is_none());
     let mut service = api.get(SERVICES, "waypoint").unwrap();
     service["spec"]["clusterIP"] = json!("10.96.0.99");

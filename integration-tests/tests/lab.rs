@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use integration_tests::{TestLab, bin_dir, leftovers, options, require_root, spec};
@@ -201,10 +202,13 @@ fn down_cleans_up_after_up_was_killed_half_way() {
     big.deployments[1].replicas = 6;
     let file = std::env::temp_dir().join(format!("{name}-{}.yaml", std::process::id()));
     std::fs::write(&file, big.to_yaml()).unwrap();
+    // In its own process group, killed as a whole as a terminal's Ctrl-C
+    // would: an `ip` it runs must not go on creating after `down` looked.
     let mut up = std::process::Command::new(bin_dir().join("ambit"))
         .args(["lab", "up", "-f"])
         .arg(&file)
         .stdout(std::process::Stdio::null())
+        .process_group(0)
         .spawn()
         .unwrap();
     // Kill it once it has created some namespaces but not all of them.
@@ -225,7 +229,8 @@ fn down_cleans_up_after_up_was_killed_half_way() {
         assert!(Instant::now() < deadline, "up made no progress");
         std::thread::sleep(Duration::from_millis(5));
     }
-    up.kill().unwrap();
+    let group = nix::unistd::Pid::from_raw(i32::try_from(up.id()).unwrap());
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL).unwrap();
     up.wait().unwrap();
     assert!(!leftovers(name).is_empty());
     Lab::down(name, &options()).unwrap();

@@ -28,7 +28,17 @@ impl Capture {
     fn start(netns: &str, interface: &str, file: PathBuf) -> Capture {
         let child = Command::new("ip")
             .args([
-                "netns", "exec", netns, "tcpdump", "-i", interface, "-U", "-s", "0", "-w",
+                "netns",
+                "exec",
+                netns,
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                interface,
+                "-U",
+                "-s",
+                "0",
+                "-w",
             ])
             .arg(&file)
             .arg("tcp")

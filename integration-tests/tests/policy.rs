@@ -155,9 +155,20 @@ fn policies_decide_who_reaches_a_workload() {
             ),
         ))
         .unwrap();
-    eventually("only probe allowed", || {
-        !t.reaches("app/sleep-0", &url) && !t.reaches("legacy/sleep-0", &url)
-    });
+    // Until the new set lands, the plaintext client is still refused by
+    // STRICT: retry until a fresh refusal for want of an ALLOW is logged.
+    wait_until(
+        "only probe allowed",
+        PROPAGATION,
+        || format!("{:#?}", access_log(&t, &echo_node)),
+        || {
+            !t.reaches("app/sleep-0", &url)
+                && !t.reaches("legacy/sleep-0", &url)
+                && access_log(&t, &echo_node)
+                    .iter()
+                    .any(|l| l.contains("reason=\"denied: no ALLOW policy matched\""))
+        },
+    );
     // The three policies are files the controller may pick up in more
     // than one poll, and a connection is logged when it closes: the probe
     // connects until its line shows all three at work.
@@ -174,12 +185,6 @@ fn policies_decide_who_reaches_a_workload() {
                         )
                 })
         },
-    );
-    let log = access_log(&t, &echo_node);
-    assert!(
-        log.iter()
-            .any(|l| l.contains("reason=\"denied: no ALLOW policy matched\"")),
-        "{log:#?}"
     );
 }
 
@@ -223,12 +228,18 @@ fn a_policy_change_closes_open_connections_it_now_denies() {
         "closed only after {:?}, not by the policy change",
         started.elapsed()
     );
-    let log = access_log(&t, &echo_node);
-    assert!(
-        log.iter()
-            .any(|l| l.contains("policy changed: denied by app/deny-all")
-                && l.contains("policy=app/deny-all")),
-        "{log:#?}"
+    // The line is written as the server side ends the copy, which the
+    // client can see first.
+    wait_until(
+        "the closing logged with its policy",
+        PROPAGATION,
+        || format!("{:#?}", access_log(&t, &echo_node)),
+        || {
+            access_log(&t, &echo_node).iter().any(|l| {
+                l.contains("policy changed: denied by app/deny-all")
+                    && l.contains("policy=app/deny-all")
+            })
+        },
     );
 }
 

@@ -74,7 +74,7 @@ routes:
 
 /// An HTTP/1.1 + HTTP/2 app on `ip:8080` that answers with its name, the
 /// path it saw and the `x-through` header it got (`/flaky`: every other
-/// call 503, the request body echoed; `/slow`: after 3 s); and a TCP echo
+/// call 503, the request body echoed; `/slow`: after 30 s); and a TCP echo
 /// on 9000.
 pub async fn app(ip: &str, name: &'static str) {
     let http = TcpListener::bind((ip, 8080)).await.unwrap();
@@ -124,7 +124,7 @@ async fn answer(
             }
             *resp.body_mut() = Full::new(got);
         }
-        "/slow" => tokio::time::sleep(Duration::from_secs(3)).await,
+        "/slow" => tokio::time::sleep(Duration::from_secs(30)).await,
         _ => {}
     }
     resp

@@ -73,8 +73,10 @@ async fn routes_apply_to_http_and_other_traffic_passes_as_tcp() {
         let started = std::time::Instant::now();
         let (status, body, _) = s.get("10.96.0.1:80", "/slow", http2).await;
         assert_eq!(status, 504, "{body}");
+        // Far sooner than the backend would answer (30 s): the route's
+        // timeout, not the backend, ended it.
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(10),
             "{:?}",
             started.elapsed()
         );

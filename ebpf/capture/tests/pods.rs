@@ -311,13 +311,20 @@ fn uncaptured_pod_is_untouched_and_release_restores_direct_traffic() {
     );
     // Another pod on the same node is not captured.
     curl(lab, "app/other-0", &url).unwrap();
-    // Loopback inside the captured pod is not captured either.
+    // Loopback inside the captured pod is not captured either: the
+    // listener gets the byte. Bounded by `timeout` so that a refused client
+    // fails the test instead of leaving `wait` on the listener for ever.
+    let script = "nc -l -p 7777 -q 1 </dev/null & \
+        until ss -Hltn 'sport = :7777' | grep -q .; do sleep 0.05; done; \
+        printf x | nc -q 1 127.0.0.1 7777 || exit 1; wait";
     let out = lab
-        .exec_captured("app/sleep-0", &["sh", "-c", "nc -l -p 7777 -q 1 </dev/null & sleep 0.2; printf x | nc -q 1 127.0.0.1 7777; wait"])
+        .exec_captured("app/sleep-0", &["timeout", "15", "sh", "-c", script])
         .unwrap();
     assert!(
-        out.status.success(),
-        "{}",
+        out.status.success() && out.stdout == b"x",
+        "status {:?}, received {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
 

@@ -314,9 +314,11 @@ fn uncaptured_pod_is_untouched_and_release_restores_direct_traffic() {
     // Loopback inside the captured pod is not captured either: the
     // listener gets the byte. Bounded by `timeout` so that a refused client
     // fails the test instead of leaving `wait` on the listener for ever.
-    let script = "nc -l -p 7777 -q 1 </dev/null & \
+    // The listener does not read its stdin (`-d`) and ends when the
+    // client's half-close (`-N`) arrives, after printing what it got.
+    let script = "nc -l -d -p 7777 & l=$!; \
         until ss -Hltn 'sport = :7777' | grep -q .; do sleep 0.05; done; \
-        printf x | nc -q 1 127.0.0.1 7777 || exit 1; wait";
+        printf x | nc -N 127.0.0.1 7777 || { kill $l; exit 1; }; wait $l";
     let out = lab
         .exec_captured("app/sleep-0", &["timeout", "15", "sh", "-c", script])
         .unwrap();

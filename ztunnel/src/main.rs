@@ -14,6 +14,9 @@ use ztunnel::app::{self, Config};
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+#[cfg(target_env = "musl")]
+mod memmove;
+
 /// jemalloc's options, read before `main`. One arena per CPU instead of
 /// four: every arena in use keeps its own partly filled pages and
 /// bookkeeping, about 0.3 MiB of an idle ztunnel's resident memory

@@ -60,6 +60,24 @@ fn access_log(t: &TestLab, node: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until `act` succeeds and then `node`'s access log has a line
+/// matching `line`; `act` runs again on every try, so a connection that
+/// failed for another reason (re-evaluation of one in flight) is retried.
+fn until_logged(
+    t: &TestLab,
+    node: &str,
+    what: &str,
+    mut act: impl FnMut() -> bool,
+    line: impl Fn(&str) -> bool,
+) {
+    wait_until(
+        what,
+        PROPAGATION,
+        || format!("{:#?}", access_log(t, node)),
+        || act() && access_log(t, node).iter().any(|l| line(l)),
+    );
+}
+
 /// The sum of a metric's series whose labels contain all of `labels`.
 fn metric_sum(t: &TestLab, node: &str, name: &str, labels: &[&str]) -> u64 {
     let text = t.lab.ztunnel_metrics(node).unwrap();
@@ -97,17 +115,15 @@ fn policies_decide_who_reaches_a_workload() {
         .unwrap();
     // A request in flight as the policy lands is closed by re-evaluation
     // and fails too: the client retries until a new stream is refused.
-    wait_until(
+    until_logged(
+        &t,
+        &echo_node,
         "sleep refused by app/deny-sleep",
-        PROPAGATION,
-        || format!("{:#?}", access_log(&t, &echo_node)),
-        || {
-            !t.reaches("app/sleep-0", &url)
-                && access_log(&t, &echo_node).iter().any(|l| {
-                    l.contains("policy=app/deny-sleep")
-                        && l.contains("reason=\"denied by app/deny-sleep\"")
-                        && l.contains("src_identity=spiffe://cluster.local/ns/app/sa/sleep")
-                })
+        || !t.reaches("app/sleep-0", &url),
+        |l| {
+            l.contains("policy=app/deny-sleep")
+                && l.contains("reason=\"denied by app/deny-sleep\"")
+                && l.contains("src_identity=spiffe://cluster.local/ns/app/sa/sleep")
         },
     );
     assert!(t.reaches("app/probe-0", &url));
@@ -131,12 +147,16 @@ fn policies_decide_who_reaches_a_workload() {
     assert!(t.reaches("app/probe-0", &url));
     // The access line is written as ztunnel drops the connection, which
     // the client can see first.
-    eventually("STRICT refusal logged", || {
-        access_log(&t, &echo_node).iter().any(|l| {
+    until_logged(
+        &t,
+        &echo_node,
+        "STRICT refusal logged",
+        || true,
+        |l| {
             l.contains("plaintext refused: peer authentication is STRICT")
                 && l.contains("policy=app/strict")
-        })
-    });
+        },
+    );
 
     // Once an ALLOW selects the workload only what it matches passes;
     // AUDIT marks and a dry-run DENY reports without enforcing.
@@ -157,33 +177,24 @@ fn policies_decide_who_reaches_a_workload() {
         .unwrap();
     // Until the new set lands, the plaintext client is still refused by
     // STRICT: retry until a fresh refusal for want of an ALLOW is logged.
-    wait_until(
+    until_logged(
+        &t,
+        &echo_node,
         "only probe allowed",
-        PROPAGATION,
-        || format!("{:#?}", access_log(&t, &echo_node)),
-        || {
-            !t.reaches("app/sleep-0", &url)
-                && !t.reaches("legacy/sleep-0", &url)
-                && access_log(&t, &echo_node)
-                    .iter()
-                    .any(|l| l.contains("reason=\"denied: no ALLOW policy matched\""))
-        },
+        || !t.reaches("app/sleep-0", &url) && !t.reaches("legacy/sleep-0", &url),
+        |l| l.contains("reason=\"denied: no ALLOW policy matched\""),
     );
     // The three policies are files the controller may pick up in more
     // than one poll, and a connection is logged when it closes: the probe
     // connects until its line shows all three at work.
-    wait_until(
+    until_logged(
+        &t,
+        &echo_node,
         "probe allowed by app/allow-probe, audited and dry-run denied",
-        PROPAGATION,
-        || format!("{:#?}", access_log(&t, &echo_node)),
-        || {
-            t.reaches("app/probe-0", &url)
-                && access_log(&t, &echo_node).iter().any(|l| {
-                    l.contains("policy=app/allow-probe")
-                        && l.contains(
-                            "authz=audited by app/audit-probe; dry run: denied by app/would-deny",
-                        )
-                })
+        || t.reaches("app/probe-0", &url),
+        |l| {
+            l.contains("policy=app/allow-probe")
+                && l.contains("authz=audited by app/audit-probe; dry run: denied by app/would-deny")
         },
     );
 }
@@ -230,15 +241,14 @@ fn a_policy_change_closes_open_connections_it_now_denies() {
     );
     // The line is written as the server side ends the copy, which the
     // client can see first.
-    wait_until(
+    until_logged(
+        &t,
+        &echo_node,
         "the closing logged with its policy",
-        PROPAGATION,
-        || format!("{:#?}", access_log(&t, &echo_node)),
-        || {
-            access_log(&t, &echo_node).iter().any(|l| {
-                l.contains("policy changed: denied by app/deny-all")
-                    && l.contains("policy=app/deny-all")
-            })
+        || true,
+        |l| {
+            l.contains("policy changed: denied by app/deny-all")
+                && l.contains("policy=app/deny-all")
         },
     );
 }

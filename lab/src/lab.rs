@@ -170,14 +170,7 @@ impl Lab {
                 return Ok(());
             }
             if Instant::now() > deadline || !cgroup::populated(&pod.cgroup) {
-                return Err(LabError::Command {
-                    command: format!("waypoint in {}", pod.key()),
-                    stderr: format!(
-                        "not ready within {}s; see {}",
-                        READY_TIMEOUT.as_secs(),
-                        self.log_path(&pod.key()).display()
-                    ),
-                });
+                return Err(self.not_ready(pod, "waypoint", "not ready"));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -449,6 +442,19 @@ impl Lab {
         process::spawn_detached(&self.placement(pod), &argv, &log)
     }
 
+    /// `what` in `pod` was still `state` after [`READY_TIMEOUT`]; its log
+    /// says why.
+    fn not_ready(&self, pod: &PodPlan, what: &str, state: &str) -> LabError {
+        LabError::Command {
+            command: format!("{what} in {}", pod.key()),
+            stderr: format!(
+                "{state} after {}s; see {}",
+                READY_TIMEOUT.as_secs(),
+                self.log_path(&pod.key()).display()
+            ),
+        }
+    }
+
     fn wait_ready(&self) -> Result<(), LabError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         // `setsid -f` returns before the forked app has joined its pod's
@@ -457,14 +463,7 @@ impl Lab {
         for pod in self.plan.pods.iter().filter(|p| p.app != App::Waypoint) {
             while !cgroup::populated(&pod.cgroup) {
                 if Instant::now() > deadline {
-                    return Err(LabError::Command {
-                        command: format!("the app of {}", pod.key()),
-                        stderr: format!(
-                            "not in its cgroup after {}s; see {}",
-                            READY_TIMEOUT.as_secs(),
-                            self.log_path(&pod.key()).display()
-                        ),
-                    });
+                    return Err(self.not_ready(pod, "the app", "not in its cgroup"));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -478,14 +477,8 @@ impl Lab {
                     break;
                 }
                 if Instant::now() > deadline || !cgroup::populated(&pod.cgroup) {
-                    return Err(LabError::Command {
-                        command: format!("ambit-echo in {}", pod.key()),
-                        stderr: format!(
-                            "not listening on {port} after {}s; see {}",
-                            READY_TIMEOUT.as_secs(),
-                            self.log_path(&pod.key()).display()
-                        ),
-                    });
+                    let state = format!("not listening on {port}");
+                    return Err(self.not_ready(pod, "ambit-echo", &state));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }

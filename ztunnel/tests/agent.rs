@@ -92,6 +92,20 @@ async fn curl(lab: &Lab, pod: &str, url: &str) -> Result<serde_json::Value, Stri
     Ok(serde_json::from_slice(&out.stdout).unwrap())
 }
 
+const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+const FWMARK_REFLECT: &str = "/proc/sys/net/ipv4/fwmark_reflect";
+
+/// The standard output of `argv` run in a pod's network namespace.
+fn in_netns(netns: &Path, argv: &[&str]) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(argv)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{argv:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
 async fn request(socket: &Path, req: &Request) -> Reply {
     let conn = tokio::net::UnixStream::connect(socket).await.unwrap();
     let (read, mut write) = conn.into_split();
@@ -163,6 +177,18 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
     );
     assert!(metric(app.metrics_addr, "ambit_ztunnel_outbound_connections_total").await >= 1);
     assert!(metric(app.metrics_addr, "ambit_ztunnel_inbound_connections_total").await >= 1);
+    // The return path marks sockets, not conntrack entries: the pod's
+    // namespace has no netfilter rules, so no connection tracking.
+    assert_eq!(
+        in_netns(&echo.netns, &["cat", FWMARK_ACCEPT, FWMARK_REFLECT]),
+        "1\n1\n"
+    );
+    assert_eq!(in_netns(&echo.netns, &["nft", "list", "ruleset"]), "");
+    // The kernel's reset for a closed port finds its way back to ztunnel
+    // too, so the client is told at once instead of waiting out its timeout.
+    let closed = format!("http://{}:8081/", echo.ip);
+    let error = curl(lab, "app/sleep-0", &closed).await.unwrap_err();
+    assert!(!error.contains("timed out"), "{error}");
 
     // A bad request is answered with the reason, and nothing changes.
     let mut broken = client.clone();
@@ -188,6 +214,10 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
             .unwrap()
             .starts_with(&client.ip.to_string()),
         "direct again: {reply}"
+    );
+    assert_eq!(
+        in_netns(&echo.netns, &["cat", FWMARK_ACCEPT, FWMARK_REFLECT]),
+        "0\n0\n"
     );
     app.shutdown().await;
     let _ = std::fs::remove_file(socket);

@@ -128,11 +128,17 @@ impl Connection {
         })
     }
 
-    /// Opens a tunnel: sends CONNECT and waits for the answer; anything but
-    /// `200` is an error carrying the status.
+    /// Opens a tunnel: sends CONNECT, with the request's early data, and
+    /// waits for the answer; anything but `200` is an error carrying the
+    /// status.
     pub async fn open(&self, req: &ConnectRequest) -> Result<H2Stream, Error> {
         let mut ready = self.send_request.clone().ready().await?;
-        let (response, send) = ready.send_request(req.to_http(), false)?;
+        let (response, mut send) = ready.send_request(req.to_http(), false)?;
+        if !req.early_data.is_empty() {
+            // Queued within the stream's initial window, so it goes out
+            // with the request's HEADERS.
+            send.send_data(req.early_data.clone(), false)?;
+        }
         let response = response.await?;
         if response.status() != http::StatusCode::OK {
             return Err(Error::Status {
@@ -140,7 +146,9 @@ impl Connection {
                 authority: req.authority,
             });
         }
-        Ok(H2Stream::new(send, response.into_body(), None))
+        let mut stream = H2Stream::new(send, response.into_body(), None);
+        stream.sent_early = req.early_data.len() as u64;
+        Ok(stream)
     }
 
     /// Whether the connection has ended (closed, failed or keepalive timeout).

@@ -224,9 +224,10 @@ where
         mut send,
         mut recv,
         lease: _lease,
+        sent_early,
     } = stream;
     // Counted as the bytes move so that a failed tunnel still reports them.
-    let sent = AtomicU64::new(0);
+    let sent = AtomicU64::new(sent_early);
     let received = AtomicU64::new(0);
     let copied = async {
         tokio::try_join!(

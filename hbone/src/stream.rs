@@ -11,10 +11,18 @@ pub struct H2Stream {
     pub(crate) recv: RecvStream,
     /// Keeps the pooled connection's stream count until the tunnel closes.
     pub(crate) lease: Option<Lease>,
+    /// Bytes sent with the request (its early data), counted as sent by
+    /// the copy.
+    pub(crate) sent_early: u64,
 }
 
 impl H2Stream {
     pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, lease: Option<Lease>) -> Self {
-        Self { send, recv, lease }
+        Self {
+            send,
+            recv,
+            lease,
+            sent_early: 0,
+        }
     }
 }

@@ -520,24 +520,14 @@ async fn a_stalled_upstream_stops_the_client_instead_of_buffering() {
 
 #[tokio::test]
 async fn keepalive_drops_a_connection_whose_peer_went_silent() {
-    let ca: Arc<dyn CaClient> = Arc::new(InProcessCa::new(Arc::new(mesh_ca())));
-    let certs = CertManager::new(ca);
+    let certs = test_certs();
     // A server that completes TLS and the HTTP/2 preface, then never polls
     // the connection again: PINGs go unanswered, like a frozen peer.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server_cert = certs.fetch(&id(SERVER)).await.unwrap();
     let (frozen_tx, frozen_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let tls = tokio_rustls::TlsAcceptor::from(server_cert.server_config().clone())
-            .accept(tcp)
-            .await
-            .unwrap();
-        let _frozen: h2::server::Connection<_, bytes::Bytes> =
-            h2::server::handshake(tls).await.unwrap();
+    let (addr, _) = raw_h2_server(&certs, |_frozen| async move {
         let _ = frozen_rx.await;
-    });
+    })
+    .await;
     let timeouts = hbone::client::Timeouts {
         keepalive: hbone::Keepalive {
             interval: Duration::from_millis(100),
@@ -559,4 +549,99 @@ async fn keepalive_drops_a_connection_whose_peer_went_silent() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(frozen_tx);
+}
+
+#[tokio::test]
+async fn early_data_travels_with_the_connect_and_counts_as_sent() {
+    let certs = test_certs();
+    // A server that answers `200` only once the tunnel's first bytes have
+    // arrived: it waits forever for a client that holds them back until
+    // the answer, as this one did before early data.
+    let (addr, server) = raw_h2_server(&certs, |mut conn| async move {
+        let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let mut body = request.into_body();
+        let mut before_answer = Vec::new();
+        while before_answer.len() < b"early bytes".len() {
+            let chunk = body.data().await.unwrap().unwrap();
+            before_answer.extend_from_slice(&chunk);
+        }
+        let mut send = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        send.send_data(bytes::Bytes::from_static(b"answer"), true)
+            .unwrap();
+        let mut after_answer = Vec::new();
+        while let Some(chunk) = body.data().await {
+            after_answer.extend_from_slice(&chunk.unwrap());
+        }
+        (before_answer, after_answer)
+    })
+    .await;
+    let cert = certs.fetch(&id(CLIENT)).await.unwrap();
+    let conn = hbone::client::Connection::establish(
+        &cert,
+        vec![id(SERVER)],
+        addr,
+        None,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let mut req = ConnectRequest::new("127.0.0.1:7".parse().unwrap());
+    req.early_data = bytes::Bytes::from_static(b"early bytes");
+    let stream = tokio::time::timeout(Duration::from_secs(10), conn.open(&req))
+        .await
+        .expect("the server saw no early data before answering")
+        .unwrap();
+    let (mut app, proxy) = tokio::io::duplex(1024);
+    let (r, w) = tokio::io::split(proxy);
+    let copy = tokio::spawn(hbone::copy::copy_bidirectional(r, w, stream));
+    app.write_all(b", then more").await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    app.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer, b"answer");
+    let transferred = copy.await.unwrap().unwrap();
+    assert_eq!(
+        transferred.sent,
+        (b"early bytes".len() + b", then more".len()) as u64
+    );
+    let (before, after) = server.await.unwrap();
+    assert_eq!(before, b"early bytes");
+    assert_eq!(after, b", then more");
+}
+
+fn test_certs() -> CertManager {
+    let ca: Arc<dyn CaClient> = Arc::new(InProcessCa::new(Arc::new(mesh_ca())));
+    CertManager::new(ca)
+}
+
+type RawConnection =
+    h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, bytes::Bytes>;
+
+/// A server for one connection that does TLS with the server's identity and
+/// the HTTP/2 handshake, then hands the connection to `serve`: for
+/// behaviour `hbone::Server` does not have.
+async fn raw_h2_server<F, Fut>(
+    certs: &CertManager,
+    serve: F,
+) -> (SocketAddr, tokio::task::JoinHandle<Fut::Output>)
+where
+    F: FnOnce(RawConnection) -> Fut + Send + 'static,
+    Fut: std::future::Future + Send,
+    Fut::Output: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_cert = certs.fetch(&id(SERVER)).await.unwrap();
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(server_cert.server_config().clone())
+            .accept(tcp)
+            .await
+            .unwrap();
+        serve(h2::server::handshake(tls).await.unwrap()).await
+    });
+    (addr, task)
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use bytes::{Bytes, BytesMut};
 use capture::{
     Capture, CaptureError, Destinations, Exclusions, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, Pod,
     PodCapture,
@@ -16,6 +17,7 @@ use hbone::{ConnectRequest, Forwarded, Pool, PoolConfig, PoolKey};
 use identity::{CertManager, Identity};
 use model::{InboundProtocol, Snapshot, Workload};
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -566,6 +568,17 @@ impl NodeAgent {
         if let Some(waypoint) = plan.waypoint {
             record.waypoint = waypoint.to_string();
         }
+        // What the client has sent by now goes with the CONNECT, and again
+        // to the next endpoint if one is refused.
+        let early = match ready_bytes(&client) {
+            Ok(early) => early,
+            Err(error) => {
+                self.failed();
+                metrics.failed(&record, "client_error");
+                record.log(0, 0, &format!("client: {error}"));
+                return;
+            }
+        };
         let mut last = None;
         // A refused endpoint of a service is skipped for the next one; a
         // single destination is tried once.
@@ -575,7 +588,7 @@ impl NodeAgent {
                 record.set_dst(w);
             }
             let upstream = match self
-                .open(route, peer, plan.hostname.as_deref(), source)
+                .open(route, peer, plan.hostname.as_deref(), source, &early)
                 .await
             {
                 Ok(upstream) => upstream,
@@ -592,6 +605,8 @@ impl NodeAgent {
             metrics.opened(&record);
             let (to_dst, to_src, reason) = match upstream {
                 Upstream::Hbone(stream) => {
+                    // Sent (h2 holds what it has not written yet).
+                    drop(early);
                     let (reader, writer) = client.into_split();
                     match hbone::copy::copy_bidirectional_until(
                         reader,
@@ -610,8 +625,17 @@ impl NodeAgent {
                     }
                 }
                 Upstream::Tcp(mut upstream) => {
-                    match copy_plain_until(&mut client, &mut upstream, tracked.closed()).await {
-                        Ok((to_dst, to_src)) => (to_dst, to_src, String::new()),
+                    let early_sent = upstream.write_all(&early).await;
+                    let early_len = early.len() as u64;
+                    drop(early);
+                    let copied = match early_sent {
+                        Ok(()) => {
+                            copy_plain_until(&mut client, &mut upstream, tracked.closed()).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match copied {
+                        Ok((to_dst, to_src)) => (early_len + to_dst, to_src, String::new()),
                         Err(e) => (0, 0, tracked.close_reason(&mut record, e)),
                     }
                 }
@@ -641,6 +665,7 @@ impl NodeAgent {
         peer: SocketAddrV4,
         hostname: Option<&str>,
         source: &Source,
+        early: &Bytes,
     ) -> Result<Upstream, (&'static str, String)> {
         match route {
             Route::Hbone {
@@ -665,6 +690,7 @@ impl NodeAgent {
                     for_addr: SocketAddr::V4(peer),
                     host: hostname.map(str::to_string),
                 });
+                req.early_data = early.clone();
                 pool.connect(&key, &req)
                     .await
                     .map(Upstream::Hbone)
@@ -711,6 +737,26 @@ impl NodeAgent {
                     .instrument(tracing::debug_span!("inbound", src = %peer)),
             );
         }
+    }
+}
+
+/// The most a connection's early data may be: one read of the copy loop's
+/// first size.
+const EARLY_DATA: usize = 16 * 1024;
+
+/// What the client has sent and its socket holds now, without waiting for
+/// more: a client that speaks first (HTTP, TLS) has usually sent its first
+/// bytes by the time its connection is routed, one that waits for the
+/// server has not, and nothing is held back for it.
+fn ready_bytes(client: &TcpStream) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(EARLY_DATA);
+    match client.try_read_buf(&mut buf) {
+        // A client that has already closed its side reads 0 again in the
+        // copy. A copy of what was read, so that the connection does not
+        // hold the whole buffer.
+        Ok(_) => Ok(Bytes::copy_from_slice(&buf)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Bytes::new()),
+        Err(e) => Err(e),
     }
 }
 

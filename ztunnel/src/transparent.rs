@@ -14,10 +14,9 @@
 //! mode), this keeps connection tracking out of the pod's namespace, so
 //! none of its packets is looked up in a conntrack table: a meshed bulk
 //! transfer took 9% less CPU on the receiving node (docs/benchmarks.md),
-//! and ztunnel needs no `nft`. It is
-//! installed per pod when the pod is enrolled; where it cannot be (no
-//! `ip`, no privilege), the pod's inbound connections come from its own
-//! address and the reason is logged.
+//! and ztunnel needs no `nft`. It is installed per pod when the pod is
+//! enrolled; where it cannot be (no `ip`, no privilege), the pod's inbound
+//! connections come from its own address and the reason is logged.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -60,7 +59,9 @@ fn run(netns: &Path, argv: &[&str]) -> Result<(), String> {
 /// Installs the return path in a pod's namespace (idempotent: an earlier
 /// one, e.g. from a ztunnel that was restarted, is replaced).
 pub fn install(netns: &Path) -> Result<(), String> {
-    remove(netns);
+    // The settings are only ever written to 1 here, so an adopted pod keeps
+    // them throughout; the rule is replaced.
+    clear_routing(netns);
     let mark = format!("{MARK:#x}");
     run(
         netns,
@@ -109,9 +110,15 @@ fn set_sysctls(netns: &Path, on: bool) -> Result<(), String> {
 
 /// Removes the return path (nothing to do if there is none).
 pub fn remove(netns: &Path) {
+    clear_routing(netns);
+    let _ = set_sysctls(netns, false);
+}
+
+/// Deletes the rule, the table's route and an earlier version's nftables
+/// table, whichever are there.
+fn clear_routing(netns: &Path) {
     // Best effort: `nft` may be absent, and then so is the table.
     let _ = run(netns, &["nft", "delete", "table", "ip", LEGACY_NFT_TABLE]);
-    let _ = set_sysctls(netns, false);
     let _ = run(netns, &["ip", "rule", "del", "pref", RULE_PREF]);
     let _ = run(netns, &["ip", "route", "flush", "table", TABLE]);
 }

@@ -215,10 +215,19 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
             .starts_with(&client.ip.to_string()),
         "direct again: {reply}"
     );
-    assert_eq!(
-        in_netns(&echo.netns, &["cat", FWMARK_ACCEPT, FWMARK_REFLECT]),
-        "0\n0\n"
-    );
+    // Release takes the return path down in the background, after its reply.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let settings = in_netns(&echo.netns, &["cat", FWMARK_ACCEPT, FWMARK_REFLECT]);
+        if settings == "0\n0\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {settings:?} 10 s after release"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     app.shutdown().await;
     let _ = std::fs::remove_file(socket);
 }

@@ -106,18 +106,30 @@ impl FileSource {
     pub fn read(&self) -> Result<MeshConfig, ConfigError> {
         let text = std::fs::read_to_string(&self.path)
             .map_err(|e| ConfigError::Parse(format!("{}: {e}", self.path.display())))?;
-        serde_yaml::from_str(&text)
-            .map_err(|e| ConfigError::Parse(format!("{}: {e}", self.path.display())))
+        let config: Option<MeshConfig> = serde_yaml::from_str(&text)
+            .map_err(|e| ConfigError::Parse(format!("{}: {e}", self.path.display())))?;
+        // As a plain `MeshConfig`, an empty document reads as a config with
+        // nothing in it, which drops every policy and every meshed
+        // destination. A file caught between truncation and write looks
+        // just like that, so only an explicit `{}` empties the mesh.
+        config.ok_or_else(|| {
+            ConfigError::Parse(format!(
+                "{}: the file has no document (write `{{}}` for an empty config)",
+                self.path.display()
+            ))
+        })
     }
 }
 
 #[async_trait]
 impl ConfigSource for FileSource {
     async fn run(self: Box<Self>, sink: ConfigSink, stop: CancellationToken) {
-        let mut seen: Option<SystemTime> = None;
+        let mut seen: Option<(SystemTime, u64)> = None;
         loop {
+            // The length too: a rewrite within one tick of the clock that
+            // stamps files keeps the modification time.
             let modified = std::fs::metadata(&self.path)
-                .and_then(|m| m.modified())
+                .and_then(|m| Ok((m.modified()?, m.len())))
                 .ok();
             if modified.is_some() && modified != seen {
                 seen = modified;

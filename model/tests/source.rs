@@ -57,6 +57,19 @@ async fn file_changes_are_applied_and_bad_files_keep_the_last_good_config() {
     })
     .await
     .unwrap();
+    // No document at all (a file caught while it is rewritten, or only a
+    // comment): refused, not read as a config with nothing in it.
+    for (i, text) in ["", "# nothing yet\n"].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        std::fs::write(&path, text).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while sink.rejected() < 3 + i as u64 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
     assert_eq!(sink.current().version(), first);
     assert_eq!(sink.current().config().workloads.len(), 1);
 

@@ -62,7 +62,9 @@ impl Rejection {
         }
     }
 
-    fn bad_request(reason: impl Into<String>) -> Self {
+    /// `400`: a malformed request, or one for a destination the server
+    /// never forwards to.
+    pub fn bad_request(reason: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             reason: reason.into(),

@@ -206,7 +206,6 @@ impl TestLab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// `curl` from a pod; the echo server's JSON reply.
     /// Whether `pod` gets an answer from `url` (3 s at most).
     pub fn reaches(&self, pod: &str, url: &str) -> bool {
         self.lab
@@ -216,6 +215,7 @@ impl TestLab {
             .success()
     }
 
+    /// `curl` from a pod; the echo server's JSON reply.
     pub fn curl(&self, pod: &str, url: &str) -> serde_json::Value {
         let body = self.exec(pod, &["curl", "-sS", "--max-time", "5", url]);
         serde_json::from_str(&body)

@@ -186,7 +186,9 @@ fn meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext() {
         let done = out
             .iter()
             .any(|l| l.contains(&format!("dst_addr={vip}:80")))
-            && inbound.iter().any(|l| l.contains("direction=\"inbound\""));
+            && inbound.iter().any(|l| {
+                l.contains("direction=\"inbound\"") && l.contains("dst_service=app/echo ")
+            });
         if done || Instant::now() > deadline {
             break (out, inbound);
         }
@@ -214,6 +216,31 @@ fn meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext() {
             && l.contains(&format!("src_addr={}:", client.ip))),
         "the server side saw the client's identity and address: {inbound:#?}"
     );
+    // Both sides name the service alike: the server side by the hostname
+    // in the client's `forwarded` header, checked against the config.
+    assert!(
+        inbound
+            .iter()
+            .any(|l| l.contains("direction=\"inbound\"") && l.contains("dst_service=app/echo ")),
+        "{inbound:#?}"
+    );
+
+    // ztunnel's own inbound port is not an application's: a tunnel asking
+    // for it is refused with the reason, not forwarded to the listener
+    // itself.
+    assert!(!t.reaches("app/sleep-0", &format!("http://{}:15006/", remote.ip)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !access_log(&t, &remote_node.name)
+        .iter()
+        .any(|l| l.contains("port 15006 is ztunnel's own"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged: {:#?}",
+            access_log(&t, &remote_node.name)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

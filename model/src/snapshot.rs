@@ -39,6 +39,8 @@ pub struct Snapshot {
     by_uid: HashMap<String, usize>,
     /// `namespace/name` → service.
     by_key: HashMap<String, usize>,
+    /// Services by hostname (what HBONE's `forwarded: host=` names).
+    by_hostname: HashMap<String, usize>,
     /// (VIP, service port) → (service, port index).
     by_vip: HashMap<SocketAddrV4, (usize, usize)>,
     /// Authorization policies by namespace; `""` holds the global ones.
@@ -145,6 +147,7 @@ impl Snapshot {
         }
         let mut by_vip = HashMap::new();
         let mut by_key = HashMap::new();
+        let mut by_hostname = HashMap::new();
         for (i, s) in config.services.iter().enumerate() {
             let err = |reason: String| ConfigError::Service {
                 service: s.key(),
@@ -153,6 +156,8 @@ impl Snapshot {
             if by_key.insert(s.key(), i).is_some() {
                 return Err(err("defined twice".into()));
             }
+            // Telemetry only: a hostname two services claim names the first.
+            by_hostname.entry(s.hostname()).or_insert(i);
             if s.ports.is_empty() {
                 return Err(err("no ports".into()));
             }
@@ -212,6 +217,7 @@ impl Snapshot {
             by_ip,
             by_uid,
             by_key,
+            by_hostname,
             by_vip,
             policies_by_ns,
         })
@@ -264,6 +270,13 @@ impl Snapshot {
     /// The service `namespace/name`.
     pub fn service(&self, key: &str) -> Option<&Service> {
         self.by_key.get(key).map(|&i| &self.config.services[i])
+    }
+
+    /// The service with this hostname.
+    pub fn service_by_hostname(&self, hostname: &str) -> Option<&Service> {
+        self.by_hostname
+            .get(hostname)
+            .map(|&i| &self.config.services[i])
     }
 
     /// The service a VIP:port belongs to.

@@ -593,7 +593,9 @@ impl NodeAgent {
             {
                 Ok(upstream) => upstream,
                 Err(error) => {
-                    self.balancer.eject(route.hbone_endpoint());
+                    if endpoint_fault(error.0) {
+                        self.balancer.eject(route.hbone_endpoint());
+                    }
                     last = Some(error);
                     if plan.service.is_none() {
                         break;
@@ -628,15 +630,18 @@ impl NodeAgent {
                     let early_sent = upstream.write_all(&early).await;
                     let early_len = early.len() as u64;
                     drop(early);
-                    let copied = match early_sent {
+                    let (to_dst, to_src, copied) = match early_sent {
                         Ok(()) => {
-                            copy_plain_until(&mut client, &mut upstream, tracked.closed()).await
+                            let (to_dst, to_src, result) =
+                                copy_plain_until(&mut client, &mut upstream, tracked.closed())
+                                    .await;
+                            (early_len + to_dst, to_src, result)
                         }
-                        Err(e) => Err(e),
+                        Err(e) => (0, 0, Err(e)),
                     };
                     match copied {
-                        Ok((to_dst, to_src)) => (early_len + to_dst, to_src, String::new()),
-                        Err(e) => (0, 0, tracked.close_reason(&mut record, e)),
+                        Ok(()) => (to_dst, to_src, String::new()),
+                        Err(e) => (to_dst, to_src, tracked.close_reason(&mut record, e)),
                     }
                 }
             };
@@ -761,19 +766,93 @@ fn ready_bytes(client: &TcpStream) -> std::io::Result<Bytes> {
 }
 
 /// Plain TCP forwarding both ways until both sides close or `stop`
-/// resolves; bytes (client → upstream, back).
+/// resolves: the bytes written (client → upstream, back), also when the
+/// copy ends with an error, and how it ended.
 pub(crate) async fn copy_plain_until(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     stop: impl Future<Output = ()>,
-) -> std::io::Result<(u64, u64)> {
+) -> (u64, u64, std::io::Result<()>) {
+    let mut client = Counted::new(client);
+    let mut upstream = Counted::new(upstream);
     // With tokio's default 8 KiB buffers a captured stream ran at 3.4
     // Gbit/s, with 128 KiB at 10.2 (docs/benchmarks.md, capture with plain
     // forwarding).
-    tokio::select! {
-        result = tokio::io::copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER) => result,
+    let result = tokio::select! {
+        result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER) => result.map(drop),
         () = stop => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "closed by the proxy")),
+    };
+    (upstream.written, client.written, result)
+}
+
+/// A stream that counts what was written to it: tokio's copy reports its
+/// counts only when it ends well.
+struct Counted<'a> {
+    io: &'a mut TcpStream,
+    written: u64,
+}
+
+impl<'a> Counted<'a> {
+    fn new(io: &'a mut TcpStream) -> Self {
+        Self { io, written: 0 }
     }
+}
+
+impl tokio::io::AsyncRead for Counted<'_> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted<'_> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut *this.io).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            this.written += n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Whether a failure to open a route says the endpoint itself is unwell,
+/// so it is tried last for a while. Refusals that depend on the client
+/// (policy, its request, its own certificate) or on one port of the
+/// endpoint do not, and must not push a healthy endpoint back for every
+/// other client of the node.
+fn endpoint_fault(code: &str) -> bool {
+    matches!(
+        code,
+        "connect_refused"
+            | "connect_failed"
+            | "timeout"
+            | "tls_failed"
+            | "identity_mismatch"
+            | "http2_error"
+            | "io_error"
+    )
 }
 
 /// Fills in where `route` goes.
@@ -823,4 +902,60 @@ struct Source {
 enum Upstream {
     Hbone(hbone::H2Stream),
     Tcp(TcpStream),
+}
+
+#[cfg(test)]
+mod copy_tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// A plain copy cut short (here by the proxy, as after a policy change)
+    /// still reports what it moved, for the access log and the metrics.
+    #[tokio::test]
+    async fn a_plain_copy_that_ends_in_error_reports_its_bytes() {
+        let (mut client_app, mut client) = pair().await;
+        let (mut upstream, mut server_app) = pair().await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let copy = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                copy_plain_until(&mut client, &mut upstream, stop.cancelled()).await
+            })
+        };
+        client_app.write_all(&[1; 1000]).await.unwrap();
+        let mut got = [0; 1000];
+        server_app.read_exact(&mut got).await.unwrap();
+        server_app.write_all(&[2; 300]).await.unwrap();
+        let mut back = [0; 300];
+        client_app.read_exact(&mut back).await.unwrap();
+        stop.cancel();
+        let (to_upstream, to_client, result) = copy.await.unwrap();
+        assert!(result.is_err());
+        assert_eq!((to_upstream, to_client), (1000, 300));
+    }
+
+    #[test]
+    fn only_faults_of_the_endpoint_push_it_back() {
+        for code in ["connect_refused", "connect_failed", "timeout", "tls_failed"] {
+            assert!(endpoint_fault(code), "{code}");
+        }
+        for code in [
+            "rejected_unauthorized",
+            "rejected_bad_request",
+            "rejected_unavailable",
+            "certificate_unavailable",
+        ] {
+            assert!(!endpoint_fault(code), "{code}");
+        }
+    }
 }

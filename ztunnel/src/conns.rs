@@ -152,6 +152,15 @@ impl Tracked {
     }
 }
 
+impl Tracked {
+    /// Judges this connection against `snapshot`, closing it if refused.
+    pub fn judge_again(&self, snapshot: &Snapshot) {
+        if let Some(open) = self.registry.lock().get(&self.id) {
+            rejudge(open, snapshot);
+        }
+    }
+}
+
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.registry.lock().remove(&self.id);
@@ -216,34 +225,10 @@ impl Connections {
     /// Judges every authorized connection against `snapshot` and closes
     /// those it refuses. Returns how many were closed.
     pub fn reevaluate(&self, snapshot: &Snapshot) -> usize {
-        let mut closed = 0;
-        for open in self.lock().values() {
-            let Some(authorized) = &open.authorized else {
-                continue;
-            };
-            if open.close.is_cancelled() {
-                continue;
-            }
-            let judgement = authorized.judge(snapshot);
-            if !judgement.allowed {
-                tracing::info!(
-                    src = %open.record.src_addr,
-                    dst = %open.record.dst_addr,
-                    policy = %judgement.policy,
-                    reason = %judgement.reason,
-                    "closing connection after a policy change"
-                );
-                close(
-                    open,
-                    Closure {
-                        reason: format!("policy changed: {}", judgement.reason),
-                        policy: judgement.policy,
-                    },
-                );
-                closed += 1;
-            }
-        }
-        closed
+        self.lock()
+            .values()
+            .filter(|open| rejudge(open, snapshot))
+            .count()
     }
 
     /// Closes every open connection (a drain ran out of time).
@@ -260,10 +245,100 @@ impl Connections {
     }
 }
 
+/// Judges one open connection against `snapshot` and closes it if
+/// refused; true when it closed it.
+fn rejudge(open: &Open, snapshot: &Snapshot) -> bool {
+    let Some(authorized) = &open.authorized else {
+        return false;
+    };
+    if open.close.is_cancelled() {
+        return false;
+    }
+    let judgement = authorized.judge(snapshot);
+    if judgement.allowed {
+        return false;
+    }
+    tracing::info!(
+        src = %open.record.src_addr,
+        dst = %open.record.dst_addr,
+        policy = %judgement.policy,
+        reason = %judgement.reason,
+        "closing connection after a policy change"
+    );
+    close(
+        open,
+        Closure {
+            reason: format!("policy changed: {}", judgement.reason),
+            policy: judgement.policy,
+        },
+    );
+    true
+}
+
 fn close(open: &Open, closure: Closure) {
     *open
         .closed_for
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = Some(closure);
     open.close.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::telemetry::Direction;
+
+    const WORKLOADS: &str = "
+workloads:
+  - {uid: echo, name: echo-0, namespace: demo, ips: [10.0.0.1]}
+";
+    const DENY_ALL: &str = "
+authorizationPolicies:
+  - {name: deny-all, namespace: demo, action: DENY, rules: [{}]}
+";
+
+    fn snapshot(policies: &str, version: u64) -> Snapshot {
+        let config = serde_yaml::from_str(&format!("{WORKLOADS}{policies}")).unwrap();
+        Snapshot::new(config, version).unwrap()
+    }
+
+    /// A connection judged on an older config than the current one (a
+    /// policy change landed while it was being connected, and was
+    /// re-evaluated before it was registered) is closed by judging it again.
+    #[tokio::test]
+    async fn judging_again_closes_a_connection_the_new_config_denies() {
+        let before = snapshot("", 1);
+        let after = snapshot(DENY_ALL, 2);
+        let registry = Arc::new(Connections::default());
+        let authorized = Authorized {
+            src_identity: None,
+            src_ip: Ipv4Addr::new(10, 0, 0, 9),
+            dst: before.workload("echo").unwrap().clone(),
+            dst_port: 8080,
+        };
+        assert!(authorized.judge(&before).allowed);
+        let record = ConnRecord::new(
+            Direction::Inbound,
+            "10.0.0.9:40000".parse().unwrap(),
+            "10.0.0.1:8080".parse().unwrap(),
+        );
+        let tracked = registry.track(record.clone(), Some(authorized));
+        // Re-evaluation of the new config already ran: nothing is closed.
+        tracked.judge_again(&before);
+        let open = tokio::time::timeout(Duration::from_millis(50), tracked.closed()).await;
+        assert!(open.is_err(), "closed although still allowed");
+
+        tracked.judge_again(&after);
+        tokio::time::timeout(Duration::from_secs(1), tracked.closed())
+            .await
+            .expect("not closed after the new config denies it");
+        let mut record = record;
+        let reason = tracked.close_reason(&mut record, "copy ended");
+        assert!(reason.starts_with("policy changed: "), "{reason}");
+        assert_eq!(record.policy, "demo/deny-all");
+    }
 }

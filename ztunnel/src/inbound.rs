@@ -7,6 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use capture::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use hbone::copy::copy_bidirectional_until;
 use hbone::{Handler, InboundRequest, Rejection, Tunnel};
 use identity::Identity;
@@ -14,7 +15,7 @@ use model::{Snapshot, Workload};
 use tokio::net::TcpStream;
 
 use crate::agent::{Shared, copy_plain_until};
-use crate::conns::Authorized;
+use crate::conns::{Authorized, Tracked};
 use crate::netns::PodSockets;
 use crate::telemetry::{ConnRecord, Direction};
 
@@ -63,6 +64,18 @@ impl Inbound {
 
     fn ip(&self) -> Ipv4Addr {
         self.pod.ips[0]
+    }
+
+    /// Registers an authorized connection for re-judging, and judges it
+    /// again at once if the config changed since `judged_on`: a policy
+    /// change that landed in between was re-evaluated without it.
+    fn track(&self, record: &ConnRecord, authorized: Authorized, judged_on: &Snapshot) -> Tracked {
+        let tracked = self.shared.conns.track(record.clone(), Some(authorized));
+        let now = self.shared.snapshot();
+        if now.version() != judged_on.version() {
+            tracked.judge_again(&now);
+        }
+        tracked
     }
 
     /// The record of an inbound connection to this pod, without the source
@@ -125,6 +138,11 @@ impl Inbound {
         };
         let snapshot = self.shared.snapshot();
         let mut record = self.record(&snapshot, peer, orig);
+        if let Err(reason) = not_own_port(orig.port()) {
+            self.shared.metrics.failed(&record, "ztunnel_port");
+            record.log(0, 0, &reason);
+            return;
+        }
         let Ok(authorized) = self.admit(&snapshot, &mut record, None, peer, orig.port()) else {
             // Dropping the socket closes it: the client sees the connection
             // end without any byte of the application.
@@ -145,13 +163,14 @@ impl Inbound {
                 return;
             }
         };
-        let tracked = self.shared.conns.track(record.clone(), Some(authorized));
+        let tracked = self.track(&record, authorized, &snapshot);
         self.shared.metrics.opened(&record);
-        let (to_dst, to_src, reason) =
-            match copy_plain_until(&mut client, &mut upstream, tracked.closed()).await {
-                Ok((to_dst, to_src)) => (to_dst, to_src, String::new()),
-                Err(error) => (0, 0, tracked.close_reason(&mut record, error)),
-            };
+        let (to_dst, to_src, result) =
+            copy_plain_until(&mut client, &mut upstream, tracked.closed()).await;
+        let reason = match result {
+            Ok(()) => String::new(),
+            Err(error) => tracked.close_reason(&mut record, error),
+        };
         self.shared.metrics.closed(&record, to_dst, to_src);
         record.log(to_dst, to_src, &reason);
     }
@@ -163,8 +182,17 @@ impl Handler for Inbound {
         let mut record = self.record(&snapshot, req.peer_addr, req.authority);
         record.protocol = "HBONE";
         record.src_identity = req.peer_identity.to_string();
-        if let Some(host) = req.metadata.forwarded.as_ref().and_then(|f| f.host.clone()) {
-            record.dst_service = host;
+        // Only a service the config knows, by the name the client's side
+        // reports it under: a label from the client's header alone would let
+        // any peer make up metric series.
+        if let Some(service) = req
+            .metadata
+            .forwarded
+            .as_ref()
+            .and_then(|f| f.host.as_deref())
+            .and_then(|host| snapshot.service_by_hostname(host))
+        {
+            record.dst_service = service.key();
         }
         // The server already refused an authority for another IP; this
         // guards a listener that was bound more widely.
@@ -173,6 +201,12 @@ impl Handler for Inbound {
             self.shared.metrics.failed(&record, "no_such_workload");
             record.log(0, 0, &reason);
             tunnel.reject(&Rejection::unavailable(reason));
+            return;
+        }
+        if let Err(reason) = not_own_port(req.authority.port()) {
+            self.shared.metrics.failed(&record, "ztunnel_port");
+            record.log(0, 0, &reason);
+            tunnel.reject(&Rejection::bad_request(reason));
             return;
         }
         let authorized = match self.admit(
@@ -208,7 +242,7 @@ impl Handler for Inbound {
                 return;
             }
         };
-        let tracked = self.shared.conns.track(record.clone(), Some(authorized));
+        let tracked = self.track(&record, authorized, &snapshot);
         self.shared.metrics.opened(&record);
         let (reader, writer) = upstream.into_split();
         // In the copy, `sent` is what the application sent back (to the
@@ -220,6 +254,19 @@ impl Handler for Inbound {
             };
         self.shared.metrics.closed(&record, t.received, t.sent);
         record.log(t.received, t.sent, &reason);
+    }
+}
+
+/// ztunnel's own ports in the pod are never an application's: the capture
+/// lets connections to them through, and forwarding one to the pod's
+/// address would land on ztunnel's listener again, over and over.
+fn not_own_port(port: u16) -> Result<(), String> {
+    if [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&port) {
+        Err(format!(
+            "port {port} is ztunnel's own: not forwarded to the application"
+        ))
+    } else {
+        Ok(())
     }
 }
 

@@ -189,6 +189,11 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
     let closed = format!("http://{}:8081/", echo.ip);
     let error = curl(lab, "app/sleep-0", &closed).await.unwrap_err();
     assert!(!error.contains("timed out"), "{error}");
+    // ztunnel's own inbound port, dialled directly, is closed at once
+    // instead of being forwarded to the pod's address: its own listener.
+    let own = format!("http://{}:15006/", echo.ip);
+    let error = curl(lab, "app/sleep-0", &own).await.unwrap_err();
+    assert!(!error.contains("timed out"), "{error}");
 
     // A bad request is answered with the reason, and nothing changes.
     let mut broken = client.clone();

@@ -51,6 +51,26 @@ fn the_admin_api_reports_config_connections_and_sets_log_levels() {
         admin(&t, &node, "GET", "/healthz/ready"),
         (200, "ready\n".into())
     );
+    // Metrics are served on the node's address, for a Prometheus elsewhere
+    // in the cluster; the admin API only inside the node.
+    let ip = plan.nodes[echo.node].ip;
+    let other = &plan.nodes[(echo.node + 1) % plan.nodes.len()].name;
+    let from_other = |url: String| {
+        t.lab
+            .node_exec_captured(other, &["curl", "-sS", "--max-time", "3", &url])
+            .unwrap()
+    };
+    let scraped = from_other(format!("http://{ip}:15020/metrics"));
+    assert!(
+        scraped.status.success()
+            && String::from_utf8_lossy(&scraped.stdout).contains("ambit_ztunnel_captured_pods"),
+        "{scraped:?}"
+    );
+    assert!(
+        !from_other(format!("http://{ip}:15000/healthz/ready"))
+            .status
+            .success()
+    );
 
     // A connection held open shows in /debug/connections, and the echo
     // pod's certificate in /config_dump. A first request gets both
@@ -159,6 +179,8 @@ fn the_admin_api_reports_config_connections_and_sets_log_levels() {
     let (code, body) = admin(&t, &node, "POST", "/logging?level=ztunnel=loud");
     assert_eq!(code, 400, "{body}");
     assert!(body.starts_with("invalid level:"), "{body}");
+    assert_eq!(admin(&t, &node, "GET", "/logging"), (200, "debug\n".into()));
+    assert_eq!(admin(&t, &node, "GET", "/logging?level=warn").0, 405);
     assert_eq!(admin(&t, &node, "GET", "/logging"), (200, "debug\n".into()));
     assert_eq!(admin(&t, &node, "GET", "/nowhere").0, 404);
 }

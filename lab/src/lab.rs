@@ -60,8 +60,9 @@ pub struct PodStatus {
 }
 
 const SPEC_FILE: &str = "lab.yaml";
-/// Where each node's ztunnel serves metrics, inside the node's namespace.
-const ZTUNNEL_METRICS: &str = "127.0.0.1:15020";
+/// Where each node's ztunnel serves metrics: every address of the node's
+/// namespace, as on a real node.
+const ZTUNNEL_METRICS: &str = "0.0.0.0:15020";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// The controller's CA and config endpoint (Istio's istiod uses 15012 too).
 const CONTROLLER_PORT: u16 = 15012;

@@ -5,7 +5,8 @@
 //!   policies), the enrolled pods and their certificates with expiry.
 //! - `GET /debug/connections`: the open connections.
 //! - `GET /healthz/ready`: `200` once ztunnel serves with its config.
-//! - `GET|POST /logging?level=<filter>`: shows or changes the log filter.
+//! - `GET /logging` shows the log filter, `POST /logging?level=<filter>`
+//!   changes it.
 //! - `GET /debug/memory`: resident memory by kind and the heap allocator's
 //!   own account, to tell a leak from cached pages or mapped code.
 
@@ -174,6 +175,11 @@ impl Admin {
             .find_map(|kv| kv.strip_prefix("level="));
         match level {
             None => text(StatusCode::OK, format!("{}\n", control.current())),
+            // A link or a prefetch must not change what the node logs.
+            Some(_) if req.method() != Method::POST => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "changing the level takes POST\n".into(),
+            ),
             Some(level) => match percent_decode(level).and_then(|l| control.set(&l)) {
                 Ok(now) => text(StatusCode::OK, format!("{now}\n")),
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid level: {e}\n")),

@@ -46,7 +46,9 @@ struct Args {
     /// Unix socket accepting enrollment requests.
     #[arg(long)]
     enroll_socket: Option<PathBuf>,
-    #[arg(long, default_value = "127.0.0.1:15020")]
+    /// Prometheus metrics: on every address of the node, so that a
+    /// Prometheus elsewhere in the cluster can scrape each node.
+    #[arg(long, default_value = "0.0.0.0:15020")]
     metrics: SocketAddr,
     /// Admin API (config dump, connections, readiness, log level).
     #[arg(long, default_value = "127.0.0.1:15000")]

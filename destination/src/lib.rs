@@ -268,6 +268,7 @@ workloads:
   - {{uid: e2, name: echo-2, namespace: demo, ips: [10.0.2.1], node: n2, protocol: HBONE, locality: {{zone: b}}}}
   - {{uid: e3, name: echo-3, namespace: demo, ips: [10.0.2.2], node: n2, locality: {{zone: b}}}}
   - {{uid: c, name: client, namespace: demo, ips: [10.0.1.9], node: n1, protocol: HBONE, locality: {{zone: a}}}}
+  - {{uid: d, name: client-b, namespace: demo, ips: [10.0.3.9], node: n3, protocol: HBONE, locality: {{zone: b}}}}
 services:
   - name: echo
     namespace: demo
@@ -368,11 +369,27 @@ services:
         lb.eject(failed);
         let plan = lb.plan(&snap, Some(client), vip).unwrap();
         assert_ne!(first(&plan), "demo/echo-1");
+        // By zone, from a node with no endpoint: zone b's two endpoints
+        // take turns and the other zone's is never first, until both of
+        // them fail.
         let snap = snapshot("trafficDistribution: PreferSameZone");
         let lb = Balancer::default();
-        let plan = lb
-            .plan(&snap, Some(snap.workload("c").unwrap()), vip)
-            .unwrap();
+        let client = snap.workload("d").unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            let plan = lb.plan(&snap, Some(client), vip).unwrap();
+            seen.insert(first(&plan));
+            assert_eq!(plan.routes.len(), 3, "the other zone remains a fallback");
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            ["demo/echo-2", "demo/echo-3"]
+        );
+        for _ in 0..2 {
+            let plan = lb.plan(&snap, Some(client), vip).unwrap();
+            lb.eject(plan.routes[0].hbone_endpoint());
+        }
+        let plan = lb.plan(&snap, Some(client), vip).unwrap();
         assert_eq!(first(&plan), "demo/echo-1");
     }
 

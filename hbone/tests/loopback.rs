@@ -373,6 +373,12 @@ async fn drain_sends_goaway_and_lets_open_tunnels_finish() {
     let shutdown = tokio::spawn(async move { server.shutdown().await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!shutdown.is_finished(), "waits for the open tunnel");
+    // GOAWAY: the pooled connection takes no new tunnel, and with the
+    // listener closed there is no other connection to open.
+    assert!(
+        fx.tunnel(upstream).await.is_err(),
+        "a new tunnel opened during the drain"
+    );
 
     // The open tunnel still works after GOAWAY...
     app.write_all(b"still here").await.unwrap();

@@ -24,6 +24,10 @@ metadata: {name: strict, namespace: demo}
 spec: {mtls: {mode: STRICT}}
 ";
 const OUTSIDER: &str = "legacy/sleep-0";
+/// A meshed client with an identity of its own (an echo pod on the
+/// client's node, so never the target), which the DENY on `CLIENT`'s must
+/// leave alone.
+const OTHER: &str = "demo/echo-1";
 const WAYPOINT: &str = "demo/waypoint-0";
 /// An HTTPRoute on Service `web` (which uses the waypoint): `/v2/…` goes
 /// to Service `echo` with the prefix rewritten and a response header set;
@@ -157,6 +161,16 @@ fn blocked_by(
 }
 
 /// `key=value` from a text log line.
+/// The access log lines a node's ztunnel wrote after byte `since`.
+fn new_access_lines(lab: &Lab, node: &str, since: usize) -> Vec<String> {
+    let text = std::fs::read(lab.log_path(&format!("ztunnel/{node}"))).unwrap_or_default();
+    String::from_utf8_lossy(text.get(since..).unwrap_or_default())
+        .lines()
+        .filter(|l| l.contains("access"))
+        .map(str::to_string)
+        .collect()
+}
+
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
     let Some(start) = line.find(&format!(" {key}=")) else {
         return "?";
@@ -255,6 +269,22 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
             let received = wait_for_access_line(&lab, &target_node, |l| {
                 l.contains("direction=\"inbound\"") && l.contains(&client_ip)
             })?;
+            let identity = |pod: &lab::plan::PodPlan| {
+                format!("spiffe://cluster.local/ns/{}/sa/{}", pod.namespace, pod.service_account)
+            };
+            let (client_id, target_id) = (identity(client), identity(target));
+            for (who, line, key, want) in [
+                (client_node, &sent, "src_identity", &client_id),
+                (client_node, &sent, "dst_identity", &target_id),
+                (&target_node, &received, "src_identity", &client_id),
+                (&target_node, &received, "dst_identity", &target_id),
+            ] {
+                ensure!(
+                    field(line, key) == want.as_str(),
+                    "ztunnel on {who} logged {key}={} instead of {want}",
+                    field(line, key)
+                );
+            }
             Ok(format!(
                 "ztunnel on {client_node}: {} → {} over HBONE; ztunnel on {target_node} verified the client as {}; the app saw the client's address {}",
                 field(&sent, "src_identity"),
@@ -458,20 +488,32 @@ pub(crate) fn run(opts: &LabOptions, will_remove: bool) -> anyhow::Result<bool> 
     let echo_node = &target_node;
     let echo_url = format!("http://{}:8080/", target.ip);
     steps.check(
-        &format!("a DENY policy on {CLIENT}'s identity blocks it, not {OUTSIDER}"),
+        &format!("a DENY policy on {CLIENT}'s identity blocks it, not {OTHER} or {OUTSIDER}"),
         (|| {
             let since = log_len(&lab, echo_node);
+            let client_since = log_len(&lab, client_node);
             lab.set_policies(DENY_SLEEP)?;
             let line = blocked_by(&lab, (CLIENT, &echo_url), echo_node, since, |l| {
                 l.contains("policy=demo/deny-sleep") && l.contains("denied by")
             })?;
+            // What the client's side was told: the tunnel's 401.
+            let endpoint = format!("dst_endpoint={}:8080", target.ip);
+            let told = new_access_lines(&lab, client_node, client_since)
+                .into_iter()
+                .find(|l| l.contains(&endpoint) && l.contains("rejected_unauthorized"))
+                .with_context(|| format!("ztunnel on {client_node} logged no 401 for the tunnel"))?;
+            ensure!(
+                reaches(&lab, OTHER, &echo_url),
+                "{OTHER} (mTLS, another identity) was blocked too"
+            );
             ensure!(
                 reaches(&lab, OUTSIDER, &echo_url),
                 "{OUTSIDER} was blocked too"
             );
             Ok(format!(
-                "{CLIENT}'s tunnel was answered 401 ({}); {OUTSIDER} still answered",
-                field(&line, "reason")
+                "{CLIENT}'s tunnel was answered 401 ({}; ztunnel on {client_node}: {}); {OTHER} and {OUTSIDER} still answered",
+                field(&line, "reason"),
+                field(&told, "reason"),
             ))
         })(),
     );

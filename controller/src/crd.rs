@@ -77,6 +77,23 @@ pub struct Rule {
     pub from: Vec<RuleFrom>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<RuleTo>,
+    /// Conditions on request attributes, all of which must hold; they need
+    /// a waypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<RuleCondition>,
+}
+
+/// A condition on a request attribute (Istio's `when`): `key` has one of
+/// `values` and none of `notValues`. Without a waypoint an ALLOW rule with
+/// one matches nothing, a DENY rule is enforced on its other fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleCondition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -117,6 +134,29 @@ pub struct Source {
     pub ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ip_blocks: Vec<String>,
+    /// Request (JWT) principals; they need a waypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<String>,
+    /// The original client's address from `X-Forwarded-For`; it needs a
+    /// waypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+impl Source {
+    /// The request fields set, by name (what ztunnel cannot check).
+    pub fn l7_fields(&self) -> Vec<&'static str> {
+        set_fields([
+            ("requestPrincipals", &self.request_principals),
+            ("notRequestPrincipals", &self.not_request_principals),
+            ("remoteIpBlocks", &self.remote_ip_blocks),
+            ("notRemoteIpBlocks", &self.not_remote_ip_blocks),
+        ])
+    }
 }
 
 /// What is reached. Ports are checked by ztunnel; methods, paths and
@@ -147,19 +187,24 @@ pub struct Operation {
 impl Operation {
     /// The HTTP fields set, by name (what ztunnel cannot check).
     pub fn l7_fields(&self) -> Vec<&'static str> {
-        [
+        set_fields([
             ("methods", &self.methods),
             ("notMethods", &self.not_methods),
             ("paths", &self.paths),
             ("notPaths", &self.not_paths),
             ("hosts", &self.hosts),
             ("notHosts", &self.not_hosts),
-        ]
+        ])
+    }
+}
+
+/// The names of the non-empty lists.
+fn set_fields<const N: usize>(lists: [(&'static str, &Vec<String>); N]) -> Vec<&'static str> {
+    lists
         .into_iter()
         .filter(|(_, v)| !v.is_empty())
         .map(|(name, _)| name)
         .collect()
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -37,10 +37,55 @@ fn parse<T: DeserializeOwned>(path: &Path, value: serde_yaml::Value) -> Result<T
     })
 }
 
+/// Like [`parse`], but a field the type does not know is an error naming
+/// its path. For policies: here no API server prunes or refuses such a
+/// field, and one dropped silently could widen what a policy allows.
+fn parse_strict<T: DeserializeOwned>(
+    path: &Path,
+    value: serde_yaml::Value,
+) -> Result<T, ManifestError> {
+    let mut unknown = Vec::new();
+    let object = serde_ignored::deserialize(value, |field| {
+        let field = field_path(&field);
+        // Read by `read_dir` to pick the type, not by the type itself.
+        if field != "apiVersion" && field != "kind" {
+            unknown.push(field);
+        }
+    })
+    .map_err(|e| ManifestError::Parse {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if unknown.is_empty() {
+        return Ok(object);
+    }
+    Err(ManifestError::Parse {
+        path: path.to_path_buf(),
+        reason: format!("unknown field {}", unknown.join(", ")),
+    })
+}
+
+/// `spec.rules[0].when`: the path as written in the manifest.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match path {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        P::Map { parent, key } => match field_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            field_path(parent)
+        }
+    }
+}
+
 /// Reads every `*.yaml` / `*.yml` file of `dir` into a [`Cluster`]. Kinds
 /// the controller does not use (ConfigMaps, ReplicaSets…) are
-/// skipped; a file that is not YAML, or an object of a known kind that
-/// does not parse, is an error naming the file.
+/// skipped; a file that is not YAML, an object of a known kind that does
+/// not parse, or a policy with a field its type does not know, is an error
+/// naming the file.
 pub fn read_dir(dir: &Path, trust_domain: &str) -> Result<Cluster, ManifestError> {
     let read_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -80,10 +125,10 @@ pub fn read_dir(dir: &Path, trust_domain: &str) -> Result<Cluster, ManifestError
                 "EndpointSlice" => cluster.endpoint_slices.push(Arc::new(parse(&path, value)?)),
                 "AuthorizationPolicy" => cluster
                     .authorization_policies
-                    .push(Arc::new(parse(&path, value)?)),
+                    .push(Arc::new(parse_strict(&path, value)?)),
                 "PeerAuthentication" => cluster
                     .peer_authentications
-                    .push(Arc::new(parse(&path, value)?)),
+                    .push(Arc::new(parse_strict(&path, value)?)),
                 "ServiceAccount" => cluster
                     .service_accounts
                     .push(Arc::new(parse(&path, value)?)),

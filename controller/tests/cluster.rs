@@ -162,7 +162,10 @@ spec: {rules: [{to: [{operation: {ports: [\"0\"]}}]}]}
         .iter()
         .map(|p| p.name.as_str())
         .collect();
-    assert_eq!(names, ["deny-legacy"], "the invalid one is left out");
+    assert_eq!(names, ["broken", "deny-legacy"]);
+    // The invalid ALLOW stays, its rule left out: it matches nothing, so
+    // it opens nothing.
+    assert!(config.authorization_policies[0].rules.is_empty());
     let snap = Snapshot::new(config, 1).unwrap();
     let web = snap.workload("uid-web-0").unwrap();
     assert_eq!(snap.peer_authentication(web).0, model::PeerAuthMode::Strict);

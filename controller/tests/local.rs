@@ -69,3 +69,46 @@ fn the_config_follows_the_manifests_and_survives_a_broken_one() {
     assert_eq!(server.config(), next);
     assert_eq!(server.version(), 2);
 }
+
+#[test]
+fn a_policy_with_a_field_its_type_does_not_know_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let read = || controller::manifests::read_dir(dir.path(), "cluster.local");
+    // Istio's fields are known, even those ztunnel cannot check.
+    write(
+        "ap.yaml",
+        "apiVersion: security.ambit.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: demo}\nspec:\n  rules:\n    - from: [{source: {requestPrincipals: [\"*\"]}}]\n      when: [{key: \"request.headers[x]\", values: [y]}]\n",
+    );
+    let cluster = read().unwrap();
+    assert_eq!(
+        cluster.authorization_policies[0].spec.rules[0].when.len(),
+        1
+    );
+
+    // Without an API server to prune it, a dropped field could widen the
+    // ALLOW: refused instead.
+    write(
+        "ap.yaml",
+        "apiVersion: security.ambit.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: demo}\nspec:\n  selector: {matchLabel: {app: echo}}\n  rules: [{from: [{source: {principal: [x]}}]}]\n",
+    );
+    let err = read().unwrap_err().to_string();
+    assert!(err.contains("ap.yaml"), "{err}");
+    assert!(
+        err.contains(
+            "unknown field spec.selector.matchLabel, spec.rules[0].from[0].source.principal"
+        ),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("ap.yaml")).unwrap();
+
+    write(
+        "pa.yaml",
+        "apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: demo}\nspec:\n  mtls: {mode: PERMISSIVE}\n  portLevelMtls: {\"8080\": {mode: STRICT}}\n",
+    );
+    let err = read().unwrap_err().to_string();
+    assert!(
+        err.contains("pa.yaml: unknown field spec.portLevelMtls"),
+        "{err}"
+    );
+}

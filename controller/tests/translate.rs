@@ -81,22 +81,29 @@ spec:
 }
 
 #[test]
-fn invalid_policies_are_not_accepted_and_say_why() {
+fn invalid_policies_are_not_accepted_and_fail_closed() {
+    // Once the only ALLOW of its workloads, so it must stay enforced: a
+    // dropped ALLOW would open them to every client.
     let cases = [
         (
             "spec: {rules: [{to: [{operation: {ports: [\"99999\"]}}]}]}",
             "InvalidPort",
-            "rule 0: \"99999\" is not a port",
+            "rule 0: ports \"99999\" is not a port",
         ),
         (
             "spec: {rules: [{from: [{source: {ipBlocks: [10.0.0.300]}}]}]}",
             "InvalidIpBlock",
-            "rule 0: \"10.0.0.300\" is not an IPv4 address or CIDR",
+            "rule 0: ipBlocks \"10.0.0.300\" is not an IPv4 address or CIDR",
         ),
         (
             "spec: {rules: [{from: [{source: {principals: [\"a*b\"]}}]}]}",
             "InvalidSpec",
-            "`*` is allowed only alone, at the start or at the end",
+            "rule 0: principals \"a*b\": `*` is allowed only alone, at the start or at the end",
+        ),
+        (
+            "spec: {rules: [{from: [{source: {serviceAccounts: [sleep]}}]}]}",
+            "InvalidSpec",
+            "rule 0: serviceAccounts \"sleep\" is not <namespace>/<name>",
         ),
         (
             "spec: {selector: {matchLabels: {a: b}}, targetRefs: [{kind: Gateway, name: w}]}",
@@ -108,11 +115,170 @@ fn invalid_policies_are_not_accepted_and_say_why() {
         let t = authorization_policy(&ap(&format!(
             "{HEAD}metadata: {{name: p, namespace: demo}}\n{spec}"
         )));
-        assert!(t.policy.is_none(), "{spec}");
         assert!(!t.accepted.is_true());
         assert_eq!(t.accepted.reason, reason, "{spec}");
         assert!(t.accepted.message.contains(message), "{:?}", t.accepted);
+        assert_eq!(t.enforced.reason, "EnforcedFailClosed", "{spec}");
+        assert!(
+            t.enforced.message.contains("matches nothing"),
+            "{:?}",
+            t.enforced
+        );
+        let p = t.policy.expect("enforced, not dropped");
+        assert_eq!(p.action, model::Action::Allow);
+        assert!(p.rules.is_empty(), "{spec}: {p:?}");
     }
+}
+
+/// Workloads to judge translated policies against, through the model's
+/// own decision.
+const WORKLOADS: &str = "
+workloads:
+  - {uid: echo, name: echo-0, namespace: demo, ips: [10.0.0.1], labels: {app: echo}}
+";
+
+const SLEEP: &str = "spiffe://cluster.local/ns/demo/sa/sleep";
+
+/// Translates each policy (it must be enforced) and judges a connection
+/// from `src` at `ip` to echo's `port`: whether it is allowed.
+fn allowed(policies: &[&str], src: Option<&str>, ip: &str, port: u16) -> bool {
+    let mut config: model::MeshConfig = serde_yaml::from_str(WORKLOADS).unwrap();
+    for (i, spec) in policies.iter().enumerate() {
+        let t = authorization_policy(&ap(&format!(
+            "{HEAD}metadata: {{name: p{i}, namespace: demo}}\n{spec}"
+        )));
+        config
+            .authorization_policies
+            .push(t.policy.expect("enforced, not dropped"));
+    }
+    let snap = model::Snapshot::new(config, 1).unwrap();
+    let identity: Option<identity::Identity> = src.map(|s| s.parse().unwrap());
+    snap.authorize(&model::Connection {
+        src_identity: identity.as_ref(),
+        src_ip: ip.parse().unwrap(),
+        dst: snap.workload("echo").unwrap(),
+        dst_port: port,
+    })
+    .allowed()
+}
+
+#[test]
+fn an_invalid_ip_block_in_the_only_allow_leaves_its_workloads_closed() {
+    let allow = "spec:
+  selector: {matchLabels: {app: echo}}
+  rules: [{from: [{source: {ipBlocks: [\"fd00::/8\"]}}]}]";
+    let t = authorization_policy(&ap(&format!(
+        "{HEAD}metadata: {{name: p, namespace: demo}}\n{allow}"
+    )));
+    assert_eq!(t.accepted.reason, "InvalidIpBlock");
+    assert_eq!(
+        t.enforced.message,
+        "rule 0: ipBlocks \"fd00::/8\" is not an IPv4 address or CIDR; the rule matches nothing"
+    );
+    assert!(!allowed(&[allow], Some(SLEEP), "10.0.0.9", 8080));
+    assert!(!allowed(&[allow], None, "192.0.2.1", 8080));
+    // A valid rule beside it still allows what it says.
+    let with_valid = "spec:
+  rules:
+    - from: [{source: {ipBlocks: [\"fd00::/8\"]}}]
+    - from: [{source: {namespaces: [demo]}}]";
+    assert!(allowed(&[with_valid], Some(SLEEP), "10.0.0.9", 8080));
+    assert!(!allowed(&[with_valid], None, "10.0.0.9", 8080));
+}
+
+#[test]
+fn an_invalid_deny_entry_still_denies() {
+    // A positive list with an invalid entry is not checked: the rule
+    // denies on its other fields.
+    let ip = "spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [\"cluster.local/ns/demo/sa/sleep\"], ipBlocks: [10.0.0.0/8, \"fd00::/8\"]}}]}]";
+    assert!(!allowed(&[ip], Some(SLEEP), "10.0.0.9", 8080));
+    assert!(!allowed(&[ip], Some(SLEEP), "192.0.2.1", 8080));
+    assert!(allowed(&[ip], None, "10.0.0.9", 8080));
+    let t = authorization_policy(&ap(&format!(
+        "{HEAD}metadata: {{name: p, namespace: demo}}\n{ip}"
+    )));
+    assert_eq!(t.enforced.reason, "EnforcedFailClosed");
+    assert_eq!(
+        t.enforced.message,
+        "rule 0: ipBlocks \"fd00::/8\" is not an IPv4 address or CIDR (the field is not checked); denied on its other fields"
+    );
+
+    // A `not…` list loses only the invalid entry: it then excepts fewer.
+    let not_ip = "spec:
+  action: DENY
+  rules: [{from: [{source: {notIpBlocks: [10.1.0.0/16, \"fd00::/8\"]}}]}]";
+    assert!(!allowed(&[not_ip], None, "10.2.0.1", 8080));
+    assert!(allowed(&[not_ip], None, "10.1.0.1", 8080));
+    let t = authorization_policy(&ap(&format!(
+        "{HEAD}metadata: {{name: p, namespace: demo}}\n{not_ip}"
+    )));
+    assert!(
+        t.enforced.message.contains("(the entry is left out)"),
+        "{t:?}"
+    );
+
+    let port = "spec: {action: DENY, rules: [{to: [{operation: {ports: [\"8080\", \"99999\"], notPorts: [\"0\"]}}]}]}";
+    assert!(!allowed(&[port], Some(SLEEP), "10.0.0.9", 9090));
+    let principal = "spec: {action: DENY, rules: [{from: [{source: {notPrincipals: [\"a*b\"], serviceAccounts: [sleep]}}]}]}";
+    assert!(!allowed(&[principal], Some(SLEEP), "10.0.0.9", 8080));
+}
+
+#[test]
+fn selector_and_target_refs_together_apply_the_strictest_reading() {
+    let both = "selector: {matchLabels: {app: echo}}, targetRefs: [{kind: Gateway, name: w}]";
+    let allow = format!("spec: {{{both}, rules: [{{}}]}}");
+    let deny = format!(
+        "spec: {{{both}, action: DENY, rules: [{{from: [{{source: {{namespaces: [x]}}}}]}}]}}"
+    );
+    assert!(!allowed(&[&allow], Some(SLEEP), "10.0.0.9", 8080));
+    assert!(!allowed(&[&deny], Some(SLEEP), "10.0.0.9", 8080));
+    let t = authorization_policy(&ap(&format!(
+        "{HEAD}metadata: {{name: p, namespace: demo}}\n{deny}"
+    )));
+    assert_eq!(t.accepted.reason, "InvalidSpec");
+    assert_eq!(
+        t.enforced.message,
+        "selector and targetRefs cannot both be set; on the selected workloads the policy denies every connection"
+    );
+}
+
+#[test]
+fn conditions_ztunnel_cannot_check_fail_closed_like_l7_fields() {
+    // Its only restriction is `when`: read as L4 it would allow everyone.
+    let when = "spec:
+  selector: {matchLabels: {app: echo}}
+  rules: [{when: [{key: \"request.auth.claims[iss]\", values: [\"https://issuer\"]}]}]";
+    assert!(!allowed(&[when], Some(SLEEP), "10.0.0.9", 8080));
+    let t = authorization_policy(&ap(&format!(
+        "{HEAD}metadata: {{name: p, namespace: demo}}\n{when}"
+    )));
+    assert!(t.accepted.is_true());
+    assert_eq!(t.enforced.reason, "L7RulesNeedWaypoint");
+    assert!(
+        t.enforced.message.contains("rule 0: when need a waypoint"),
+        "{t:?}"
+    );
+
+    let source = "spec: {rules: [{from: [{source: {requestPrincipals: [\"*\"], notRemoteIpBlocks: [10.0.0.0/8]}}]}]}";
+    assert!(!allowed(&[source], Some(SLEEP), "10.0.0.9", 8080));
+    let t = authorization_policy(&ap(&format!(
+        "{HEAD}metadata: {{name: p, namespace: demo}}\n{source}"
+    )));
+    assert!(
+        t.enforced
+            .message
+            .contains("rule 0: requestPrincipals, notRemoteIpBlocks need a waypoint"),
+        "{t:?}"
+    );
+
+    // A DENY is enforced on its other fields.
+    let deny = "spec:
+  action: DENY
+  rules: [{from: [{source: {namespaces: [demo], remoteIpBlocks: [192.0.2.0/24]}}], when: [{key: \"request.headers[x]\", values: [y]}]}]";
+    assert!(!allowed(&[deny], Some(SLEEP), "10.0.0.9", 8080));
+    assert!(allowed(&[deny], None, "10.0.0.9", 8080));
 }
 
 #[test]

@@ -224,7 +224,9 @@ fn principal(id: &Identity) -> String {
     s.strip_prefix("spiffe://").unwrap_or(&s).to_string()
 }
 
-pub(crate) fn validate_pattern(pattern: &str) -> Result<(), String> {
+/// Checks one principal, namespace or service account pattern; the reason
+/// names it. Public so the controller checks each entry as this model does.
+pub fn validate_pattern(pattern: &str) -> Result<(), String> {
     let inner = pattern.trim_start_matches('*').trim_end_matches('*');
     if pattern.is_empty() {
         Err("empty match value".into())
@@ -237,6 +239,16 @@ pub(crate) fn validate_pattern(pattern: &str) -> Result<(), String> {
     } else {
         Ok(())
     }
+}
+
+/// Checks one `<namespace>/<service account>` entry (a pattern with exactly
+/// one `/`).
+pub fn validate_service_account(sa: &str) -> Result<(), String> {
+    validate_pattern(sa)?;
+    if sa.split('/').count() != 2 {
+        return Err(format!("{sa:?} is not <namespace>/<name>"));
+    }
+    Ok(())
 }
 
 impl AuthorizationPolicy {
@@ -255,9 +267,7 @@ impl AuthorizationPolicy {
                     .iter()
                     .chain(&source.not_service_accounts)
                 {
-                    if sa.split('/').count() != 2 {
-                        return Err(format!("service account {sa:?} is not <namespace>/<name>"));
-                    }
+                    validate_service_account(sa).map_err(|e| format!("service account {e}"))?;
                 }
             }
             for dst in &rule.to {

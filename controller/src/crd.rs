@@ -52,8 +52,8 @@ pub enum Action {
 #[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     /// Workloads of the policy's namespace with these labels; all of them
-    /// when empty. In the root namespace without a selector: every
-    /// workload of the mesh.
+    /// when empty. In the root namespace: the workloads with these labels
+    /// in every namespace (every workload of the mesh when empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
     /// Instead of a selector: the waypoint Gateway or Services the policy

@@ -36,8 +36,20 @@ fn accepted() -> Condition {
     Condition::new("Accepted", true, "Accepted", "valid")
 }
 
+/// A peer authentication in the root namespace is mesh-wide only without a
+/// selector: with one, it is about the root namespace's own workloads.
 fn scope(namespace: &str, has_selector: bool) -> PolicyScope {
     if namespace == ROOT_NAMESPACE && !has_selector {
+        PolicyScope::Global
+    } else {
+        PolicyScope::Namespace
+    }
+}
+
+/// An authorization policy in the root namespace applies across the mesh,
+/// to the workloads its selector picks in every namespace (as in Istio).
+fn authorization_scope(namespace: &str) -> PolicyScope {
+    if namespace == ROOT_NAMESPACE {
         PolicyScope::Global
     } else {
         PolicyScope::Namespace
@@ -136,7 +148,7 @@ fn model_policy(
     let spec = &ap.spec;
     model::AuthorizationPolicy {
         name: ap.name_any(),
-        scope: scope(&namespace, spec.selector.is_some()),
+        scope: authorization_scope(&namespace),
         namespace,
         selector: spec
             .selector

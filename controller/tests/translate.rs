@@ -44,6 +44,29 @@ fn root_namespace_policies_without_selector_are_global() {
     assert_eq!(t.policy.unwrap().scope, PolicyScope::Global);
 }
 
+/// With a selector, a root-namespace policy picks its workloads in every
+/// namespace, not only in the root namespace.
+#[test]
+fn root_namespace_policies_with_a_selector_apply_across_the_mesh() {
+    let t = authorization_policy(&ap(&format!(
+        "{HEAD}metadata: {{name: no-echo, namespace: ambit-system}}
+spec: {{selector: {{matchLabels: {{app: echo}}}}, action: DENY, rules: [{{}}]}}"
+    )));
+    let mut config: model::MeshConfig = serde_yaml::from_str(WORKLOADS).unwrap();
+    config.authorization_policies.push(t.policy.unwrap());
+    let snap = model::Snapshot::new(config, 1).unwrap();
+    let verdict = snap.authorize(&model::Connection {
+        src_identity: None,
+        src_ip: "10.0.0.9".parse().unwrap(),
+        dst: snap.workload("echo").unwrap(),
+        dst_port: 8080,
+    });
+    assert!(
+        !verdict.allowed(),
+        "echo in demo is not denied: {verdict:?}"
+    );
+}
+
 #[test]
 fn l7_rules_fail_closed_and_say_they_are_not_enforced() {
     let allow = authorization_policy(&ap(&format!(

@@ -502,21 +502,16 @@ impl NodeAgent {
                 () = stop.cancelled() => return,
             };
             let SocketAddr::V4(peer) = peer else { continue };
-            let orig = self.destinations.original_destination(netns_cookie, peer);
-            let orig = match orig {
+            let orig = match self.destinations.original_destination(netns_cookie, peer) {
                 Ok(Some(orig)) => orig,
-                Ok(None) => {
-                    // Not redirected by our program (e.g. a direct connect to
-                    // 15001): nowhere to send it.
-                    tracing::warn!(%peer, "connection on 15001 without an original destination");
-                    self.shared
-                        .stats
-                        .connection_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                Err(error) => {
-                    tracing::error!(%error, "original destination lookup failed");
+                // Not redirected by our program (a direct connect to 15001),
+                // or the record could not be read: nowhere to send it.
+                looked_up => {
+                    let reason = match looked_up {
+                        Err(error) => format!("original destination lookup failed: {error}"),
+                        Ok(_) => "no original destination: not redirected by the capture".into(),
+                    };
+                    self.unroutable(&client, peer, &source, &reason);
                     continue;
                 }
             };
@@ -653,6 +648,26 @@ impl NodeAgent {
         let (code, reason) = last.unwrap_or(("no_route", "no route".into()));
         metrics.failed(&record, code);
         record.log(0, 0, &reason);
+    }
+
+    /// Counts and logs a captured connection that cannot be routed; the
+    /// client's socket is closed when the caller drops it.
+    fn unroutable(&self, client: &TcpStream, peer: SocketAddrV4, source: &Source, reason: &str) {
+        let dst = client
+            .local_addr()
+            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)));
+        let peer = SocketAddrV4::new(source.ip, peer.port());
+        let mut record = ConnRecord::new(Direction::Outbound, peer.into(), dst);
+        match self.shared.snapshot().workload_by_ip(source.ip) {
+            Some(w) => record.set_src(w),
+            None => record.src_workload = source.workload.clone(),
+        }
+        record.src_identity = source.identity.to_string();
+        self.failed();
+        self.shared
+            .metrics
+            .failed(&record, "no_original_destination");
+        record.log(0, 0, reason);
     }
 
     fn failed(&self) {

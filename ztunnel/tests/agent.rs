@@ -117,7 +117,7 @@ async fn request(socket: &Path, req: &Request) -> Reply {
     serde_json::from_str(&reply).unwrap()
 }
 
-async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+async fn metrics_text(addr: std::net::SocketAddr) -> String {
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .await
@@ -126,6 +126,11 @@ async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
     tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut text)
         .await
         .unwrap();
+    text
+}
+
+async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+    let text = metrics_text(addr).await;
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .unwrap_or_else(|| panic!("{name} missing in {text}"))
@@ -194,6 +199,20 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
     let own = format!("http://{}:15006/", echo.ip);
     let error = curl(lab, "app/sleep-0", &own).await.unwrap_err();
     assert!(!error.contains("timed out"), "{error}");
+    // A connection to 15001 the capture did not redirect has nowhere to
+    // go: closed, and counted with its reason.
+    let error = curl(lab, "app/sleep-0", "http://127.0.0.1:15001/")
+        .await
+        .unwrap_err();
+    assert!(!error.contains("timed out"), "{error}");
+    let text = metrics_text(app.metrics_addr).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ambit_tcp_connections_failed_total{")
+                && l.contains("reason=\"no_original_destination\"")
+                && l.contains("source_principal=\"cluster.local/ns/app/sa/sleep\"")),
+        "{text}"
+    );
 
     // A bad request is answered with the reason, and nothing changes.
     let mut broken = client.clone();

@@ -246,6 +246,25 @@ impl Snapshot {
             })
     }
 
+    /// A policy that picks workloads by label and could apply to a
+    /// workload of `namespace` (`namespace/name`, the first found): what
+    /// cannot be judged for a workload whose labels are not known.
+    pub fn label_selected_policy(&self, namespace: &str) -> Option<String> {
+        let ns = |n: &str| self.policies_by_ns.get(n).into_iter().flatten();
+        ns(namespace)
+            .chain(ns(""))
+            .map(|&i| &self.config.authorization_policies[i])
+            .find(|p| !p.selector.is_empty())
+            .map(|p| p.key())
+            .or_else(|| {
+                self.config
+                    .peer_authentications
+                    .iter()
+                    .find(|p| p.namespace == namespace && !p.selector.is_empty())
+                    .map(|p| p.key())
+            })
+    }
+
     pub fn version(&self) -> u64 {
         self.version
     }

@@ -45,7 +45,25 @@ impl Authorized {
     /// Peer authentication first (a plaintext client of a STRICT workload
     /// is refused whatever the policies say), then authorization.
     pub fn judge(&self, snapshot: &Snapshot) -> Judgement {
-        let dst = snapshot.workload(&self.dst.uid).unwrap_or(&self.dst);
+        let dst = match snapshot.workload(&self.dst.uid) {
+            Some(dst) => dst,
+            // Enrolled before the config knows it: its labels are unknown,
+            // so a policy that selects by label can be judged neither way.
+            None => match snapshot.label_selected_policy(&self.dst.namespace) {
+                Some(policy) => {
+                    return Judgement {
+                        allowed: false,
+                        reason: format!(
+                            "the destination pod is not in the mesh config yet, and {policy} selects workloads by label"
+                        ),
+                        policy,
+                        code: "destination_unknown",
+                        note: String::new(),
+                    };
+                }
+                None => &self.dst,
+            },
+        };
         if self.src_identity.is_none() {
             let (mode, policy) = snapshot.peer_authentication(dst);
             if mode == PeerAuthMode::Strict {
@@ -304,6 +322,37 @@ authorizationPolicies:
     fn snapshot(policies: &str, version: u64) -> Snapshot {
         let config = serde_yaml::from_str(&format!("{WORKLOADS}{policies}")).unwrap();
         Snapshot::new(config, version).unwrap()
+    }
+
+    /// A destination the config does not know yet has no labels: a policy
+    /// that selects by label cannot be judged, so the connection is refused
+    /// rather than judged as if it were not selected.
+    #[test]
+    fn a_destination_unknown_to_the_config_is_refused_while_label_policies_apply() {
+        let selecting = "
+authorizationPolicies:
+  - {name: deny-echo, namespace: demo, selector: {app: echo}, action: DENY, rules: [{}]}
+";
+        let snap = snapshot(selecting, 1);
+        let mut stranger = snap.workload("echo").unwrap().clone();
+        stranger.uid = "new-pod".into();
+        stranger.labels.clear();
+        let judge = |snap: &Snapshot| {
+            Authorized {
+                src_identity: None,
+                src_ip: Ipv4Addr::new(10, 0, 0, 9),
+                dst: stranger.clone(),
+                dst_port: 8080,
+            }
+            .judge(snap)
+        };
+        let judgement = judge(&snap);
+        assert!(!judgement.allowed, "{judgement:?}");
+        assert_eq!(judgement.policy, "demo/deny-echo");
+        assert_eq!(judgement.code, "destination_unknown");
+        // Namespace-wide policies need no labels: judged as usual.
+        assert!(judge(&snapshot("", 2)).allowed);
+        assert!(!judge(&snapshot(DENY_ALL, 3)).allowed);
     }
 
     /// A connection judged on an older config than the current one (a

@@ -24,6 +24,8 @@ pub use error::Error;
 pub use headers::{Baggage, ConnectRequest, Forwarded, TraceParent};
 pub use keepalive::Keepalive;
 pub use pool::{Pool, PoolConfig, PoolKey, PoolObserver};
-pub use server::{Connect, Handler, InboundRequest, Rejection, Server, ServerOptions, Tunnel};
+pub use server::{
+    Connect, Handler, InboundRequest, Refusal, Rejection, Server, ServerOptions, Tunnel,
+};
 pub use settings::HBONE_PORT;
 pub use stream::H2Stream;

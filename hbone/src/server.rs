@@ -78,6 +78,10 @@ pub trait Handler: Send + Sync + 'static {
     /// or [`Tunnel::accept`] and copy. Owning the tunnel lets the handler
     /// close it later (a revoked authorization) and account for it.
     fn serve(&self, req: InboundRequest, tunnel: Tunnel) -> impl Future<Output = ()> + Send;
+
+    /// Told of what the server refused before any request reached
+    /// [`Handler::serve`], for the handler's access log and metrics.
+    fn refused(&self, _refusal: Refusal) {}
 }
 
 /// The simple handler: authorizes and connects; the server answers, copies
@@ -87,6 +91,9 @@ pub trait Connect: Send + Sync + 'static {
         &self,
         req: InboundRequest,
     ) -> impl Future<Output = Result<TcpStream, Rejection>> + Send;
+
+    /// As [`Handler::refused`].
+    fn refused(&self, _refusal: Refusal) {}
 }
 
 impl<C: Connect> Handler for C {
@@ -94,6 +101,24 @@ impl<C: Connect> Handler for C {
         let upstream = self.connect(req).await;
         tunnel.splice(upstream).await;
     }
+
+    fn refused(&self, refusal: Refusal) {
+        Connect::refused(self, refusal);
+    }
+}
+
+/// A connection whose TLS handshake failed, or a request the protocol
+/// checks refused, before the handler saw any request of it.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub peer_addr: SocketAddr,
+    /// `None` when the handshake failed, so no identity was proven.
+    pub peer_identity: Option<Identity>,
+    /// A short, stable code for metrics: [`Error::reason`]'s, or
+    /// `rejected_bad_request`.
+    pub code: &'static str,
+    /// What happened, for the access log.
+    pub reason: String,
 }
 
 /// An admitted CONNECT waiting for its answer.
@@ -241,6 +266,23 @@ impl<H: Handler> Server<H> {
                 };
                 if let Err(error) = result {
                     tracing::info!(%peer, %error, reason = error.reason(), "HBONE connection failed");
+                    // Failures before the first request (no certificate, a
+                    // wrong trust domain, a stalled handshake); later ones
+                    // end tunnels the handler already accounts for.
+                    if matches!(
+                        error,
+                        Error::Tls { .. }
+                            | Error::Timeout { .. }
+                            | Error::Certificate(_)
+                            | Error::TlsConfig(_)
+                    ) {
+                        this.handler.refused(Refusal {
+                            peer_addr: peer,
+                            peer_identity: None,
+                            code: error.reason(),
+                            reason: error.to_string(),
+                        });
+                    }
                 }
             });
         }
@@ -393,6 +435,17 @@ async fn serve_stream<H: Handler>(
         Err(rejection) => {
             log_rejection(&ctx.peer_identity, &req.uri().to_string(), &rejection);
             let _ = respond.send_response(status(rejection.status), true);
+            handler.refused(Refusal {
+                peer_addr: ctx.peer_addr,
+                peer_identity: Some(ctx.peer_identity.clone()),
+                code: "rejected_bad_request",
+                reason: format!(
+                    "{} {}: {}",
+                    rejection.status.as_u16(),
+                    req.uri(),
+                    rejection.reason
+                ),
+            });
         }
     }
 }

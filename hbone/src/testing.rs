@@ -9,18 +9,28 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::copy::copy_bidirectional;
-use crate::{Connect, ConnectRequest, InboundRequest, Pool, PoolKey, Rejection};
+use crate::{Connect, ConnectRequest, InboundRequest, Pool, PoolKey, Refusal, Rejection};
 
-/// Connects each tunnel to its authority; records every request it saw.
+/// Connects each tunnel to its authority; records every request it saw,
+/// and what the server refused before one.
 #[derive(Debug, Default, Clone)]
 pub struct Forward {
     seen: Arc<Mutex<Vec<InboundRequest>>>,
+    refused: Arc<Mutex<Vec<Refusal>>>,
 }
 
 impl Forward {
     /// The requests handled so far.
     pub fn seen(&self) -> Vec<InboundRequest> {
         self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// What the server refused before a request reached the handler.
+    pub fn refused(&self) -> Vec<Refusal> {
+        self.refused
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -39,6 +49,13 @@ impl Connect for Forward {
         tcp.set_nodelay(true)
             .map_err(|e| Rejection::unavailable(e.to_string()))?;
         Ok(tcp)
+    }
+
+    fn refused(&self, refusal: Refusal) {
+        self.refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(refusal);
     }
 }
 

@@ -199,6 +199,27 @@ async fn client_without_a_certificate_is_refused() {
         "{err}"
     );
     assert!(fx.handler.seen().is_empty());
+    // The handler is told, for its access log and metrics.
+    let refusal = refused(&fx.handler).await;
+    assert_eq!(refusal.code, "tls_failed");
+    assert!(refusal.peer_identity.is_none());
+    assert!(refusal.reason.contains("certificate"), "{refusal:?}");
+}
+
+/// The first refusal the server told the handler of, waiting briefly: the
+/// server records it after the client has seen the failure.
+async fn refused(handler: &Forward) -> hbone::Refusal {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(refusal) = handler.refused().into_iter().next() {
+            return refusal;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the handler was not told"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
@@ -213,6 +234,10 @@ async fn authority_ip_other_than_the_connected_ip_gets_400() {
     );
     assert_eq!(err.reason(), "rejected_bad_request");
     assert!(fx.handler.seen().is_empty());
+    let refusal = refused(&fx.handler).await;
+    assert_eq!(refusal.code, "rejected_bad_request");
+    assert_eq!(refusal.peer_identity, Some(id(CLIENT)));
+    assert!(refusal.reason.starts_with("400 "), "{refusal:?}");
 
     // The connection stays usable for well-formed requests.
     let mut app = fx.tunnel(upstream).await.unwrap();

@@ -296,4 +296,19 @@ fn a_server_with_the_wrong_identity_is_refused() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // The server's ztunnel logs and counts the handshake its client broke
+    // off, where the destination's operator looks.
+    let server_node = plan.nodes[echo.node].name.clone();
+    let from_client = format!("src_addr={}:", client.ip);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !access_log(&t, &server_node).iter().any(|l| {
+        l.contains("direction=\"inbound\"") && l.contains(&from_client) && l.contains("TLS")
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal on the server side: {:#?}",
+            access_log(&t, &server_node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use capture::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use hbone::copy::copy_bidirectional_until;
-use hbone::{Handler, InboundRequest, Rejection, Tunnel};
+use hbone::{Handler, InboundRequest, Refusal, Rejection, Tunnel};
 use identity::Identity;
 use model::{Snapshot, Workload};
 use tokio::net::TcpStream;
@@ -177,6 +177,21 @@ impl Inbound {
 }
 
 impl Handler for Inbound {
+    /// A client that failed the TLS handshake (no certificate, another
+    /// trust domain) or sent a malformed CONNECT: logged and counted here,
+    /// where the operator of the destination looks.
+    fn refused(&self, refusal: Refusal) {
+        let snapshot = self.shared.snapshot();
+        let listener = SocketAddr::new(self.ip().into(), HBONE_PORT);
+        let mut record = self.record(&snapshot, refusal.peer_addr, listener);
+        record.protocol = "HBONE";
+        if let Some(identity) = &refusal.peer_identity {
+            record.src_identity = identity.to_string();
+        }
+        self.shared.metrics.failed(&record, refusal.code);
+        record.log(0, 0, &refusal.reason);
+    }
+
     async fn serve(&self, req: InboundRequest, tunnel: Tunnel) {
         let snapshot = self.shared.snapshot();
         let mut record = self.record(&snapshot, req.peer_addr, req.authority);

@@ -50,6 +50,11 @@ impl TestRoot {
         Self { params, key, pem }
     }
 
+    /// The root certificate, PEM (what a mesh roots file holds).
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
     /// A mesh CA for `trust_domain` signing directly with this root.
     pub fn ca(&self, trust_domain: &str, leaf_ttl: Duration) -> CertificateAuthority {
         let plugged = PluggedCa {

@@ -111,6 +111,9 @@ pub struct Mesh {
     /// `None`: no certificate source; meshed destinations cannot be
     /// reached and inbound HBONE is not served.
     pub certs: Option<CertManager>,
+    /// The config comes from the controller: until its first one arrives,
+    /// captured connections are refused, not routed on an empty config.
+    pub awaiting_config: bool,
 }
 
 /// What every connection handler of the node uses.
@@ -120,12 +123,23 @@ pub struct Shared {
     pub conns: Arc<Connections>,
     pub metrics: Arc<Metrics>,
     pub stats: Arc<AgentStats>,
+    /// As [`Mesh::awaiting_config`].
+    pub awaiting_config: bool,
 }
 
 impl Shared {
     /// The config in force now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.config.borrow().clone()
+    }
+
+    /// Why `snapshot` cannot route or judge connections, if it cannot: it
+    /// is the empty one from before the controller's first config. With
+    /// it, meshed destinations would look unknown and be reached in
+    /// plaintext, and no policy would apply.
+    pub fn unconfigured(&self, snapshot: &Snapshot) -> Option<&'static str> {
+        (self.awaiting_config && snapshot.version() == 0)
+            .then_some("no mesh config from the controller yet")
     }
 }
 
@@ -175,6 +189,7 @@ impl NodeAgent {
             conns: Arc::default(),
             metrics,
             stats: Arc::default(),
+            awaiting_config: mesh.awaiting_config,
         });
         Ok(Arc::new(Self {
             destinations: capture.destinations(),
@@ -550,6 +565,12 @@ impl NodeAgent {
         }
         record.src_identity = source.identity.to_string();
         let metrics = &self.shared.metrics;
+        if let Some(reason) = self.shared.unconfigured(&snapshot) {
+            self.failed();
+            metrics.failed(&record, "no_config");
+            record.log(0, 0, reason);
+            return;
+        }
         let plan = match self.balancer.plan(&snapshot, src_workload, orig) {
             Ok(plan) => plan,
             Err(error) => {

@@ -76,8 +76,8 @@ impl ControllerConfig {
 }
 
 /// How long start-up waits for the controller's first config before
-/// serving without one (connections to unknown destinations pass through
-/// until it arrives; pods are captured either way).
+/// serving without one: pods are captured, and their connections refused
+/// until it arrives (`Shared::unconfigured`).
 const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(10);
 
 /// A running ztunnel.
@@ -144,6 +144,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         Mesh {
             config: sink.subscribe(),
             certs,
+            awaiting_config: controller.is_some() && config.mesh_config.is_none(),
         },
     )?;
     let metrics = TcpListener::bind(config.metrics_addr).await?;

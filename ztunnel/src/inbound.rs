@@ -66,6 +66,16 @@ impl Inbound {
         self.pod.ips[0]
     }
 
+    /// Whether a connection to `port` can be served at all, before any
+    /// policy: not to ztunnel's own ports, and not before the controller's
+    /// first config. The error is the metrics code and the reason.
+    fn servable(&self, snapshot: &Snapshot, port: u16) -> Result<(), (&'static str, String)> {
+        if let Some(reason) = self.shared.unconfigured(snapshot) {
+            return Err((NO_CONFIG, reason.to_string()));
+        }
+        not_own_port(port).map_err(|reason| ("ztunnel_port", reason))
+    }
+
     /// Registers an authorized connection for re-judging, and judges it
     /// again at once if the config changed since `judged_on`: a policy
     /// change that landed in between was re-evaluated without it.
@@ -138,8 +148,8 @@ impl Inbound {
         };
         let snapshot = self.shared.snapshot();
         let mut record = self.record(&snapshot, peer, orig);
-        if let Err(reason) = not_own_port(orig.port()) {
-            self.shared.metrics.failed(&record, "ztunnel_port");
+        if let Err((code, reason)) = self.servable(&snapshot, orig.port()) {
+            self.shared.metrics.failed(&record, code);
             record.log(0, 0, &reason);
             return;
         }
@@ -218,10 +228,14 @@ impl Handler for Inbound {
             tunnel.reject(&Rejection::unavailable(reason));
             return;
         }
-        if let Err(reason) = not_own_port(req.authority.port()) {
-            self.shared.metrics.failed(&record, "ztunnel_port");
+        if let Err((code, reason)) = self.servable(&snapshot, req.authority.port()) {
+            self.shared.metrics.failed(&record, code);
             record.log(0, 0, &reason);
-            tunnel.reject(&Rejection::bad_request(reason));
+            tunnel.reject(&if code == NO_CONFIG {
+                Rejection::unavailable(reason)
+            } else {
+                Rejection::bad_request(reason)
+            });
             return;
         }
         let authorized = match self.admit(
@@ -271,6 +285,8 @@ impl Handler for Inbound {
         record.log(t.received, t.sent, &reason);
     }
 }
+
+const NO_CONFIG: &str = "no_config";
 
 /// ztunnel's own ports in the pod are never an application's: the capture
 /// lets connections to them through, and forwarding one to the pod's

@@ -492,3 +492,51 @@ async fn shutdown_waits_for_open_connections_then_closes_them_at_the_deadline() 
     assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
     let _ = std::fs::remove_file(&file);
 }
+
+/// With the controller as its config source, ztunnel serves its pods only
+/// once the controller's first config is in: before, their connections are
+/// refused (and counted with the reason), not routed on an empty config,
+/// where meshed destinations would look unknown and be reached in
+/// plaintext and no policy would apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_the_controllers_first_config_captured_connections_are_refused() {
+    if !require_root("until_the_controllers_first_config_captured_connections_are_refused") {
+        return;
+    }
+    let t = lab("zt-noconfig", 36);
+    let lab = &t.lab;
+    let dir = tempfile::tempdir().unwrap();
+    let (token, roots) = (dir.path().join("token"), dir.path().join("roots.pem"));
+    std::fs::write(&token, "node token").unwrap();
+    std::fs::write(&roots, identity::testing::TestRoot::new().pem()).unwrap();
+    // A controller address nothing answers on.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = unused.local_addr().unwrap().to_string();
+    drop(unused);
+    let socket = std::env::temp_dir().join(format!("ztunnel-noconfig-{}.sock", std::process::id()));
+    let pins = Pins::new("zt-noconfig");
+    let mut cfg = config(&pins, None, Some(socket.clone()));
+    cfg.controller = Some(app::ControllerConfig {
+        addr,
+        token_file: token,
+        roots_file: roots,
+    });
+    let app = app::build(cfg).await.unwrap();
+    let echo = info(lab, "app/echo-0");
+    for pod in [&info(lab, "app/sleep-0"), &echo] {
+        assert!(request(&socket, &Request::Add(pod.clone())).await.ok);
+    }
+    let error = curl(lab, "app/sleep-0", &format!("http://{}:8080/", echo.ip))
+        .await
+        .unwrap_err();
+    assert!(!error.contains("timed out"), "{error}");
+    let text = metrics_text(app.metrics_addr).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ambit_tcp_connections_failed_total{")
+                && l.contains("reason=\"no_config\"")),
+        "{text}"
+    );
+    app.shutdown().await;
+    let _ = std::fs::remove_file(socket);
+}

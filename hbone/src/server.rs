@@ -346,7 +346,9 @@ impl<H: Handler> Server<H> {
                         let handler = self.handler.clone();
                         let ctx = ctx.clone();
                         let require_ip = self.options.require_authority_ip_match;
-                        tokio::spawn(serve_stream(handler, ctx, require_ip, req, respond).in_current_span());
+                        // Tracked, so that a shutdown waits for the
+                        // handler to finish (and log) each tunnel.
+                        self.tasks.spawn(serve_stream(handler, ctx, require_ip, req, respond).in_current_span());
                     }
                     Some(Err(e)) => return Err(e.into()),
                     None => return Ok(()),

@@ -171,6 +171,18 @@ fn apply_update(held: &Held, update: &ConfigUpdate) -> Result<Held, String> {
     Ok(next)
 }
 
+/// [`apply_update`], with a failure counted and logged by `sink` like any
+/// refused config: an update that cannot even be decoded is one too.
+fn decoded(held: &Held, update: &ConfigUpdate, sink: &ConfigSink) -> Result<Held, String> {
+    apply_update(held, update).map_err(|reason| {
+        let _ = sink.refuse(model::ConfigError::Parse(format!(
+            "update {}: {reason}",
+            update.version
+        )));
+        reason
+    })
+}
+
 /// The controller's config stream as a config source. Each update is
 /// validated whole by the sink and acknowledged, or refused with the
 /// reason while the last good config keeps serving. When the controller
@@ -260,7 +272,7 @@ impl StreamSource {
     }
 
     fn apply(&mut self, sink: &ConfigSink, update: &ConfigUpdate) -> Result<(), String> {
-        let next = apply_update(&self.held, update)?;
+        let next = decoded(&self.held, update, sink)?;
         let config =
             model::resources::assemble(&update.trust_domain, next.values().map(|(_, i)| i));
         sink.apply(config).map_err(|e| e.to_string())?;
@@ -322,6 +334,23 @@ mod tests {
             .iter()
             .map(|i| (i.key(), (i.encode().digest, i.clone())))
             .collect()
+    }
+
+    /// A resource that does not decode refuses the update, counted with
+    /// the configs the sink refused.
+    #[test]
+    fn an_update_that_does_not_decode_is_counted_as_refused() {
+        let sink = ConfigSink::new();
+        let mut garbled = workload("w-1", "1").encode();
+        garbled.json = b"{not json".to_vec().into();
+        let update = ConfigUpdate {
+            version: 7,
+            upserts: vec![garbled],
+            ..ConfigUpdate::default()
+        };
+        let reason = decoded(&Held::new(), &update, &sink).unwrap_err();
+        assert!(reason.contains("w-1"), "{reason}");
+        assert_eq!(sink.rejected(), 1);
     }
 
     #[test]

@@ -129,6 +129,25 @@ async fn metrics_text(addr: std::net::SocketAddr) -> String {
     text
 }
 
+/// Asserts that a curl from `pod` to `url` fails at once (not by timing
+/// out).
+async fn refused_at_once(lab: &Lab, pod: &str, url: &str) {
+    let error = curl(lab, pod, url).await.unwrap_err();
+    assert!(!error.contains("timed out"), "{url}: {error}");
+}
+
+/// Asserts that the failed-connection counter has a series with every one
+/// of `labels` (`name="value"`).
+async fn failed_with(addr: std::net::SocketAddr, labels: &[&str]) {
+    let text = metrics_text(addr).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ambit_tcp_connections_failed_total{")
+                && labels.iter().all(|label| l.contains(label))),
+        "no failed connection with {labels:?}: {text}"
+    );
+}
+
 async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
     let text = metrics_text(addr).await;
     text.lines()
@@ -192,27 +211,22 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
     // The kernel's reset for a closed port finds its way back to ztunnel
     // too, so the client is told at once instead of waiting out its timeout.
     let closed = format!("http://{}:8081/", echo.ip);
-    let error = curl(lab, "app/sleep-0", &closed).await.unwrap_err();
-    assert!(!error.contains("timed out"), "{error}");
+    refused_at_once(lab, "app/sleep-0", &closed).await;
     // ztunnel's own inbound port, dialled directly, is closed at once
     // instead of being forwarded to the pod's address: its own listener.
     let own = format!("http://{}:15006/", echo.ip);
-    let error = curl(lab, "app/sleep-0", &own).await.unwrap_err();
-    assert!(!error.contains("timed out"), "{error}");
+    refused_at_once(lab, "app/sleep-0", &own).await;
     // A connection to 15001 the capture did not redirect has nowhere to
     // go: closed, and counted with its reason.
-    let error = curl(lab, "app/sleep-0", "http://127.0.0.1:15001/")
-        .await
-        .unwrap_err();
-    assert!(!error.contains("timed out"), "{error}");
-    let text = metrics_text(app.metrics_addr).await;
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("ambit_tcp_connections_failed_total{")
-                && l.contains("reason=\"no_original_destination\"")
-                && l.contains("source_principal=\"cluster.local/ns/app/sa/sleep\"")),
-        "{text}"
-    );
+    refused_at_once(lab, "app/sleep-0", "http://127.0.0.1:15001/").await;
+    failed_with(
+        app.metrics_addr,
+        &[
+            "reason=\"no_original_destination\"",
+            "source_principal=\"cluster.local/ns/app/sa/sleep\"",
+        ],
+    )
+    .await;
 
     // A bad request is answered with the reason, and nothing changes.
     let mut broken = client.clone();
@@ -526,17 +540,8 @@ async fn until_the_controllers_first_config_captured_connections_are_refused() {
     for pod in [&info(lab, "app/sleep-0"), &echo] {
         assert!(request(&socket, &Request::Add(pod.clone())).await.ok);
     }
-    let error = curl(lab, "app/sleep-0", &format!("http://{}:8080/", echo.ip))
-        .await
-        .unwrap_err();
-    assert!(!error.contains("timed out"), "{error}");
-    let text = metrics_text(app.metrics_addr).await;
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("ambit_tcp_connections_failed_total{")
-                && l.contains("reason=\"no_config\"")),
-        "{text}"
-    );
+    refused_at_once(lab, "app/sleep-0", &format!("http://{}:8080/", echo.ip)).await;
+    failed_with(app.metrics_addr, &["reason=\"no_config\""]).await;
     app.shutdown().await;
     let _ = std::fs::remove_file(socket);
 }

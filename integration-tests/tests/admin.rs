@@ -171,16 +171,41 @@ fn the_admin_api_reports_config_connections_and_sets_log_levels() {
     assert!((2..=cpus + 1).contains(&arenas), "{cpus} CPUs: {mem:#}");
 
     // Log level: changed, shown, and a bad filter refused with the reason.
-    assert_eq!(
-        admin(&t, &node, "POST", "/logging?level=debug"),
-        (200, "debug\n".into())
-    );
-    assert_eq!(admin(&t, &node, "GET", "/logging"), (200, "debug\n".into()));
+    // The access log stays at info unless the filter names it.
+    let debug = (200, "debug,access=info\n".to_string());
+    assert_eq!(admin(&t, &node, "POST", "/logging?level=debug"), debug);
+    assert_eq!(admin(&t, &node, "GET", "/logging"), debug);
     let (code, body) = admin(&t, &node, "POST", "/logging?level=ztunnel=loud");
     assert_eq!(code, 400, "{body}");
     assert!(body.starts_with("invalid level:"), "{body}");
-    assert_eq!(admin(&t, &node, "GET", "/logging"), (200, "debug\n".into()));
+    assert_eq!(admin(&t, &node, "GET", "/logging"), debug);
     assert_eq!(admin(&t, &node, "GET", "/logging?level=warn").0, 405);
-    assert_eq!(admin(&t, &node, "GET", "/logging"), (200, "debug\n".into()));
+    assert_eq!(admin(&t, &node, "GET", "/logging"), debug);
+
+    // Under `warn` a connection is still in the access log.
+    assert_eq!(
+        admin(&t, &node, "POST", "/logging?level=warn"),
+        (200, "warn,access=info\n".into())
+    );
+    let log = t.lab.log_path(&format!("ztunnel/{node}"));
+    let access_lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("connection complete"))
+            .count()
+    };
+    let before = access_lines();
+    t.curl("app/sleep-0", &format!("http://{}:8080/", echo.ip));
+    wait_until(
+        "the access line of a request made under warn",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&log).unwrap(),
+        || access_lines() > before,
+    );
+    assert_eq!(
+        admin(&t, &node, "POST", "/logging?level=warn,access=off"),
+        (200, "warn,access=off\n".into())
+    );
     assert_eq!(admin(&t, &node, "GET", "/nowhere").0, 404);
 }

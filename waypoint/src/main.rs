@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::Parser;
 use waypoint::app::{self, Config, Source};
 
@@ -22,6 +23,9 @@ struct Args {
     trust_domain: String,
     #[arg(long, default_value = "0.0.0.0:15008")]
     listen: SocketAddr,
+    /// Log (and access log) format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: logging::Format,
     /// `/metrics` and `/healthz/ready`.
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics: SocketAddr,
@@ -54,13 +58,8 @@ fn main() {
 #[tokio::main]
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    logging::Logging::init(args.log_format, &filter).context("RUST_LOG")?;
     let source = match (
         args.controller,
         args.controller_token,

@@ -6,7 +6,8 @@
 //! - `GET /debug/connections`: the open connections.
 //! - `GET /healthz/ready`: `200` once ztunnel serves with its config.
 //! - `GET /logging` shows the log filter, `POST /logging?level=<filter>`
-//!   changes it.
+//!   changes it (the access log stays at `info` unless the filter names
+//!   the `access` target).
 //! - `GET /debug/memory`: resident memory by kind and the heap allocator's
 //!   own account, to tell a leak from cached pages or mapped code.
 

@@ -2,12 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
+use anyhow::Context as _;
 use capture::Exclusions;
 use clap::Parser;
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
 use ztunnel::admin::{HeapStats, LogControl};
 use ztunnel::app::{self, Config};
 
@@ -58,7 +57,7 @@ struct Args {
     bpf_dir: PathBuf,
     /// Log (and access log) format.
     #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
+    log_format: logging::Format,
     /// Mesh config file (workloads and services, YAML or JSON).
     #[arg(long)]
     mesh_config: Option<PathBuf>,
@@ -89,41 +88,17 @@ struct Args {
 }
 
 /// The admin API's hold on the log filter.
-struct Logging {
-    reload: tracing_subscriber::reload::Handle<
-        tracing_subscriber::EnvFilter,
-        tracing_subscriber::Registry,
-    >,
-    current: Mutex<String>,
-}
-
-impl std::fmt::Debug for Logging {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Logging").finish_non_exhaustive()
-    }
-}
+#[derive(Debug)]
+struct Logging(logging::Logging);
 
 impl LogControl for Logging {
     fn current(&self) -> String {
-        self.current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.0.current()
     }
 
     fn set(&self, filter: &str) -> Result<String, String> {
-        let parsed = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
-        self.reload.reload(parsed).map_err(|e| e.to_string())?;
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = filter.to_string();
-        tracing::info!(filter, "log filter changed");
-        Ok(filter.to_string())
+        self.0.set(filter).map_err(|e| e.to_string())
     }
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 fn main() {
@@ -144,23 +119,9 @@ fn main() {
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&initial)
-        .map_err(|e| anyhow::anyhow!("RUST_LOG={initial:?}: {e}"))?;
-    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let registry = tracing_subscriber::registry().with(filter);
-    match args.log_format {
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_ansi(ansi))
-            .init(),
-        LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
-            .init(),
-    }
-    let logging = Arc::new(Logging {
-        reload,
-        current: Mutex::new(initial),
-    });
+    let logging = Arc::new(Logging(
+        logging::Logging::init(args.log_format, &initial).context("RUST_LOG")?,
+    ));
     raise_open_files_limit();
     // Without a background thread jemalloc returns freed pages to the
     // kernel only when it is called again: the memory of loading the eBPF

@@ -316,4 +316,54 @@ mod tests {
             "{text}"
         );
     }
+
+    /// The JSON access log: one object per connection, every field of the
+    /// text line at the top level, numbers as numbers.
+    #[test]
+    fn the_json_access_line_carries_each_field() {
+        let out = logging::testing::Buffer::default();
+        let (subscriber, _logging) =
+            logging::build(logging::Format::Json, "warn", out.clone(), false).expect("subscriber");
+        let mut record = ConnRecord::new(
+            Direction::Inbound,
+            "10.0.0.1:1234".parse().expect("address"),
+            "10.0.0.2:80".parse().expect("address"),
+        );
+        record.protocol = "HBONE";
+        record.src_identity = "spiffe://cluster.local/ns/app/sa/sleep".into();
+        record.dst_identity = "spiffe://cluster.local/ns/app/sa/echo".into();
+        record.dst_workload = "app/echo-0".into();
+        record.dst_service = "app/echo".into();
+        record.policy = "app/allow-sleep".into();
+        tracing::subscriber::with_default(subscriber, || record.log(10, 20, "peer reset"));
+        let lines = out.lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let line: serde_json::Value = serde_json::from_str(&lines[0]).expect("JSON");
+        let expected = serde_json::json!({
+            "target": "access",
+            "level": "INFO",
+            "message": "connection complete",
+            "direction": "inbound",
+            "protocol": "HBONE",
+            "src_addr": "10.0.0.1:1234",
+            "src_workload": "",
+            "src_identity": "spiffe://cluster.local/ns/app/sa/sleep",
+            "dst_addr": "10.0.0.2:80",
+            "dst_service": "app/echo",
+            "dst_endpoint": "",
+            "dst_workload": "app/echo-0",
+            "dst_identity": "spiffe://cluster.local/ns/app/sa/echo",
+            "waypoint": "",
+            "policy": "app/allow-sleep",
+            "authz": "",
+            "bytes_sent": 10,
+            "bytes_received": 20,
+            "reason": "peer reset",
+        });
+        for (key, value) in expected.as_object().expect("object") {
+            assert_eq!(&line[key], value, "{key} in {line}");
+        }
+        assert!(line["duration_ms"].is_u64(), "{line}");
+        assert!(line["timestamp"].is_string(), "{line}");
+    }
 }

@@ -213,6 +213,10 @@ pub enum MtlsMode {
     #[default]
     Permissive,
     Strict,
+    /// Inherit: a port's from its policy's mode, a workload policy's from
+    /// the namespace's, the namespace's from the mesh's (the root
+    /// namespace's), and PERMISSIVE at the end.
+    Unset,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -233,10 +237,19 @@ pub struct Mtls {
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#
 )]
 #[serde(rename_all = "camelCase")]
+// Istio's contract, checked by the API server (CEL) at admission.
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.portLevelMtls) || has(self.selector)",
+    "message": "portLevelMtls needs a selector",
+}]))]
 pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
     pub mtls: Mtls,
+    /// Modes of single ports of the selected workloads (the port the
+    /// application listens on, as a string key), over `mtls`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<String, Mtls>,
 }
 
 /// Status of every Ambit policy: conditions `Accepted` and `Enforced`.

@@ -3,6 +3,8 @@
 //! that is invalid or that ztunnel cannot check is enforced more strictly
 //! (fail closed, ADR 0023) or reported as not enforced, with the reason.
 
+use std::collections::BTreeMap;
+
 use kube::ResourceExt;
 use model::policy::{
     DestinationMatch, IpBlock, PolicyScope, Rule, SourceMatch, validate_pattern,
@@ -277,7 +279,10 @@ fn translate_rule(rule: &crd::Rule) -> TranslatedRule {
     }
 }
 
-/// Translates one PeerAuthentication.
+/// Translates one PeerAuthentication. Port-level modes need a selector
+/// (Istio's contract, and the CRD's validation rule); where the API server
+/// let one through without, they are dropped, and a STRICT among them makes
+/// the whole policy STRICT rather than leave that port open.
 pub fn peer_authentication(pa: &PeerAuthentication) -> Translated<model::PeerAuthentication> {
     let Some(namespace) = pa.namespace() else {
         return refused("InvalidSpec", "the policy has no namespace".into());
@@ -288,20 +293,75 @@ pub fn peer_authentication(pa: &PeerAuthentication) -> Translated<model::PeerAut
         .as_ref()
         .map(|s| s.match_labels.clone())
         .unwrap_or_default();
+    let mut mode = model_mode(pa.spec.mtls.mode);
+    let mut problems = Vec::new();
+    let mut port_level_mtls = BTreeMap::new();
+    for (key, mtls) in &pa.spec.port_level_mtls {
+        match key.parse::<u16>() {
+            Ok(port) if port != 0 => {
+                port_level_mtls.insert(port, model_mode(mtls.mode));
+            }
+            _ => problems.push(format!("portLevelMtls: {key:?} is not a port (1-65535)")),
+        }
+    }
+    let mut fail_closed = None;
+    if selector.is_empty() && !pa.spec.port_level_mtls.is_empty() {
+        problems.push("portLevelMtls needs a selector".into());
+        let strict_port = port_level_mtls
+            .values()
+            .any(|m| *m == model::PeerAuthMode::Strict);
+        if strict_port && mode != model::PeerAuthMode::Strict {
+            mode = model::PeerAuthMode::Strict;
+            fail_closed = Some("its STRICT ports make the whole policy STRICT");
+        }
+        port_level_mtls.clear();
+    }
     let policy = model::PeerAuthentication {
         name: pa.name_any(),
         namespace: namespace.clone(),
         scope: scope(&namespace, !selector.is_empty()),
         selector,
-        mode: match pa.spec.mtls.mode {
-            MtlsMode::Strict => model::PeerAuthMode::Strict,
-            MtlsMode::Permissive => model::PeerAuthMode::Permissive,
-        },
+        mode,
+        port_level_mtls,
+    };
+    let (accepted, enforced) = if problems.is_empty() {
+        (
+            accepted(),
+            Condition::new("Enforced", true, "Enforced", "enforced by ztunnel"),
+        )
+    } else {
+        let problem = problems.join("; ");
+        let enforced = match fail_closed {
+            Some(how) => Condition::new(
+                "Enforced",
+                false,
+                "EnforcedFailClosed",
+                format!("{problem}; {how}"),
+            ),
+            None => Condition::new(
+                "Enforced",
+                true,
+                "Enforced",
+                format!("enforced by ztunnel without the invalid entries: {problem}"),
+            ),
+        };
+        (
+            Condition::new("Accepted", false, "InvalidSpec", problem),
+            enforced,
+        )
     };
     Translated {
         policy: Some(policy),
-        accepted: accepted(),
-        enforced: Condition::new("Enforced", true, "Enforced", "enforced by ztunnel"),
+        accepted,
+        enforced,
+    }
+}
+
+fn model_mode(mode: MtlsMode) -> model::PeerAuthMode {
+    match mode {
+        MtlsMode::Strict => model::PeerAuthMode::Strict,
+        MtlsMode::Permissive => model::PeerAuthMode::Permissive,
+        MtlsMode::Unset => model::PeerAuthMode::Unset,
     }
 }
 

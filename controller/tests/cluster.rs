@@ -168,7 +168,10 @@ spec: {rules: [{to: [{operation: {ports: [\"0\"]}}]}]}
     assert!(config.authorization_policies[0].rules.is_empty());
     let snap = Snapshot::new(config, 1).unwrap();
     let web = snap.workload("uid-web-0").unwrap();
-    assert_eq!(snap.peer_authentication(web).0, model::PeerAuthMode::Strict);
+    assert_eq!(
+        snap.peer_authentication(web, 8080).0,
+        model::PeerAuthMode::Strict
+    );
 }
 
 #[test]

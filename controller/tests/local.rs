@@ -104,11 +104,11 @@ fn a_policy_with_a_field_its_type_does_not_know_is_refused_naming_it() {
 
     write(
         "pa.yaml",
-        "apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: demo}\nspec:\n  mtls: {mode: PERMISSIVE}\n  portLevelMtls: {\"8080\": {mode: STRICT}}\n",
+        "apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: demo}\nspec:\n  mtls: {mode: PERMISSIVE}\n  portLevelMTLS: {\"8080\": {mode: STRICT}}\n",
     );
     let err = read().unwrap_err().to_string();
     assert!(
-        err.contains("pa.yaml: unknown field spec.portLevelMtls"),
+        err.contains("pa.yaml: unknown field spec.portLevelMTLS"),
         "{err}"
     );
 }

@@ -332,6 +332,74 @@ fn peer_authentication_modes_and_scopes() {
     assert_eq!(selected.selector.len(), 1);
 }
 
+/// Port-level modes reach the model and decide per port; without a
+/// selector (where the API server's rule did not run) they are refused in
+/// the status, and a STRICT among them makes the policy STRICT.
+#[test]
+fn port_level_mtls_is_translated_and_fails_closed_without_a_selector() {
+    let pa = |spec: &str| -> PeerAuthentication {
+        serde_yaml::from_str(&format!(
+            "apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {{name: p, namespace: demo}}\nspec: {spec}"
+        ))
+        .unwrap()
+    };
+    let mode_of = |policy: model::PeerAuthentication, port| {
+        let mut config: model::MeshConfig = serde_yaml::from_str(WORKLOADS).unwrap();
+        config.peer_authentications.push(policy);
+        let snap = model::Snapshot::new(config, 1).unwrap();
+        snap.peer_authentication(snap.workload("echo").unwrap(), port)
+            .0
+    };
+
+    let t = peer_authentication(&pa(
+        "{selector: {matchLabels: {app: echo}}, mtls: {mode: STRICT}, portLevelMtls: {\"9000\": {mode: PERMISSIVE}}}",
+    ));
+    assert!(t.accepted.is_true() && t.enforced.is_true(), "{t:?}");
+    let policy = t.policy.unwrap();
+    assert_eq!(
+        mode_of(policy.clone(), 9000),
+        model::PeerAuthMode::Permissive
+    );
+    assert_eq!(mode_of(policy, 8080), model::PeerAuthMode::Strict);
+
+    // A key that is no port: reported, the rest enforced.
+    let t = peer_authentication(&pa(
+        "{selector: {matchLabels: {app: echo}}, mtls: {mode: UNSET}, portLevelMtls: {http: {mode: STRICT}, \"8080\": {mode: STRICT}}}",
+    ));
+    assert!(!t.accepted.is_true(), "{t:?}");
+    assert!(
+        t.accepted.message.contains("\"http\" is not a port"),
+        "{t:?}"
+    );
+    assert!(t.enforced.is_true(), "{t:?}");
+    assert_eq!(
+        mode_of(t.policy.unwrap(), 8080),
+        model::PeerAuthMode::Strict
+    );
+
+    // No selector: the port entries cannot apply; STRICT ones make it all
+    // STRICT rather than leave their ports open.
+    let t = peer_authentication(&pa(
+        "{mtls: {mode: PERMISSIVE}, portLevelMtls: {\"8080\": {mode: STRICT}}}",
+    ));
+    assert!(!t.accepted.is_true(), "{t:?}");
+    assert_eq!(t.accepted.message, "portLevelMtls needs a selector");
+    assert_eq!(t.enforced.reason, "EnforcedFailClosed", "{t:?}");
+    let policy = t.policy.unwrap();
+    assert!(policy.port_level_mtls.is_empty());
+    assert_eq!(mode_of(policy.clone(), 8080), model::PeerAuthMode::Strict);
+    assert_eq!(mode_of(policy, 9000), model::PeerAuthMode::Strict);
+    // … and PERMISSIVE ones are dropped, the policy's own mode kept.
+    let t = peer_authentication(&pa(
+        "{mtls: {mode: STRICT}, portLevelMtls: {\"8080\": {mode: PERMISSIVE}}}",
+    ));
+    assert!(!t.accepted.is_true(), "{t:?}");
+    assert_eq!(
+        mode_of(t.policy.unwrap(), 8080),
+        model::PeerAuthMode::Strict
+    );
+}
+
 #[test]
 fn the_committed_crds_are_current() {
     let committed = include_str!("../../manifests/crds.yaml");

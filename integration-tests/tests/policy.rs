@@ -136,12 +136,9 @@ fn policies_decide_who_reaches_a_workload() {
 
     // STRICT (the DENY is gone with it): the plaintext client is refused,
     // meshed clients are not.
-    t.lab
-        .set_policies(
-            "apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\n\
-             metadata: {name: strict, namespace: app}\nspec: {mtls: {mode: STRICT}}\n",
-        )
-        .unwrap();
+    let strict = "apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\n\
+                  metadata: {name: strict, namespace: app}\nspec: {mtls: {mode: STRICT}}\n---\n";
+    t.lab.set_policies(strict).unwrap();
     eventually("plaintext refused", || !t.reaches("legacy/sleep-0", &url));
     assert!(t.reaches("app/sleep-0", &url));
     assert!(t.reaches("app/probe-0", &url));
@@ -157,6 +154,33 @@ fn policies_decide_who_reaches_a_workload() {
                 && l.contains("policy=app/strict")
         },
     );
+
+    // Port-level modes: echo's 8080 PERMISSIVE lets the plaintext client
+    // in there under the namespace's STRICT; an entry for another port
+    // leaves 8080 to the workload's UNSET, so the namespace's STRICT again.
+    let echo_ports = |port: u16| {
+        format!(
+            "{strict}apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\n\
+             metadata: {{name: echo-ports, namespace: app}}\n\
+             spec: {{selector: {{matchLabels: {{app: echo}}}}, mtls: {{mode: UNSET}}, \
+             portLevelMtls: {{\"{port}\": {{mode: PERMISSIVE}}}}}}\n"
+        )
+    };
+    t.lab.set_policies(&echo_ports(8080)).unwrap();
+    eventually("plaintext allowed on echo's 8080", || {
+        t.reaches("legacy/sleep-0", &url)
+    });
+    until_logged(
+        &t,
+        &echo_node,
+        "plaintext to 8080 refused again by the namespace's STRICT",
+        || {
+            t.lab.set_policies(&echo_ports(9000)).unwrap();
+            !t.reaches("legacy/sleep-0", &url)
+        },
+        |l| l.contains("policy=app/strict") && l.contains("plaintext refused"),
+    );
+    assert!(t.reaches("app/sleep-0", &url));
 
     // Once an ALLOW selects the workload only what it matches passes;
     // AUDIT marks and a dry-run DENY reports without enforcing.

@@ -301,6 +301,10 @@ pub enum PeerAuthMode {
     Permissive,
     /// Only mutual TLS; plaintext connections are refused.
     Strict,
+    /// The next less specific setting decides: a port's falls back to its
+    /// policy's mode, a policy's to the namespace's, then the mesh's, then
+    /// PERMISSIVE (Istio's `UNSET`).
+    Unset,
 }
 
 impl fmt::Display for PeerAuthMode {
@@ -308,13 +312,16 @@ impl fmt::Display for PeerAuthMode {
         f.write_str(match self {
             Self::Permissive => "PERMISSIVE",
             Self::Strict => "STRICT",
+            Self::Unset => "UNSET",
         })
     }
 }
 
 /// Istio's PeerAuthentication: the most specific one applies — a selector
-/// in the workload's namespace, then the namespace's, then a global one.
-/// Ties go to the first by name, so every data plane decides the same.
+/// in the workload's namespace, then the namespace's, then a global one;
+/// one that leaves a port or its mode `UNSET` hands the decision to the
+/// next. Ties go to the first by name, so every data plane decides the
+/// same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthentication {
@@ -325,6 +332,11 @@ pub struct PeerAuthentication {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub selector: BTreeMap<String, String>,
     pub mode: PeerAuthMode,
+    /// Modes of single ports of the selected workloads (the port the
+    /// application listens on), over `mode`. Only with a selector, as in
+    /// Istio.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<u16, PeerAuthMode>,
 }
 
 impl PeerAuthentication {
@@ -335,6 +347,15 @@ impl PeerAuthentication {
 
     pub fn selects(&self, workload: &Workload) -> bool {
         selects(self.scope, &self.namespace, &self.selector, workload)
+    }
+
+    /// What it sets for `port`: the port's own mode, else the policy's;
+    /// `None` when both are `UNSET`.
+    pub(crate) fn mode_for(&self, port: u16) -> Option<PeerAuthMode> {
+        [self.port_level_mtls.get(&port).copied(), Some(self.mode)]
+            .into_iter()
+            .flatten()
+            .find(|m| *m != PeerAuthMode::Unset)
     }
 
     /// How specific it is for `workload`, when it applies at all.
@@ -355,6 +376,12 @@ impl PeerAuthentication {
         }
         if self.scope == PolicyScope::Global && !self.selector.is_empty() {
             return Err("a Global peer authentication cannot have a selector".into());
+        }
+        if !self.port_level_mtls.is_empty() && self.selector.is_empty() {
+            return Err("portLevelMtls needs a selector".into());
+        }
+        if self.port_level_mtls.contains_key(&0) {
+            return Err("portLevelMtls: port 0 is not a port".into());
         }
         Ok(())
     }

@@ -233,17 +233,28 @@ impl Snapshot {
         policy::authorize(candidates, conn)
     }
 
-    /// The peer authentication mode of `workload` and the policy that set
-    /// it (`None`: the PERMISSIVE default).
-    pub fn peer_authentication(&self, workload: &Workload) -> (PeerAuthMode, Option<String>) {
-        self.config
+    /// The peer authentication mode of `workload`'s `port` and the policy
+    /// that set it (`None`: the PERMISSIVE default). The most specific
+    /// policy that sets a mode for the port decides; never `UNSET`.
+    pub fn peer_authentication(
+        &self,
+        workload: &Workload,
+        port: u16,
+    ) -> (PeerAuthMode, Option<String>) {
+        let mut applicable: Vec<_> = self
+            .config
             .peer_authentications
             .iter()
             .filter_map(|p| p.rank(workload).map(|r| (r, p)))
-            .min_by(|(ra, a), (rb, b)| ra.cmp(rb).then_with(|| a.key().cmp(&b.key())))
-            .map_or((PeerAuthMode::default(), None), |(_, p)| {
-                (p.mode, Some(p.key()))
-            })
+            .collect();
+        applicable.sort_by(|(ra, a), (rb, b)| ra.cmp(rb).then_with(|| a.key().cmp(&b.key())));
+        // Of several at one level only the first counts, as when one
+        // policy is picked; an UNSET there defers to the next level.
+        applicable.dedup_by_key(|(rank, _)| *rank);
+        applicable
+            .into_iter()
+            .find_map(|(_, p)| p.mode_for(port).map(|m| (m, Some(p.key()))))
+            .unwrap_or((PeerAuthMode::default(), None))
     }
 
     /// A policy that picks workloads by label and could apply to a

@@ -301,7 +301,7 @@ peerAuthentications:
   - {name: echo-strict, namespace: demo, selector: {app: echo}, mode: STRICT}
 ",
     );
-    let mode = |uid| snap.peer_authentication(snap.workload(uid).unwrap());
+    let mode = |uid| snap.peer_authentication(snap.workload(uid).unwrap(), 8080);
     assert_eq!(
         mode("echo"),
         (PeerAuthMode::Strict, Some("demo/echo-strict".into()))
@@ -315,7 +315,71 @@ peerAuthentications:
         (PeerAuthMode::Strict, Some("ambit-system/mesh".into()))
     );
     assert_eq!(
-        snapshot("").peer_authentication(snap.workload("web").unwrap()),
+        snapshot("").peer_authentication(snap.workload("web").unwrap(), 8080),
+        (PeerAuthMode::Permissive, None)
+    );
+}
+
+/// Istio's port-level modes and UNSET: a port's own mode over its
+/// policy's, UNSET handing the decision to the next less specific policy.
+#[test]
+fn port_level_modes_and_unset_defer_to_the_next_level() {
+    let snap = snapshot(
+        "
+peerAuthentications:
+  - {name: mesh, namespace: ambit-system, scope: Global, mode: STRICT}
+  - {name: demo, namespace: demo, mode: UNSET}
+  - name: echo-ports
+    namespace: demo
+    selector: {app: echo}
+    mode: UNSET
+    portLevelMtls: {8080: PERMISSIVE, 9000: UNSET}
+  - name: web-ports
+    namespace: shop
+    selector: {app: web}
+    mode: PERMISSIVE
+    portLevelMtls: {9000: STRICT}
+",
+    );
+    let mode = |uid, port| snap.peer_authentication(snap.workload(uid).unwrap(), port);
+    let set = |m, p: &str| (m, Some(p.to_string()));
+    // echo: 8080 by its port entry; 9000 and 7070 fall through the
+    // workload's and the namespace's UNSET to the mesh's STRICT.
+    assert_eq!(
+        mode("echo", 8080),
+        set(PeerAuthMode::Permissive, "demo/echo-ports")
+    );
+    assert_eq!(
+        mode("echo", 9000),
+        set(PeerAuthMode::Strict, "ambit-system/mesh")
+    );
+    assert_eq!(
+        mode("echo", 7070),
+        set(PeerAuthMode::Strict, "ambit-system/mesh")
+    );
+    // other: the namespace's UNSET, then the mesh.
+    assert_eq!(
+        mode("other", 8080),
+        set(PeerAuthMode::Strict, "ambit-system/mesh")
+    );
+    // web: one STRICT port of a PERMISSIVE workload.
+    assert_eq!(
+        mode("web", 9000),
+        set(PeerAuthMode::Strict, "shop/web-ports")
+    );
+    assert_eq!(
+        mode("web", 8080),
+        set(PeerAuthMode::Permissive, "shop/web-ports")
+    );
+    // Nothing set anywhere: PERMISSIVE, no policy.
+    let unset = snapshot(
+        "
+peerAuthentications:
+  - {name: demo, namespace: demo, mode: UNSET}
+",
+    );
+    assert_eq!(
+        unset.peer_authentication(unset.workload("echo").unwrap(), 8080),
         (PeerAuthMode::Permissive, None)
     );
 }
@@ -342,6 +406,14 @@ fn invalid_policies_are_refused_with_the_policy_named() {
         (
             "peerAuthentications: [{name: m, namespace: x, scope: Global, selector: {a: b}, mode: STRICT}]",
             "policy x/m: a Global peer authentication cannot have a selector",
+        ),
+        (
+            "peerAuthentications: [{name: m, namespace: demo, mode: STRICT, portLevelMtls: {8080: PERMISSIVE}}]",
+            "policy demo/m: portLevelMtls needs a selector",
+        ),
+        (
+            "peerAuthentications: [{name: m, namespace: demo, selector: {app: echo}, mode: STRICT, portLevelMtls: {0: PERMISSIVE}}]",
+            "policy demo/m: portLevelMtls: port 0 is not a port",
         ),
     ];
     for (yaml, want) in cases {

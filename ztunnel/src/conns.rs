@@ -65,7 +65,7 @@ impl Authorized {
             },
         };
         if self.src_identity.is_none() {
-            let (mode, policy) = snapshot.peer_authentication(dst);
+            let (mode, policy) = snapshot.peer_authentication(dst, self.dst_port);
             if mode == PeerAuthMode::Strict {
                 return Judgement {
                     allowed: false,

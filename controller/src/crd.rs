@@ -210,18 +210,20 @@ fn set_fields<const N: usize>(lists: [(&'static str, &Vec<String>); N]) -> Vec<&
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsMode {
-    #[default]
     Permissive,
     Strict,
     /// Inherit: a port's from its policy's mode, a workload policy's from
     /// the namespace's, the namespace's from the mesh's (the root
-    /// namespace's), and PERMISSIVE at the end.
+    /// namespace's), and PERMISSIVE at the end. What an omitted mode
+    /// means, as in Istio.
+    #[default]
     Unset,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Mtls {
+    #[serde(default)]
     pub mode: MtlsMode,
 }
 
@@ -245,6 +247,8 @@ pub struct Mtls {
 pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
+    /// Omitted: `UNSET`, as in Istio (a policy of port modes alone).
+    #[serde(default)]
     pub mtls: Mtls,
     /// Modes of single ports of the selected workloads (the port the
     /// application listens on, as a string key), over `mtls`.

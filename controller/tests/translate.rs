@@ -362,6 +362,17 @@ fn port_level_mtls_is_translated_and_fails_closed_without_a_selector() {
     );
     assert_eq!(mode_of(policy, 8080), model::PeerAuthMode::Strict);
 
+    // Port modes alone: the policy's own mode omitted is UNSET, so its
+    // other ports inherit (here: nothing set, PERMISSIVE).
+    let t = peer_authentication(&pa(
+        "{selector: {matchLabels: {app: echo}}, portLevelMtls: {\"9000\": {mode: STRICT}}}",
+    ));
+    assert!(t.accepted.is_true(), "{t:?}");
+    let policy = t.policy.unwrap();
+    assert_eq!(policy.mode, model::PeerAuthMode::Unset);
+    assert_eq!(mode_of(policy.clone(), 9000), model::PeerAuthMode::Strict);
+    assert_eq!(mode_of(policy, 8080), model::PeerAuthMode::Permissive);
+
     // A key that is no port: reported, the rest enforced.
     let t = peer_authentication(&pa(
         "{selector: {matchLabels: {app: echo}}, mtls: {mode: UNSET}, portLevelMtls: {http: {mode: STRICT}, \"8080\": {mode: STRICT}}}",

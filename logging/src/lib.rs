@@ -85,7 +85,7 @@ impl Logging {
     /// filter changes nothing.
     pub fn set(&self, filter: &str) -> Result<String, Error> {
         let effective = with_access_log(filter);
-        let parsed = parse(&effective)?;
+        let parsed = parse(filter, &effective)?;
         self.reload.reload(parsed)?;
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = effective.clone();
         tracing::info!(filter = %effective, "log filter changed");
@@ -105,7 +105,7 @@ where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let effective = with_access_log(filter);
-    let (filter, reload) = reload::Layer::new(parse(&effective)?);
+    let (filter, reload) = reload::Layer::new(parse(filter, &effective)?);
     let registry = tracing_subscriber::registry().with(filter);
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let subscriber: Box<dyn Subscriber + Send + Sync> = match format {
@@ -119,8 +119,9 @@ where
     Ok((subscriber, logging))
 }
 
-fn parse(filter: &str) -> Result<EnvFilter, Error> {
-    EnvFilter::try_new(filter).map_err(|source| Error::Filter {
+/// `effective` parsed; an error names `filter`, the one the user gave.
+fn parse(filter: &str, effective: &str) -> Result<EnvFilter, Error> {
+    EnvFilter::try_new(effective).map_err(|source| Error::Filter {
         filter: filter.to_string(),
         source,
     })
@@ -230,7 +231,12 @@ mod tests {
             tracing::warn!("hidden");
             tracing::info!(target: ACCESS, "kept");
             let error = logging.set("ztunnel=loud").unwrap_err();
-            assert!(error.to_string().contains("ztunnel=loud"), "{error}");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("invalid log filter \"ztunnel=loud\": "),
+                "{error}"
+            );
             assert_eq!(logging.current(), "error,access=info");
             logging.set("error,access=off").unwrap();
             tracing::info!(target: ACCESS, "dropped");

@@ -124,25 +124,45 @@ impl FileSource {
 #[async_trait]
 impl ConfigSource for FileSource {
     async fn run(self: Box<Self>, sink: ConfigSink, stop: CancellationToken) {
-        let mut seen: Option<(SystemTime, u64)> = None;
+        let mut applied: Option<FileStamp> = None;
+        let mut last: Option<FileStamp> = None;
         loop {
-            // The length too: a rewrite within one tick of the clock that
-            // stamps files keeps the modification time.
-            let modified = std::fs::metadata(&self.path)
-                .and_then(|m| Ok((m.modified()?, m.len())))
-                .ok();
-            if modified.is_some() && modified != seen {
-                seen = modified;
-                // Either way the outcome is logged and counted by the sink.
-                let _ = match self.read() {
-                    Ok(config) => sink.apply(config),
-                    Err(error) => sink.refuse(error),
-                };
+            let now = self.stamp();
+            // A file written in place is read only once it has stopped
+            // changing for a whole poll and did not change while it was
+            // read: a writer caught half-way often leaves valid YAML that
+            // lacks its last policies. (Written elsewhere and renamed into
+            // place, as Kubernetes does for mounted ConfigMaps, it is
+            // complete at once and read on the next poll.)
+            if now.is_some() && now != applied && now == last {
+                let read = self.read();
+                if self.stamp() == now {
+                    applied = now;
+                    // Either way the outcome is logged and counted by the sink.
+                    let _ = match read {
+                        Ok(config) => sink.apply(config),
+                        Err(error) => sink.refuse(error),
+                    };
+                }
             }
+            last = now;
             tokio::select! {
                 () = tokio::time::sleep(self.poll) => {}
                 () = stop.cancelled() => return,
             }
         }
+    }
+}
+
+/// What tells one version of the file from the next: its modification
+/// time, its length (a rewrite within one tick of the clock that stamps
+/// files keeps the time) and its inode (a file renamed into place).
+type FileStamp = (SystemTime, u64, u64);
+
+impl FileSource {
+    fn stamp(&self) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&self.path).ok()?;
+        Some((m.modified().ok()?, m.len(), m.ino()))
     }
 }

@@ -81,3 +81,39 @@ async fn file_changes_are_applied_and_bad_files_keep_the_last_good_config() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// A file written in place in several writes is read only once it has
+/// stopped changing: a poll that catches it half-way, with valid YAML that
+/// lacks the rest (here workloads; in practice a policy), does not apply
+/// it.
+#[tokio::test]
+async fn a_file_written_in_place_is_applied_once_complete() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.yaml");
+    let sink = ConfigSink::new();
+    let stop = CancellationToken::new();
+    let mut source = FileSource::new(path.clone());
+    source.poll = Duration::from_millis(250);
+    let task = tokio::spawn(Box::new(source).run(sink.clone(), stop.clone()));
+
+    // The writing takes longer than a poll, so polls see it half-way; no
+    // state of the file stays for a whole poll until the last.
+    let mut file = std::fs::File::create(&path).unwrap();
+    writeln!(file, "workloads:").unwrap();
+    for i in 1..=8 {
+        writeln!(
+            file,
+            "  - {{uid: w{i}, name: w{i}, namespace: ns, ips: [10.0.0.{i}]}}"
+        )
+        .unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for(&sink, |s| s.config().workloads.len() == 8).await;
+    // Only the complete file was ever read: one version, nothing refused.
+    assert_eq!(sink.current().version(), 1);
+    assert_eq!(sink.rejected(), 0);
+    stop.cancel();
+    task.await.unwrap();
+}

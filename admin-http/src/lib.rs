@@ -50,6 +50,25 @@ pub fn text(status: StatusCode, body: String) -> Reply {
     reply(status, "text/plain; charset=utf-8", body)
 }
 
+/// `405` for a path that exists under other methods, naming them in
+/// `Allow` as HTTP requires.
+pub fn method_not_allowed(allow: &'static str, body: String) -> Reply {
+    let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, body);
+    resp.headers_mut().insert(
+        hyper::header::ALLOW,
+        hyper::header::HeaderValue::from_static(allow),
+    );
+    resp
+}
+
+/// Logs a failed `accept` and waits a little before the next: the usual
+/// cause, running out of file descriptors, lasts a while, and retrying at
+/// once would spin a core and flood the log.
+pub async fn after_accept_error(error: &std::io::Error, listener: &str) {
+    tracing::warn!(%error, listener, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
 /// Serves HTTP/1.1 and HTTP/2 on `listener` with `route` until `stop`.
 pub async fn serve<F>(listener: TcpListener, route: F, stop: CancellationToken)
 where
@@ -58,7 +77,13 @@ where
     let route = Arc::new(route);
     loop {
         let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    after_accept_error(&error, "admin").await;
+                    continue;
+                }
+            },
             () = stop.cancelled() => return,
         };
         let route = route.clone();

@@ -67,6 +67,27 @@ impl Error {
         identity_error_of(source)
     }
 
+    /// Whether the server certainly did not act on the CONNECT, so that it
+    /// and its early data may go to another server or connection without
+    /// being delivered twice: the request never went out (no certificate,
+    /// no connection, no handshake), the server refused it (a status other
+    /// than `200`, `REFUSED_STREAM`), or its GOAWAY left the stream out
+    /// (RFC 9113, section 6.8). Any other HTTP/2 or I/O error may have
+    /// come after the server had connected and forwarded the data.
+    pub fn not_processed(&self) -> bool {
+        match self {
+            Error::H2(e) => refused_unprocessed(e),
+            Error::Io(_) => false,
+            Error::Shared(inner) => inner.not_processed(),
+            Error::Certificate(_)
+            | Error::TlsConfig(_)
+            | Error::Connect { .. }
+            | Error::Tls { .. }
+            | Error::Timeout { .. }
+            | Error::Status { .. } => true,
+        }
+    }
+
     /// A short, stable label for metrics and access logs.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -88,5 +109,50 @@ impl Error {
             Error::Io(_) => "io_error",
             Error::Shared(inner) => inner.reason(),
         }
+    }
+}
+
+/// A stream error from the server saying it did not process the stream:
+/// its `REFUSED_STREAM`, or its GOAWAY, which h2 reports only on streams
+/// above the GOAWAY's last stream (and on streams opened after it).
+pub(crate) fn refused_unprocessed(e: &h2::Error) -> bool {
+    e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only failures that prove the server did not act on the CONNECT let
+    /// its early data go elsewhere.
+    #[test]
+    fn only_refusals_and_failures_before_the_request_are_not_processed() {
+        let addr: SocketAddr = "10.0.0.1:15008".parse().expect("address");
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert!(
+            Error::Connect {
+                addr,
+                source: refused
+            }
+            .not_processed()
+        );
+        assert!(
+            Error::Timeout {
+                what: "TLS handshake",
+                addr
+            }
+            .not_processed()
+        );
+        let status = Error::Status {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            authority: addr,
+        };
+        assert!(status.not_processed());
+        assert!(Error::Shared(std::sync::Arc::new(status)).not_processed());
+        // The connection broke after the request went out: the server may
+        // have forwarded the data.
+        assert!(!Error::Io(io::Error::from(io::ErrorKind::UnexpectedEof)).not_processed());
+        // A reset of our own making says nothing about the server.
+        assert!(!Error::H2(h2::Error::from(h2::Reason::REFUSED_STREAM)).not_processed());
     }
 }

@@ -211,12 +211,14 @@ impl Pool {
                 ..stream
             }),
             // The server is going away or refused the stream before acting
-            // on it: safe to retry once on a fresh connection.
-            Err(Error::H2(e))
-                if e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) =>
-            {
+            // on it: safe to retry once. The connection takes no new
+            // streams (after a GOAWAY, h2 fails every one), so it leaves
+            // the pool and the retry makes a new connection; its open
+            // streams keep it alive until they end.
+            Err(Error::H2(e)) if crate::error::refused_unprocessed(&e) => {
+                let refused = lease.pooled.clone();
                 drop(lease);
-                self.retire_closed(key);
+                self.retire(key, &refused);
                 let lease = self.checkout(key).await?;
                 let stream = lease.pooled.conn.open(req).await?;
                 Ok(H2Stream {
@@ -303,9 +305,12 @@ impl Pool {
         .shared()
     }
 
-    fn retire_closed(&self, key: &PoolKey) {
+    /// Takes `pooled` out of the pool, and any connection that has closed.
+    fn retire(&self, key: &PoolKey, pooled: &Arc<Pooled>) {
         if let Some(state) = self.inner.lock().get_mut(key) {
-            state.conns.retain(|p| !p.conn.is_closed());
+            state
+                .conns
+                .retain(|p| !Arc::ptr_eq(p, pooled) && !p.conn.is_closed());
         }
     }
 }

@@ -250,7 +250,10 @@ impl<H: Handler> Server<H> {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(error) => {
+                        // Out of descriptors, typically: retrying at once
+                        // would spin a core while it lasts.
                         tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
@@ -333,7 +336,31 @@ impl<H: Handler> Server<H> {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let mut conn = settings::server_builder().handshake(io).await?;
+        // A client that passed TLS but does not speak HTTP/2 (or stalls)
+        // is refused like a failed TLS handshake, with its identity.
+        let handshake = tokio::time::timeout(
+            self.options.handshake_timeout,
+            settings::server_builder().handshake(io),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "HTTP/2 handshake",
+            addr: ctx.peer_addr,
+        })
+        .and_then(|r| r.map_err(Error::from));
+        let mut conn = match handshake {
+            Ok(conn) => conn,
+            Err(error) => {
+                tracing::info!(%error, reason = error.reason(), "HBONE connection failed");
+                self.handler.refused(Refusal {
+                    peer_addr: ctx.peer_addr,
+                    peer_identity: Some(ctx.peer_identity.clone()),
+                    code: error.reason(),
+                    reason: error.to_string(),
+                });
+                return Ok(());
+            }
+        };
         let keepalive = self.options.keepalive.run(conn.ping_pong());
         tokio::pin!(keepalive);
         let drain_deadline = tokio::time::sleep(Duration::MAX / 4);
@@ -365,12 +392,20 @@ impl<H: Handler> Server<H> {
                 () = &mut drain_deadline, if draining => {
                     tracing::info!("drain deadline passed, closing remaining tunnels");
                     conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    // h2 writes the final GOAWAY only while the connection
+                    // is polled; without it the peer sees a bare close.
+                    let flushed = async { while conn.accept().await.is_some() {} };
+                    let _ = tokio::time::timeout(GOAWAY_FLUSH, flushed).await;
                     return Ok(());
                 }
             }
         }
     }
 }
+
+/// How long a connection closed at the drain deadline may take to write
+/// its final GOAWAY.
+const GOAWAY_FLUSH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 struct ConnContext {
@@ -399,8 +434,11 @@ fn admit(
         .as_str()
         .parse()
         .map_err(|_| Rejection::bad_request(format!("authority {authority} is not an IP:port")))?;
+    // An IPv4-mapped IPv6 address names the IPv4 address: the handler
+    // sees it as such, as the check below does.
+    let authority = SocketAddr::new(authority.ip().to_canonical(), authority.port());
     let local_ip = ctx.local_addr.ip().to_canonical();
-    if require_ip && authority.ip().to_canonical() != local_ip {
+    if require_ip && authority.ip() != local_ip {
         return Err(Rejection::bad_request(format!(
             "authority IP {} differs from the connection's destination IP {local_ip}",
             authority.ip()

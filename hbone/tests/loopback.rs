@@ -247,6 +247,20 @@ async fn authority_ip_other_than_the_connected_ip_gets_400() {
     assert_eq!(fx.pool.connection_count(), 1);
 }
 
+/// An authority written as an IPv4-mapped IPv6 address is the IPv4
+/// address, for the IP check and for the handler alike.
+#[tokio::test]
+async fn an_ipv4_mapped_authority_is_its_ipv4_address() {
+    let fx = Fixture::new(mesh_ca()).await;
+    let upstream = echo_server().await;
+    let mapped = SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), upstream.port());
+    let mut app = fx.tunnel(mapped).await.unwrap();
+    app.write_all(b"ok").await.unwrap();
+    let mut buf = [0u8; 2];
+    app.read_exact(&mut buf).await.unwrap();
+    assert_eq!(fx.handler.seen()[0].authority, upstream);
+}
+
 #[tokio::test]
 async fn unreachable_upstream_gets_503() {
     let fx = Fixture::new(mesh_ca()).await;
@@ -420,6 +434,63 @@ async fn drain_sends_goaway_and_lets_open_tunnels_finish() {
         .unwrap();
     // No new tunnels: the listener is closed.
     assert!(fx.tunnel(upstream).await.is_err());
+}
+
+/// A server that sends GOAWAY while something else already listens on
+/// its address (a replaced ztunnel): the pooled connection takes no new
+/// tunnels, so the next tunnel opens a new connection instead of failing
+/// on the draining one.
+#[tokio::test]
+async fn after_a_goaway_new_tunnels_open_a_new_connection() {
+    let fx = Fixture::new(mesh_ca()).await;
+    let upstream = echo_server().await;
+    let mut held = fx.tunnel(upstream).await.unwrap();
+    let server = fx.server.clone();
+    let draining = tokio::spawn(async move { server.shutdown().await });
+    // The replacement, once the old listener is closed.
+    let handler = Forward::default();
+    let replacement = Server::new(handler.clone(), ServerOptions::default());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let listener = loop {
+        match TcpListener::bind(fx.hbone_addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    tokio::spawn(
+        replacement
+            .clone()
+            .serve(listener, fx.certs.clone(), id(SERVER)),
+    );
+    // Let the GOAWAY arrive before the next tunnels.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !draining.is_finished(),
+        "the held tunnel keeps the drain waiting"
+    );
+    for i in 0..3 {
+        let mut app = fx
+            .tunnel(upstream)
+            .await
+            .unwrap_or_else(|e| panic!("tunnel {i} after GOAWAY: {e}"));
+        app.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        app.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+    assert_eq!(handler.seen().len(), 3, "the replacement served them");
+    assert_eq!(fx.pool.connections_for(&fx.key()), 1);
+    // The tunnel on the old connection still works.
+    held.write_all(b"old").await.unwrap();
+    let mut buf = [0u8; 3];
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"old");
+    drop(held);
+    draining.await.unwrap();
+    replacement.shutdown().await;
 }
 
 #[tokio::test]

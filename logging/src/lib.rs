@@ -36,6 +36,10 @@ pub enum Error {
         filter: String,
         source: tracing_subscriber::filter::ParseError,
     },
+    #[error(
+        "empty log filter: it would turn off every log but the access log; give a level such as info"
+    )]
+    Empty,
     #[error("cannot change the log filter: {0}")]
     Reload(#[from] reload::Error),
     #[error("a global log subscriber is already installed: {0}")]
@@ -84,6 +88,11 @@ impl Logging {
     /// Replaces the filter; returns the one now in force. An invalid
     /// filter changes nothing.
     pub fn set(&self, filter: &str) -> Result<String, Error> {
+        // Most likely a mistake (`?level=`), and one that would leave a
+        // node silent about its errors.
+        if filter.trim().is_empty() {
+            return Err(Error::Empty);
+        }
         let effective = with_access_log(filter);
         let parsed = parse(filter, &effective)?;
         self.reload.reload(parsed)?;
@@ -237,6 +246,8 @@ mod tests {
                     .starts_with("invalid log filter \"ztunnel=loud\": "),
                 "{error}"
             );
+            assert_eq!(logging.current(), "error,access=info");
+            assert!(matches!(logging.set(" "), Err(Error::Empty)));
             assert_eq!(logging.current(), "error,access=info");
             logging.set("error,access=off").unwrap();
             tracing::info!(target: ACCESS, "dropped");

@@ -187,17 +187,76 @@ pub(crate) fn cluster_ips(svc: &KubeService) -> Option<Vec<Ipv4Addr>> {
     (!ips.is_empty()).then_some(ips)
 }
 
-/// The owning workload for telemetry: a ReplicaSet's Deployment (its name
-/// without the template hash), or the direct owner.
+/// The owning workload for telemetry, named as Istio names it: a
+/// Deployment's ReplicaSet by the Deployment (the name without the pod's
+/// `pod-template-hash`), a CronJob's Job by the CronJob (the name without
+/// the `-<minutes since the epoch>` suffix of each run), otherwise the
+/// direct owner. Each run or rollout would otherwise make new metric
+/// series.
 pub(crate) fn owner_name(pod: &Pod) -> Option<String> {
     let owner = pod
         .owner_references()
         .iter()
         .find(|o| o.controller == Some(true))?;
-    if owner.kind == "ReplicaSet"
-        && let Some((deployment, _hash)) = owner.name.rsplit_once('-')
-    {
-        return Some(deployment.to_string());
+    let name = owner.name.as_str();
+    let stripped = match owner.kind.as_str() {
+        "ReplicaSet" => label(pod.labels(), "pod-template-hash")
+            .and_then(|hash| name.strip_suffix(hash))
+            .and_then(|rest| rest.strip_suffix('-')),
+        "Job" => name.rsplit_once('-').and_then(|(cronjob, run)| {
+            let timestamp =
+                (8..=10).contains(&run.len()) && run.bytes().all(|b| b.is_ascii_digit());
+            timestamp.then_some(cronjob)
+        }),
+        _ => None,
+    };
+    Some(stripped.unwrap_or(name).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+    use super::*;
+
+    fn owned(kind: &str, owner: &str, hash: Option<&str>) -> Pod {
+        let labels = hash.map_or_else(
+            || serde_json::json!({}),
+            |h| serde_json::json!({"pod-template-hash": h}),
+        );
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "labels": labels, "ownerReferences": [
+                {"apiVersion": "apps/v1", "kind": kind, "name": owner, "uid": "u", "controller": true}
+            ]}
+        }))
+        .unwrap()
     }
-    Some(owner.name.clone())
+
+    /// Names as Istio gives them, so that a rollout or a CronJob's next
+    /// run keeps its metric series.
+    #[test]
+    fn owners_are_named_by_the_workload_that_outlives_them() {
+        let cases = [
+            (
+                owned("ReplicaSet", "web-7d4f9c8b5", Some("7d4f9c8b5")),
+                "web",
+            ),
+            (
+                owned("ReplicaSet", "my-web-7d4f9c8b5", Some("7d4f9c8b5")),
+                "my-web",
+            ),
+            // A ReplicaSet of its own, not a Deployment's: kept whole.
+            (owned("ReplicaSet", "cache-blue", None), "cache-blue"),
+            (owned("Job", "report-29001234", None), "report"),
+            (owned("Job", "backfill-once", None), "backfill-once"),
+            (owned("Job", "backfill-1", None), "backfill-1"),
+            (owned("StatefulSet", "db", None), "db"),
+        ];
+        for (pod, want) in cases {
+            assert_eq!(owner_name(&pod).as_deref(), Some(want), "{pod:?}");
+        }
+        let bare: Pod =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}})).unwrap();
+        assert_eq!(owner_name(&bare), None);
+    }
 }

@@ -20,7 +20,7 @@ metadata:
   name: {name}
   namespace: {ns}
   uid: uid-{name}
-  labels: {{app: {app}{extra_labels}}}
+  labels: {{app: {app}, pod-template-hash: 5d9c7b{extra_labels}}}
   ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {app}-5d9c7b, uid: rs, controller: true}}]
 spec: {{nodeName: {node}, serviceAccountName: {app}, containers: [{{name: c, image: i}}]}}
 status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}

@@ -180,6 +180,10 @@ fn the_admin_api_reports_config_connections_and_sets_log_levels() {
     assert!(body.starts_with("invalid level:"), "{body}");
     assert_eq!(admin(&t, &node, "GET", "/logging"), debug);
     assert_eq!(admin(&t, &node, "GET", "/logging?level=warn").0, 405);
+    // An empty level would silence every log but the access log.
+    let (code, body) = admin(&t, &node, "POST", "/logging?level=");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("empty log filter"), "{body}");
     assert_eq!(admin(&t, &node, "GET", "/logging"), debug);
 
     // Under `warn` a connection is still in the access log.
@@ -208,4 +212,5 @@ fn the_admin_api_reports_config_connections_and_sets_log_levels() {
         (200, "warn,access=off\n".into())
     );
     assert_eq!(admin(&t, &node, "GET", "/nowhere").0, 404);
+    assert_eq!(admin(&t, &node, "POST", "/config_dump").0, 405);
 }

@@ -187,7 +187,8 @@ fn meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext() {
             .iter()
             .any(|l| l.contains(&format!("dst_addr={vip}:80")))
             && inbound.iter().any(|l| {
-                l.contains("direction=\"inbound\"") && l.contains("dst_service=app/echo ")
+                l.contains("direction=\"inbound\"")
+                    && l.contains("dst_service=echo.app.svc.cluster.local ")
             });
         if done || Instant::now() > deadline {
             break (out, inbound);
@@ -207,7 +208,8 @@ fn meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext() {
         assert!(remote_line.contains(want), "{want} not in {remote_line}");
     }
     assert!(
-        out.iter().any(|l| l.contains("dst_service=app/echo ")),
+        out.iter()
+            .any(|l| l.contains("dst_service=echo.app.svc.cluster.local ")),
         "{out:#?}"
     );
     assert!(
@@ -219,9 +221,8 @@ fn meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext() {
     // Both sides name the service alike: the server side by the hostname
     // in the client's `forwarded` header, checked against the config.
     assert!(
-        inbound
-            .iter()
-            .any(|l| l.contains("direction=\"inbound\"") && l.contains("dst_service=app/echo ")),
+        inbound.iter().any(|l| l.contains("direction=\"inbound\"")
+            && l.contains("dst_service=echo.app.svc.cluster.local ")),
         "{inbound:#?}"
     );
 

@@ -133,11 +133,17 @@ pub fn manifests(plan: &Plan) -> Vec<Manifest> {
 
 fn pod_object(plan: &Plan, pod: &PodPlan) -> Pod {
     let node = &plan.nodes[pod.node];
-    let mut metadata = meta(&pod.name, Some(&pod.namespace), pod.labels.clone());
-    metadata.uid = Some(pod.uid.clone());
+    let mut labels = pod.labels.clone();
     // Lab pods are named `<deployment>-<n>`; owned, as in a cluster, by
-    // their Deployment's ReplicaSet (telemetry names the Deployment).
-    if let Some((deployment, _)) = pod.name.rsplit_once('-') {
+    // their Deployment's ReplicaSet, `<deployment>-<template hash>`, whose
+    // hash their label repeats (telemetry names the Deployment).
+    let deployment = pod.name.rsplit_once('-').map(|(d, _)| d);
+    if deployment.is_some() {
+        labels.insert("pod-template-hash".into(), "lab".into());
+    }
+    let mut metadata = meta(&pod.name, Some(&pod.namespace), labels);
+    metadata.uid = Some(pod.uid.clone());
+    if let Some(deployment) = deployment {
         metadata.owner_references = Some(vec![OwnerReference {
             api_version: "apps/v1".into(),
             kind: "ReplicaSet".into(),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 pub use admin_http::serve;
-use admin_http::{Method, Reply, Req, StatusCode, json, text};
+use admin_http::{Method, Reply, Req, StatusCode, json, method_not_allowed, text};
 use serde::Serialize;
 
 use crate::agent::{NodeAgent, PodInfo};
@@ -87,6 +87,19 @@ fn unix(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// `/healthz/ready`, on the admin port and on the metrics port (which a
+/// kubelet can reach): ready once the config it expects has arrived.
+pub fn readiness(agent: &NodeAgent, expects_config: bool) -> Reply {
+    if expects_config && agent.shared().snapshot().version() == 0 {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no mesh config yet\n".into(),
+        )
+    } else {
+        text(StatusCode::OK, "ready\n".into())
+    }
+}
+
 impl Admin {
     pub fn route(&self, req: &Req) -> Reply {
         let shared = self.agent.shared();
@@ -119,18 +132,13 @@ impl Admin {
                 let list: Vec<ConnView> = shared.conns.list();
                 json(&list)
             }
-            (&Method::GET, "/healthz/ready") => {
-                if self.expects_config && shared.snapshot().version() == 0 {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: no mesh config yet\n".into(),
-                    )
-                } else {
-                    text(StatusCode::OK, "ready\n".into())
-                }
-            }
+            (&Method::GET, "/healthz/ready") => readiness(&self.agent, self.expects_config),
             (&Method::GET | &Method::POST, "/logging") => self.logging(req),
             (&Method::GET, "/debug/memory") => self.memory(),
+            (_, "/logging") => method_not_allowed("GET, POST", "use GET or POST\n".into()),
+            (_, "/config_dump" | "/debug/connections" | "/healthz/ready" | "/debug/memory") => {
+                method_not_allowed("GET", "use GET\n".into())
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found; try /config_dump, /debug/connections, /debug/memory, \
@@ -177,10 +185,9 @@ impl Admin {
         match level {
             None => text(StatusCode::OK, format!("{}\n", control.current())),
             // A link or a prefetch must not change what the node logs.
-            Some(_) if req.method() != Method::POST => text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "changing the level takes POST\n".into(),
-            ),
+            Some(_) if req.method() != Method::POST => {
+                method_not_allowed("POST", "changing the level takes POST\n".into())
+            }
             Some(level) => match percent_decode(level).and_then(|l| control.set(&l)) {
                 Ok(now) => text(StatusCode::OK, format!("{now}\n")),
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid level: {e}\n")),

@@ -111,8 +111,9 @@ pub struct Mesh {
     /// `None`: no certificate source; meshed destinations cannot be
     /// reached and inbound HBONE is not served.
     pub certs: Option<CertManager>,
-    /// The config comes from the controller: until its first one arrives,
-    /// captured connections are refused, not routed on an empty config.
+    /// The config comes from a source (the controller or a file): until
+    /// its first good config arrives, captured connections are refused,
+    /// not routed on an empty config.
     pub awaiting_config: bool,
 }
 
@@ -134,17 +135,19 @@ impl Shared {
     }
 
     /// Why `snapshot` cannot route or judge connections, if it cannot: it
-    /// is the empty one from before the controller's first config. With
+    /// is the empty one from before the source's first good config. With
     /// it, meshed destinations would look unknown and be reached in
     /// plaintext, and no policy would apply.
     pub fn unconfigured(&self, snapshot: &Snapshot) -> Option<&'static str> {
-        (self.awaiting_config && snapshot.version() == 0)
-            .then_some("no mesh config from the controller yet")
+        (self.awaiting_config && snapshot.version() == 0).then_some("no mesh config yet")
     }
 }
 
 /// How long open connections may take to finish when ztunnel stops.
 const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long connections closed at the drain deadline may take to log
+/// their end.
+const CLOSE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Captures and serves the pods of one node.
 pub struct NodeAgent {
@@ -496,7 +499,14 @@ impl NodeAgent {
             let open = self.shared.conns.len();
             tracing::info!(open, "drain deadline passed, closing remaining connections");
             self.shared.conns.close_all("ztunnel shutting down");
-            self.tasks.wait().await;
+            // What is still connecting (a destination that does not answer
+            // its SYNs) is not waited for: exiting ends it.
+            if tokio::time::timeout(CLOSE_DEADLINE, self.tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::info!("connections still being made at exit");
+            }
         }
     }
 
@@ -512,7 +522,7 @@ impl NodeAgent {
             let (client, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
-                    Err(error) => { tracing::warn!(%error, "outbound accept"); continue; }
+                    Err(error) => { admin_http::after_accept_error(&error, "outbound").await; continue; }
                 },
                 () = stop.cancelled() => return,
             };
@@ -580,12 +590,18 @@ impl NodeAgent {
                 return;
             }
         };
-        record.dst_service = plan.service.clone().unwrap_or_default();
+        if let Some(service) = plan
+            .hostname
+            .as_deref()
+            .and_then(|h| snapshot.service_by_hostname(h))
+        {
+            record.set_service(service);
+        }
         if let Some(waypoint) = plan.waypoint {
             record.waypoint = waypoint.to_string();
         }
         // What the client has sent by now goes with the CONNECT, and again
-        // to the next endpoint if one is refused.
+        // to the next endpoint if one refused it without acting on it.
         let early = match ready_bytes(&client) {
             Ok(early) => early,
             Err(error) => {
@@ -608,12 +624,16 @@ impl NodeAgent {
                 .await
             {
                 Ok(upstream) => upstream,
-                Err(error) => {
-                    if endpoint_fault(error.0) {
+                Err(failure) => {
+                    if endpoint_fault(failure.code) {
                         self.balancer.eject(route.hbone_endpoint());
                     }
-                    last = Some(error);
-                    if plan.service.is_none() {
+                    // A tunnel that broke after the server may have
+                    // forwarded the client's first bytes is not tried
+                    // elsewhere: they would reach two backends.
+                    let retry = plan.service.is_some() && (failure.not_sent || early.is_empty());
+                    last = Some((failure.code, failure.reason));
+                    if !retry {
                         break;
                     }
                     continue;
@@ -699,7 +719,7 @@ impl NodeAgent {
     }
 
     /// Connects to one route: an HBONE tunnel or a TCP connection from the
-    /// source pod's namespace. The error is the access log's reason.
+    /// source pod's namespace.
     async fn open(
         &self,
         route: &Route,
@@ -707,7 +727,7 @@ impl NodeAgent {
         hostname: Option<&str>,
         source: &Source,
         early: &Bytes,
-    ) -> Result<Upstream, (&'static str, String)> {
+    ) -> Result<Upstream, OpenFailure> {
         match route {
             Route::Hbone {
                 hbone,
@@ -715,10 +735,11 @@ impl NodeAgent {
                 identity,
                 ..
             } => {
-                let pool = self.pool.as_ref().ok_or((
-                    "certificate_unavailable",
-                    "no certificate source: cannot reach meshed workloads".to_string(),
-                ))?;
+                let pool = self.pool.as_ref().ok_or(OpenFailure {
+                    code: "certificate_unavailable",
+                    reason: "no certificate source: cannot reach meshed workloads".to_string(),
+                    not_sent: true,
+                })?;
                 let key = PoolKey::new(
                     source.identity.clone(),
                     vec![identity.clone()],
@@ -735,7 +756,11 @@ impl NodeAgent {
                 pool.connect(&key, &req)
                     .await
                     .map(Upstream::Hbone)
-                    .map_err(|e| (e.reason(), format!("{}: {e}", e.reason())))
+                    .map_err(|e| OpenFailure {
+                        code: e.reason(),
+                        reason: format!("{}: {e}", e.reason()),
+                        not_sent: e.not_processed(),
+                    })
             }
             Route::Plain { dst, .. } | Route::Passthrough { dst } => source
                 .sockets
@@ -748,7 +773,12 @@ impl NodeAgent {
                     } else {
                         "connect_failed"
                     };
-                    (code, format!("connect {dst}: {e}"))
+                    // The early data is written only once connected.
+                    OpenFailure {
+                        code,
+                        reason: format!("connect {dst}: {e}"),
+                        not_sent: true,
+                    }
                 }),
         }
     }
@@ -763,7 +793,7 @@ impl NodeAgent {
             let (client, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
-                    Err(error) => { tracing::warn!(%error, "inbound accept"); continue; }
+                    Err(error) => { admin_http::after_accept_error(&error, "inbound").await; continue; }
                 },
                 () = stop.cancelled() => return,
             };
@@ -871,6 +901,17 @@ impl tokio::io::AsyncWrite for Counted<'_> {
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
     }
+}
+
+/// Why a route could not be opened.
+struct OpenFailure {
+    /// The metrics label.
+    code: &'static str,
+    /// The access log's reason.
+    reason: String,
+    /// Nothing reached the application: the client's first bytes may go
+    /// to another endpoint.
+    not_sent: bool,
 }
 
 /// Whether a failure to open a route says the endpoint itself is unwell,

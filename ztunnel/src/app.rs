@@ -98,13 +98,14 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     if let Some(path) = &config.mesh_config {
         let source = FileSource::new(path.clone());
         // Start with the file's config, so that the first connections are
-        // already routed by it.
-        match source.read() {
-            Ok(mesh) => {
-                sink.apply(mesh)?;
-            }
-            Err(error) => tracing::warn!(%error, "mesh config not read yet"),
-        }
+        // already routed by it. A file that cannot be read or is invalid
+        // is not fatal: ztunnel waits for a good one, refusing captured
+        // connections and not ready until then (`awaiting_config`), as it
+        // does for the controller's first config.
+        let _ = match source.read() {
+            Ok(mesh) => sink.apply(mesh),
+            Err(error) => sink.refuse(error),
+        };
         tasks.spawn(Box::new(source).run(sink.clone(), stop.clone()));
     }
     let trust_domain: TrustDomain = config.trust_domain.parse()?;
@@ -144,19 +145,25 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         Mesh {
             config: sink.subscribe(),
             certs,
-            awaiting_config: controller.is_some() && config.mesh_config.is_none(),
+            awaiting_config: controller.is_some() || config.mesh_config.is_some(),
         },
     )?;
     let metrics = TcpListener::bind(config.metrics_addr).await?;
     let metrics_addr = metrics.local_addr()?;
-    tasks.spawn(metrics::serve(agent.clone(), metrics, stop.clone()));
+    let expects_config = config.mesh_config.is_some() || config.controller.is_some();
+    tasks.spawn(metrics::serve(
+        agent.clone(),
+        metrics,
+        expects_config,
+        stop.clone(),
+    ));
     let admin_listener = TcpListener::bind(config.admin_addr).await?;
     let admin_addr = admin_listener.local_addr()?;
     let admin = Admin {
         agent: agent.clone(),
         logging: config.logging.clone(),
         heap_stats: config.heap_stats,
-        expects_config: config.mesh_config.is_some() || config.controller.is_some(),
+        expects_config,
     };
     tasks.spawn(admin::serve(
         admin_listener,

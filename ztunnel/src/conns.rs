@@ -124,6 +124,10 @@ struct Closure {
 pub struct Connections {
     next: AtomicU64,
     open: Mutex<HashMap<u64, Open>>,
+    /// Set by [`Connections::close_all`]: a connection registered later
+    /// (it was still connecting) is closed at once, so that it does not
+    /// outlive the drain.
+    closing_for: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Connections {
@@ -202,15 +206,25 @@ impl Connections {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let close = CancellationToken::new();
         let closed_for = Arc::new(Mutex::new(None));
-        self.lock().insert(
-            id,
-            Open {
-                record,
-                authorized,
-                close: close.clone(),
-                closed_for: closed_for.clone(),
-            },
-        );
+        let open = Open {
+            record,
+            authorized,
+            close: close.clone(),
+            closed_for: closed_for.clone(),
+        };
+        let mut registry = self.lock();
+        // Read under the registry's lock, which `close_all` holds while it
+        // sets it: every connection is closed by one or the other.
+        let closing = self
+            .closing_for
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(reason) = closing {
+            close_for(&open, reason);
+        }
+        registry.insert(id, open);
+        drop(registry);
         Tracked {
             id,
             registry: self.clone(),
@@ -249,16 +263,16 @@ impl Connections {
             .count()
     }
 
-    /// Closes every open connection (a drain ran out of time).
+    /// Closes every open connection, and every one registered from now
+    /// on (a drain ran out of time).
     pub fn close_all(&self, reason: &str) {
-        for open in self.lock().values() {
-            close(
-                open,
-                Closure {
-                    reason: reason.to_string(),
-                    policy: String::new(),
-                },
-            );
+        let registry = self.lock();
+        *self
+            .closing_for
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reason.to_string());
+        for open in registry.values() {
+            close_for(open, reason.to_string());
         }
     }
 }
@@ -291,6 +305,17 @@ fn rejudge(open: &Open, snapshot: &Snapshot) -> bool {
         },
     );
     true
+}
+
+/// Closes `open` for `reason`, with no policy to name.
+fn close_for(open: &Open, reason: String) {
+    close(
+        open,
+        Closure {
+            reason,
+            policy: String::new(),
+        },
+    );
 }
 
 fn close(open: &Open, closure: Closure) {
@@ -389,5 +414,32 @@ authorizationPolicies:
         let reason = tracked.close_reason(&mut record, "copy ended");
         assert!(reason.starts_with("policy changed: "), "{reason}");
         assert_eq!(record.policy, "demo/deny-all");
+    }
+
+    /// At the drain deadline every connection is closed, including one
+    /// that was still connecting and registers only afterwards.
+    #[tokio::test]
+    async fn connections_registered_after_close_all_are_closed_at_once() {
+        let registry = Arc::new(Connections::default());
+        let record = ConnRecord::new(
+            Direction::Outbound,
+            "10.0.0.9:40000".parse().unwrap(),
+            "10.0.0.1:8080".parse().unwrap(),
+        );
+        let before = registry.track(record.clone(), None);
+        let open = tokio::time::timeout(Duration::from_millis(50), before.closed()).await;
+        assert!(open.is_err(), "closed before the drain deadline");
+        registry.close_all("ztunnel shutting down");
+        let after = registry.track(record.clone(), None);
+        for tracked in [&before, &after] {
+            tokio::time::timeout(Duration::from_secs(1), tracked.closed())
+                .await
+                .expect("not closed");
+            let mut record = record.clone();
+            assert_eq!(
+                tracked.close_reason(&mut record, "copy ended"),
+                "ztunnel shutting down"
+            );
+        }
     }
 }

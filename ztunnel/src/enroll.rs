@@ -80,7 +80,7 @@ pub async fn serve_socket(agent: Arc<NodeAgent>, listener: UnixListener, stop: C
         let conn = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((conn, _)) => conn,
-                Err(error) => { tracing::warn!(%error, "enrollment accept"); continue; }
+                Err(error) => { admin_http::after_accept_error(&error, "enrollment").await; continue; }
             },
             () = stop.cancelled() => return,
         };

@@ -217,7 +217,7 @@ impl Handler for Inbound {
             .and_then(|f| f.host.as_deref())
             .and_then(|host| snapshot.service_by_hostname(host))
         {
-            record.dst_service = service.key();
+            record.set_service(service);
         }
         // The server already refused an authority for another IP; this
         // guards a listener that was bound more widely.
@@ -267,7 +267,14 @@ impl Handler for Inbound {
         let stream = match tunnel.accept() {
             Ok(stream) => stream,
             Err(error) => {
-                tracing::debug!(%error, "client went away before the tunnel opened");
+                // Authorized and connected, but the client's stream is
+                // gone: still one access line and a counted failure.
+                self.shared.metrics.failed(&record, "client_gone");
+                record.log(
+                    0,
+                    0,
+                    &format!("client went away before the tunnel opened: {error}"),
+                );
                 return;
             }
         };

@@ -4,8 +4,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
-use http_body_util::Full;
+use admin_http::{Method, StatusCode, method_not_allowed, reply, text};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -67,17 +66,25 @@ pub fn render(agent: &NodeAgent) -> String {
     out
 }
 
-/// Serves `/metrics` (any path) until `stop`.
-pub async fn serve(agent: Arc<NodeAgent>, listener: TcpListener, stop: CancellationToken) {
+/// Serves `/metrics` and `/healthz/ready` until `stop`.
+pub async fn serve(
+    agent: Arc<NodeAgent>,
+    listener: TcpListener,
+    expects_config: bool,
+    stop: CancellationToken,
+) {
     crate::admin::serve(
         listener,
-        move |_req| {
-            let mut resp = hyper::Response::new(Full::new(Bytes::from(render(&agent))));
-            resp.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            resp
+        move |req| match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => {
+                reply(StatusCode::OK, "text/plain; version=0.0.4", render(&agent))
+            }
+            (&Method::GET, "/healthz/ready") => crate::admin::readiness(&agent, expects_config),
+            (_, "/metrics" | "/healthz/ready") => method_not_allowed("GET", "use GET\n".into()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /metrics, /healthz/ready\n".into(),
+            ),
         },
         stop,
     )

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use admin_http::registry::Registry;
 use hbone::{PoolKey, PoolObserver};
 use metrics::{Label, Unit};
-use model::Workload;
+use model::{Service, Workload};
 use serde::Serialize;
 
 const OPENED: &str = "ambit_tcp_connections_opened_total";
@@ -75,7 +75,11 @@ pub struct ConnRecord {
     pub dst_addr: SocketAddr,
     /// The endpoint actually connected to.
     pub dst_endpoint: String,
+    /// The service's hostname (`name.namespace.svc.cluster.local`).
     pub dst_service: String,
+    /// Its namespace and name, for metric labels.
+    #[serde(skip)]
+    pub dst_service_ref: (String, String),
     pub dst_workload: String,
     #[serde(skip)]
     pub dst_owner: (String, String),
@@ -111,6 +115,7 @@ impl ConnRecord {
             dst_addr,
             dst_endpoint: String::new(),
             dst_service: String::new(),
+            dst_service_ref: Default::default(),
             dst_workload: String::new(),
             dst_owner: Default::default(),
             dst_identity: String::new(),
@@ -126,6 +131,12 @@ impl ConnRecord {
     pub fn set_src(&mut self, w: &Workload) {
         self.src_workload = format!("{}/{}", w.namespace, w.name);
         self.src_owner = owner(w);
+    }
+
+    /// The client dialled this service of the mesh config.
+    pub fn set_service(&mut self, s: &Service) {
+        self.dst_service = s.hostname();
+        self.dst_service_ref = (s.namespace.clone(), s.name.clone());
     }
 
     /// The destination is this workload of the mesh config.
@@ -163,8 +174,8 @@ impl ConnRecord {
     fn labels(&self) -> Vec<Label> {
         let (src_ns, src_name) = self.src_owner.clone();
         let (dst_ns, dst_name) = self.dst_owner.clone();
+        let (svc_ns, svc_name) = self.dst_service_ref.clone();
         let or_unknown = |s: String| if s.is_empty() { "unknown".into() } else { s };
-        let principal = |s: &str| s.strip_prefix("spiffe://").unwrap_or(s).to_string();
         let security = if self.protocol == "HBONE" {
             "mutual_tls"
         } else {
@@ -174,17 +185,16 @@ impl ConnRecord {
             Label::new("reporter", self.direction.reporter()),
             Label::new("source_workload", or_unknown(src_name)),
             Label::new("source_workload_namespace", or_unknown(src_ns)),
-            Label::new(
-                "source_principal",
-                or_unknown(principal(&self.src_identity)),
-            ),
+            Label::new("source_principal", or_unknown(self.src_identity.clone())),
             Label::new("destination_workload", or_unknown(dst_name)),
             Label::new("destination_workload_namespace", or_unknown(dst_ns)),
             Label::new(
                 "destination_principal",
-                or_unknown(principal(&self.dst_identity)),
+                or_unknown(self.dst_identity.clone()),
             ),
             Label::new("destination_service", or_unknown(self.dst_service.clone())),
+            Label::new("destination_service_name", or_unknown(svc_name)),
+            Label::new("destination_service_namespace", or_unknown(svc_ns)),
             Label::new("connection_security_policy", security),
         ]
     }
@@ -298,8 +308,10 @@ impl PoolObserver for Metrics {
 mod tests {
     use super::*;
 
+    /// Labels as Istio's TCP metrics have them: full SPIFFE principals,
+    /// the service's hostname, name and namespace, the owning workloads.
     #[test]
-    fn a_closed_connection_renders_its_counters() {
+    fn a_closed_connection_renders_its_counters_with_istio_labels() {
         let metrics = Metrics::new();
         let mut record = ConnRecord::new(
             Direction::Inbound,
@@ -307,14 +319,36 @@ mod tests {
             "10.0.0.2:80".parse().expect("address"),
         );
         record.protocol = "HBONE";
+        record.src_identity = "spiffe://cluster.local/ns/app/sa/sleep".into();
+        record.dst_identity = "spiffe://cluster.local/ns/app/sa/echo".into();
+        record.src_owner = ("app".into(), "sleep".into());
+        record.dst_owner = ("app".into(), "echo".into());
+        let service: Service = serde_yaml::from_str(
+            "{name: echo, namespace: app, vips: [10.96.0.10], ports: [{port: 80}]}",
+        )
+        .expect("service");
+        record.set_service(&service);
         metrics.opened(&record);
         metrics.closed(&record, 10, 20);
         let text = metrics.render();
-        println!("{text}");
-        assert!(
-            text.contains("ambit_tcp_received_bytes_total{reporter=\"destination\""),
-            "{text}"
+        let labels = concat!(
+            r#"reporter="destination",source_workload="sleep","#,
+            r#"source_workload_namespace="app","#,
+            r#"source_principal="spiffe://cluster.local/ns/app/sa/sleep","#,
+            r#"destination_workload="echo",destination_workload_namespace="app","#,
+            r#"destination_principal="spiffe://cluster.local/ns/app/sa/echo","#,
+            r#"destination_service="echo.app.svc.cluster.local","#,
+            r#"destination_service_name="echo",destination_service_namespace="app","#,
+            r#"connection_security_policy="mutual_tls""#,
         );
+        for line in [
+            format!("ambit_tcp_received_bytes_total{{{labels}}} 10"),
+            format!("ambit_tcp_sent_bytes_total{{{labels}}} 20"),
+            format!("ambit_tcp_connections_opened_total{{{labels}}} 1"),
+            format!("ambit_tcp_connections_closed_total{{{labels}}} 1"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in {text}");
+        }
     }
 
     /// The JSON access log: one object per connection, every field of the
@@ -333,7 +367,7 @@ mod tests {
         record.src_identity = "spiffe://cluster.local/ns/app/sa/sleep".into();
         record.dst_identity = "spiffe://cluster.local/ns/app/sa/echo".into();
         record.dst_workload = "app/echo-0".into();
-        record.dst_service = "app/echo".into();
+        record.dst_service = "echo.app.svc.cluster.local".into();
         record.policy = "app/allow-sleep".into();
         tracing::subscriber::with_default(subscriber, || record.log(10, 20, "peer reset"));
         let lines = out.lines();
@@ -349,7 +383,7 @@ mod tests {
             "src_workload": "",
             "src_identity": "spiffe://cluster.local/ns/app/sa/sleep",
             "dst_addr": "10.0.0.2:80",
-            "dst_service": "app/echo",
+            "dst_service": "echo.app.svc.cluster.local",
             "dst_endpoint": "",
             "dst_workload": "app/echo-0",
             "dst_identity": "spiffe://cluster.local/ns/app/sa/echo",

@@ -118,10 +118,14 @@ async fn request(socket: &Path, req: &Request) -> Reply {
 }
 
 async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    http_get(addr, "/metrics").await
+}
+
+/// The whole HTTP/1.1 response, status line first.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
     let mut text = String::new();
     tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut text)
         .await
@@ -223,7 +227,7 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
         app.metrics_addr,
         &[
             "reason=\"no_original_destination\"",
-            "source_principal=\"cluster.local/ns/app/sa/sleep\"",
+            "source_principal=\"spiffe://cluster.local/ns/app/sa/sleep\"",
         ],
     )
     .await;
@@ -542,6 +546,51 @@ async fn until_the_controllers_first_config_captured_connections_are_refused() {
     }
     refused_at_once(lab, "app/sleep-0", &format!("http://{}:8080/", echo.ip)).await;
     failed_with(app.metrics_addr, &["reason=\"no_config\""]).await;
+    app.shutdown().await;
+    let _ = std::fs::remove_file(socket);
+}
+
+/// With a local config file that cannot be read when ztunnel starts, its
+/// pods' connections are refused as before the controller's first config
+/// (not routed on an empty config, where meshed destinations would be
+/// reached in plaintext), and served once a good file appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_the_config_file_is_good_captured_connections_are_refused() {
+    if !require_root("until_the_config_file_is_good_captured_connections_are_refused") {
+        return;
+    }
+    let t = lab("zt-nofile", 37);
+    let lab = &t.lab;
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    let socket = std::env::temp_dir().join(format!("ztunnel-nofile-{}.sock", std::process::id()));
+    let pins = Pins::new("zt-nofile");
+    let mut cfg = config(&pins, None, Some(socket.clone()));
+    cfg.mesh_config = Some(mesh.clone());
+    let app = app::build(cfg).await.unwrap();
+    let echo = info(lab, "app/echo-0");
+    for pod in [&info(lab, "app/sleep-0"), &echo] {
+        assert!(request(&socket, &Request::Add(pod.clone())).await.ok);
+    }
+    let url = format!("http://{}:8080/", echo.ip);
+    refused_at_once(lab, "app/sleep-0", &url).await;
+    failed_with(app.metrics_addr, &["reason=\"no_config\""]).await;
+    // Not ready, on the port a kubelet probes.
+    let ready = http_get(app.metrics_addr, "/healthz/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    // An invalid file keeps it so.
+    std::fs::write(&mesh, "workloads: [{uid: w, name: w}]\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    refused_at_once(lab, "app/sleep-0", &url).await;
+    // A good one (neither pod in it: plain traffic) is served.
+    std::fs::write(&mesh, "{}\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(error) = curl(lab, "app/sleep-0", &url).await {
+        assert!(Instant::now() < deadline, "not served: {error}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready = http_get(app.metrics_addr, "/healthz/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     app.shutdown().await;
     let _ = std::fs::remove_file(socket);
 }

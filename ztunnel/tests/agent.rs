@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use integration_tests::{TestLab, require_root, spec};
@@ -15,7 +15,7 @@ use ztunnel::app::{self, Config};
 use ztunnel::enroll::{Reply, Request};
 
 /// A pin directory of the test's own, removed on drop.
-struct Pins(std::path::PathBuf);
+struct Pins(PathBuf);
 
 impl Pins {
     fn new(name: &str) -> Pins {
@@ -36,34 +36,84 @@ impl Drop for Pins {
     }
 }
 
-fn config(
-    pins: &Pins,
-    pods_file: Option<std::path::PathBuf>,
-    socket: Option<std::path::PathBuf>,
-) -> Config {
-    Config {
-        node: "n1".into(),
-        pods_file,
-        enroll_socket: socket,
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        logging: None,
-        heap_stats: None,
-        bpf_dir: pins.0.clone(),
-        mesh_config: None,
-        ca_dir: None,
-        trust_domain: "cluster.local".into(),
-        controller: None,
-        exclusions: Default::default(),
-    }
+/// What one test runs ztunnel on: a two-node lab with an echo server and a
+/// client, not meshed (the test enrolls pods itself), in ranges no other
+/// test uses; ztunnel's own pin directory; and a scratch directory for the
+/// enrollment socket and the pods file. All of it goes on drop, also when
+/// the test fails.
+struct Node {
+    t: TestLab,
+    pins: Pins,
+    dir: tempfile::TempDir,
 }
 
-/// A two-node lab with an echo server and a client, not meshed (the test
-/// enrolls pods itself), in ranges no other test uses.
-fn lab(name: &str, slot: u8) -> TestLab {
-    let mut spec = spec(name, slot, 2, 1);
-    spec.services.clear();
-    TestLab::up(spec)
+impl Node {
+    fn up(name: &str, slot: u8) -> Node {
+        let mut spec = spec(name, slot, 2, 1);
+        spec.services.clear();
+        Node {
+            t: TestLab::up(spec),
+            pins: Pins::new(name),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn lab(&self) -> &Lab {
+        &self.t.lab
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("enroll.sock")
+    }
+
+    fn pods_file(&self) -> PathBuf {
+        self.dir.path().join("pods.json")
+    }
+
+    /// Writes the pods file with `pods`.
+    fn write_pods(&self, pods: &[&PodInfo]) {
+        std::fs::write(self.pods_file(), serde_json::to_string(pods).unwrap()).unwrap();
+    }
+
+    /// ztunnel's config, taking its pods from the pods file, the
+    /// enrollment socket, or both.
+    fn config(&self, pods_file: bool, socket: bool) -> Config {
+        Config {
+            node: "n1".into(),
+            pods_file: pods_file.then(|| self.pods_file()),
+            enroll_socket: socket.then(|| self.socket()),
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            logging: None,
+            heap_stats: None,
+            bpf_dir: self.pins.0.clone(),
+            mesh_config: None,
+            ca_dir: None,
+            trust_domain: "cluster.local".into(),
+            controller: None,
+            exclusions: Default::default(),
+        }
+    }
+
+    fn info(&self, key: &str) -> PodInfo {
+        info(self.lab(), key)
+    }
+
+    /// Enrolls `pods` over the socket; each must be accepted.
+    async fn enroll(&self, pods: &[&PodInfo]) {
+        for pod in pods {
+            let reply = request(&self.socket(), &Request::Add((*pod).clone())).await;
+            assert_eq!(
+                reply,
+                Reply {
+                    ok: true,
+                    error: None
+                },
+                "{}",
+                pod.name
+            );
+        }
+    }
 }
 
 fn info(lab: &Lab, key: &str) -> PodInfo {
@@ -162,32 +212,42 @@ async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
         .unwrap()
 }
 
+/// Waits up to 5 s for the gauge or counter `name` to read `want`.
+async fn wait_for_metric(addr: std::net::SocketAddr, name: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = metric(addr, name).await;
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {now}, never {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts that the echo server saw the connection come from `ip`.
+fn assert_peer(reply: &serde_json::Value, ip: std::net::Ipv4Addr) {
+    assert!(
+        reply["peer"]
+            .as_str()
+            .is_some_and(|peer| peer.starts_with(&format!("{ip}:"))),
+        "expected a connection from {ip}: {reply}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic() {
     if !require_root("enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic") {
         return;
     }
-    let t = lab("zt-agent", 31);
-    let lab = &t.lab;
-    let socket = std::env::temp_dir().join(format!("ztunnel-test-{}.sock", std::process::id()));
-    let pins = Pins::new("zt-agent");
-    let app = app::build(config(&pins, None, Some(socket.clone())))
-        .await
-        .unwrap();
-    let echo = info(lab, "app/echo-0");
-    let client = info(lab, "app/sleep-0");
+    let node = Node::up("zt-agent", 31);
+    let lab = node.lab();
+    let app = app::build(node.config(false, true)).await.unwrap();
+    let echo = node.info("app/echo-0");
+    let client = node.info("app/sleep-0");
     let url = format!("http://{}:8080/", echo.ip);
 
-    for pod in [&client, &echo] {
-        let reply = request(&socket, &Request::Add(pod.clone())).await;
-        assert_eq!(
-            reply,
-            Reply {
-                ok: true,
-                error: None
-            }
-        );
-    }
+    node.enroll(&[&client, &echo]).await;
     assert_eq!(
         metric(app.metrics_addr, "ambit_ztunnel_captured_pods").await,
         2
@@ -196,13 +256,7 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
     // → app, which still sees the client's own address (source preserved).
     let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
     assert_eq!(reply["pod"], "echo-0");
-    assert!(
-        reply["peer"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", client.ip)),
-        "{reply}"
-    );
+    assert_peer(&reply, client.ip);
     assert!(metric(app.metrics_addr, "ambit_ztunnel_outbound_connections_total").await >= 1);
     assert!(metric(app.metrics_addr, "ambit_ztunnel_inbound_connections_total").await >= 1);
     // The return path marks sockets, not conntrack entries: the pod's
@@ -236,27 +290,21 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
     let mut broken = client.clone();
     broken.uid = "other".into();
     broken.netns = "/var/run/netns/does-not-exist".into();
-    let reply = request(&socket, &Request::Add(broken)).await;
+    let reply = request(&node.socket(), &Request::Add(broken)).await;
     assert!(
         !reply.ok && reply.error.as_deref().unwrap().contains("does-not-exist"),
         "{reply:?}"
     );
 
     for pod in [&client, &echo] {
-        request(&socket, &Request::Remove(pod.uid.clone())).await;
+        request(&node.socket(), &Request::Remove(pod.uid.clone())).await;
     }
     assert_eq!(
         metric(app.metrics_addr, "ambit_ztunnel_captured_pods").await,
         0
     );
     let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
-    assert!(
-        reply["peer"]
-            .as_str()
-            .unwrap()
-            .starts_with(&client.ip.to_string()),
-        "direct again: {reply}"
-    );
+    assert_peer(&reply, client.ip);
     // Release takes the return path down in the background, after its reply.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -271,7 +319,6 @@ async fn enrolled_pods_are_served_by_ztunnel_and_release_restores_direct_traffic
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     app.shutdown().await;
-    let _ = std::fs::remove_file(socket);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,34 +326,21 @@ async fn pods_file_changes_are_applied() {
     if !require_root("pods_file_changes_are_applied") {
         return;
     }
-    let t = lab("zt-file", 32);
-    let lab = &t.lab;
-    let file = std::env::temp_dir().join(format!("ztunnel-pods-{}.json", std::process::id()));
-    std::fs::write(&file, "[]").unwrap();
-    let pins = Pins::new("zt-file");
-    let app = app::build(config(&pins, Some(file.clone()), None))
-        .await
-        .unwrap();
-    let wait_for = |n: u64| async move {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while metric(app.metrics_addr, "ambit_ztunnel_captured_pods").await != n {
-            assert!(Instant::now() < deadline, "never reached {n} captured pods");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let pods = vec![info(lab, "app/echo-0"), info(lab, "app/sleep-0")];
-    std::fs::write(&file, serde_json::to_string(&pods).unwrap()).unwrap();
-    wait_for(2).await;
+    let node = Node::up("zt-file", 32);
+    node.write_pods(&[]);
+    let app = app::build(node.config(true, false)).await.unwrap();
+    let (echo, client) = (node.info("app/echo-0"), node.info("app/sleep-0"));
+    node.write_pods(&[&echo, &client]);
+    wait_for_metric(app.metrics_addr, "ambit_ztunnel_captured_pods", 2).await;
     assert_eq!(app.agent.pod_keys(), ["app/echo-0", "app/sleep-0"]);
     // An invalid file keeps the last good set.
-    std::fs::write(&file, "{ not json").unwrap();
+    std::fs::write(node.pods_file(), "{ not json").unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(app.agent.pod_keys().len(), 2);
-    std::fs::write(&file, serde_json::to_string(&pods[..1]).unwrap()).unwrap();
-    wait_for(1).await;
+    node.write_pods(&[&echo]);
+    wait_for_metric(app.metrics_addr, "ambit_ztunnel_captured_pods", 1).await;
     assert_eq!(app.agent.pod_keys(), ["app/echo-0"]);
     app.shutdown().await;
-    let _ = std::fs::remove_file(file);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,27 +348,13 @@ async fn without_ztunnel_captured_pods_fail_closed_and_a_restart_adopts_them() {
     if !require_root("without_ztunnel_captured_pods_fail_closed_and_a_restart_adopts_them") {
         return;
     }
-    let t = lab("zt-restart", 33);
-    let lab = &t.lab;
-    let pins = Pins::new("zt-restart");
-    let file = std::env::temp_dir().join(format!("ztunnel-restart-{}.json", std::process::id()));
-    let pods = vec![info(lab, "app/echo-0"), info(lab, "app/sleep-0")];
-    std::fs::write(&file, serde_json::to_string(&pods).unwrap()).unwrap();
-    let url = format!("http://{}:8080/", pods[0].ip);
-    let captured = |app: &app::App| {
-        let addr = app.metrics_addr;
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while metric(addr, "ambit_ztunnel_captured_pods").await != 2 {
-                assert!(Instant::now() < deadline, "pods not captured");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-    let first = app::build(config(&pins, Some(file.clone()), None))
-        .await
-        .unwrap();
-    captured(&first).await;
+    let node = Node::up("zt-restart", 33);
+    let lab = node.lab();
+    let (echo, client) = (node.info("app/echo-0"), node.info("app/sleep-0"));
+    node.write_pods(&[&echo, &client]);
+    let url = format!("http://{}:8080/", echo.ip);
+    let first = app::build(node.config(true, false)).await.unwrap();
+    wait_for_metric(first.metrics_addr, "ambit_ztunnel_captured_pods", 2).await;
     curl(lab, "app/sleep-0", &url).await.unwrap();
 
     // ztunnel goes away: capture stays pinned, nothing bypasses the mesh.
@@ -346,18 +366,10 @@ async fn without_ztunnel_captured_pods_fail_closed_and_a_restart_adopts_them() {
     );
 
     // A new ztunnel adopts the pinned capture and traffic flows again.
-    let second = app::build(config(&pins, Some(file.clone()), None))
-        .await
-        .unwrap();
-    captured(&second).await;
+    let second = app::build(node.config(true, false)).await.unwrap();
+    wait_for_metric(second.metrics_addr, "ambit_ztunnel_captured_pods", 2).await;
     let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
-    assert!(
-        reply["peer"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", pods[1].ip)),
-        "{reply}"
-    );
+    assert_peer(&reply, client.ip);
     assert!(
         metric(
             second.metrics_addr,
@@ -369,25 +381,15 @@ async fn without_ztunnel_captured_pods_fail_closed_and_a_restart_adopts_them() {
     );
 
     // Leaving the mesh (empty pods file) releases the pins: direct again.
-    std::fs::write(&file, "[]").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(second.metrics_addr, "ambit_ztunnel_captured_pods").await != 0 {
-        assert!(Instant::now() < deadline, "pods not released");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    node.write_pods(&[]);
+    wait_for_metric(second.metrics_addr, "ambit_ztunnel_captured_pods", 0).await;
     let outbound = metric(
         second.metrics_addr,
         "ambit_ztunnel_outbound_connections_total",
     )
     .await;
     let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
-    assert!(
-        reply["peer"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", pods[1].ip)),
-        "{reply}"
-    );
+    assert_peer(&reply, client.ip);
     assert_eq!(
         metric(
             second.metrics_addr,
@@ -398,7 +400,6 @@ async fn without_ztunnel_captured_pods_fail_closed_and_a_restart_adopts_them() {
         "direct again: ztunnel took no connection"
     );
     second.shutdown().await;
-    let _ = std::fs::remove_file(file);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,33 +407,22 @@ async fn a_snapshot_releases_pods_that_left_while_ztunnel_was_down() {
     if !require_root("a_snapshot_releases_pods_that_left_while_ztunnel_was_down") {
         return;
     }
-    let t = lab("zt-prune", 34);
-    let lab = &t.lab;
-    let pins = Pins::new("zt-prune");
-    let file = std::env::temp_dir().join(format!("ztunnel-prune-{}.json", std::process::id()));
-    let socket = std::env::temp_dir().join(format!("ztunnel-prune-{}.sock", std::process::id()));
-    let client = info(lab, "app/sleep-0");
-    let url = format!("http://{}:8080/", info(lab, "app/echo-0").ip);
-    std::fs::write(&file, serde_json::to_string(&[&client]).unwrap()).unwrap();
-    let first = app::build(config(&pins, Some(file.clone()), None))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(first.metrics_addr, "ambit_ztunnel_captured_pods").await != 1 {
-        assert!(Instant::now() < deadline, "pod not captured");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let node = Node::up("zt-prune", 34);
+    let lab = node.lab();
+    let client = node.info("app/sleep-0");
+    let url = format!("http://{}:8080/", node.info("app/echo-0").ip);
+    node.write_pods(&[&client]);
+    let first = app::build(node.config(true, false)).await.unwrap();
+    wait_for_metric(first.metrics_addr, "ambit_ztunnel_captured_pods", 1).await;
     first.shutdown().await;
-    let pinned = pins.0.join("pods");
+    let pinned = node.pins.0.join("pods");
     assert_eq!(std::fs::read_dir(&pinned).unwrap().count(), 1);
 
     // While no ztunnel runs, the pod leaves the mesh. The new ztunnel hears
     // of it through the snapshot; until then the pod stays fail-closed.
-    let second = app::build(config(&pins, None, Some(socket.clone())))
-        .await
-        .unwrap();
+    let second = app::build(node.config(false, true)).await.unwrap();
     curl(lab, "app/sleep-0", &url).await.unwrap_err();
-    let reply = request(&socket, &Request::Snapshot(vec![])).await;
+    let reply = request(&node.socket(), &Request::Snapshot(vec![])).await;
     assert!(reply.ok, "{reply:?}");
     assert_eq!(
         std::fs::read_dir(&pinned).unwrap().count(),
@@ -440,25 +430,17 @@ async fn a_snapshot_releases_pods_that_left_while_ztunnel_was_down() {
         "stale pins released"
     );
     let reply = curl(lab, "app/sleep-0", &url).await.unwrap();
-    assert!(
-        reply["peer"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", client.ip)),
-        "direct again: {reply}"
-    );
+    assert_peer(&reply, client.ip);
 
     // A snapshot with a pod that cannot be captured says why.
     let mut broken = client.clone();
     broken.netns = "/var/run/netns/ambit-gone".into();
-    let reply = request(&socket, &Request::Snapshot(vec![broken])).await;
+    let reply = request(&node.socket(), &Request::Snapshot(vec![broken])).await;
     assert!(
         !reply.ok && reply.error.as_deref().unwrap().contains("ambit-gone"),
         "{reply:?}"
     );
     second.shutdown().await;
-    let _ = std::fs::remove_file(file);
-    let _ = std::fs::remove_file(socket);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -466,22 +448,14 @@ async fn shutdown_waits_for_open_connections_then_closes_them_at_the_deadline() 
     if !require_root("shutdown_waits_for_open_connections_then_closes_them_at_the_deadline") {
         return;
     }
-    let t = lab("zt-drain", 35);
-    let pins = Pins::new("zt-drain");
-    let file = std::env::temp_dir().join(format!("ztunnel-drain-{}.json", std::process::id()));
-    let pods = vec![info(&t.lab, "app/echo-0"), info(&t.lab, "app/sleep-0")];
-    std::fs::write(&file, serde_json::to_string(&pods).unwrap()).unwrap();
-    let app = app::build(config(&pins, Some(file.clone()), None))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(app.metrics_addr, "ambit_ztunnel_captured_pods").await != 2 {
-        assert!(Instant::now() < deadline, "pods not captured");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let node = Node::up("zt-drain", 35);
+    let echo = node.info("app/echo-0");
+    node.write_pods(&[&echo, &node.info("app/sleep-0")]);
+    let app = app::build(node.config(true, false)).await.unwrap();
+    wait_for_metric(app.metrics_addr, "ambit_ztunnel_captured_pods", 2).await;
     // A request that would take 30 s keeps its connection open.
-    let slow = format!("http://{}:8080/delay/30000", pods[0].ip);
-    let name = t.lab.name().to_string();
+    let slow = format!("http://{}:8080/delay/30000", echo.ip);
+    let name = node.lab().name().to_string();
     let held = std::thread::spawn(move || {
         let lab = Lab::open(&name, &integration_tests::options()).unwrap();
         let started = Instant::now();
@@ -508,7 +482,6 @@ async fn shutdown_waits_for_open_connections_then_closes_them_at_the_deadline() 
     let (ok, elapsed) = held.join().unwrap();
     assert!(!ok, "the held request completed");
     assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
-    let _ = std::fs::remove_file(&file);
 }
 
 /// With the controller as its config source, ztunnel serves its pods only
@@ -521,33 +494,30 @@ async fn until_the_controllers_first_config_captured_connections_are_refused() {
     if !require_root("until_the_controllers_first_config_captured_connections_are_refused") {
         return;
     }
-    let t = lab("zt-noconfig", 36);
-    let lab = &t.lab;
-    let dir = tempfile::tempdir().unwrap();
-    let (token, roots) = (dir.path().join("token"), dir.path().join("roots.pem"));
+    let node = Node::up("zt-noconfig", 36);
+    let (token, roots) = (
+        node.dir.path().join("token"),
+        node.dir.path().join("roots.pem"),
+    );
     std::fs::write(&token, "node token").unwrap();
     std::fs::write(&roots, identity::testing::TestRoot::new().pem()).unwrap();
     // A controller address nothing answers on.
     let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = unused.local_addr().unwrap().to_string();
     drop(unused);
-    let socket = std::env::temp_dir().join(format!("ztunnel-noconfig-{}.sock", std::process::id()));
-    let pins = Pins::new("zt-noconfig");
-    let mut cfg = config(&pins, None, Some(socket.clone()));
+    let mut cfg = node.config(false, true);
     cfg.controller = Some(app::ControllerConfig {
         addr,
         token_file: token,
         roots_file: roots,
     });
     let app = app::build(cfg).await.unwrap();
-    let echo = info(lab, "app/echo-0");
-    for pod in [&info(lab, "app/sleep-0"), &echo] {
-        assert!(request(&socket, &Request::Add(pod.clone())).await.ok);
-    }
-    refused_at_once(lab, "app/sleep-0", &format!("http://{}:8080/", echo.ip)).await;
+    let echo = node.info("app/echo-0");
+    node.enroll(&[&node.info("app/sleep-0"), &echo]).await;
+    let url = format!("http://{}:8080/", echo.ip);
+    refused_at_once(node.lab(), "app/sleep-0", &url).await;
     failed_with(app.metrics_addr, &["reason=\"no_config\""]).await;
     app.shutdown().await;
-    let _ = std::fs::remove_file(socket);
 }
 
 /// With a local config file that cannot be read when ztunnel starts, its
@@ -559,19 +529,14 @@ async fn until_the_config_file_is_good_captured_connections_are_refused() {
     if !require_root("until_the_config_file_is_good_captured_connections_are_refused") {
         return;
     }
-    let t = lab("zt-nofile", 37);
-    let lab = &t.lab;
-    let dir = tempfile::tempdir().unwrap();
-    let mesh = dir.path().join("mesh.yaml");
-    let socket = std::env::temp_dir().join(format!("ztunnel-nofile-{}.sock", std::process::id()));
-    let pins = Pins::new("zt-nofile");
-    let mut cfg = config(&pins, None, Some(socket.clone()));
+    let node = Node::up("zt-nofile", 37);
+    let lab = node.lab();
+    let mesh = node.dir.path().join("mesh.yaml");
+    let mut cfg = node.config(false, true);
     cfg.mesh_config = Some(mesh.clone());
     let app = app::build(cfg).await.unwrap();
-    let echo = info(lab, "app/echo-0");
-    for pod in [&info(lab, "app/sleep-0"), &echo] {
-        assert!(request(&socket, &Request::Add(pod.clone())).await.ok);
-    }
+    let echo = node.info("app/echo-0");
+    node.enroll(&[&node.info("app/sleep-0"), &echo]).await;
     let url = format!("http://{}:8080/", echo.ip);
     refused_at_once(lab, "app/sleep-0", &url).await;
     failed_with(app.metrics_addr, &["reason=\"no_config\""]).await;
@@ -592,5 +557,4 @@ async fn until_the_config_file_is_good_captured_connections_are_refused() {
     let ready = http_get(app.metrics_addr, "/healthz/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     app.shutdown().await;
-    let _ = std::fs::remove_file(socket);
 }

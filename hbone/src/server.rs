@@ -80,8 +80,13 @@ pub trait Handler: Send + Sync + 'static {
     fn serve(&self, req: InboundRequest, tunnel: Tunnel) -> impl Future<Output = ()> + Send;
 
     /// Told of what the server refused before any request reached
-    /// [`Handler::serve`], for the handler's access log and metrics.
-    fn refused(&self, _refusal: Refusal) {}
+    /// [`Handler::serve`], for the handler's access log and metrics. The
+    /// server writes no access line of its own for these, so a handler
+    /// that keeps its own log writes the one line there is; by default
+    /// it is [`Refusal::log`]'s.
+    fn refused(&self, refusal: Refusal) {
+        refusal.log();
+    }
 }
 
 /// The simple handler: authorizes and connects; the server answers, copies
@@ -93,7 +98,9 @@ pub trait Connect: Send + Sync + 'static {
     ) -> impl Future<Output = Result<TcpStream, Rejection>> + Send;
 
     /// As [`Handler::refused`].
-    fn refused(&self, _refusal: Refusal) {}
+    fn refused(&self, refusal: Refusal) {
+        refusal.log();
+    }
 }
 
 impl<C: Connect> Handler for C {
@@ -119,6 +126,20 @@ pub struct Refusal {
     pub code: &'static str,
     /// What happened, for the access log.
     pub reason: String,
+}
+
+impl Refusal {
+    /// The access line of a refused connection or request.
+    pub fn log(&self) {
+        tracing::info!(
+            target: "access",
+            src_identity = self.peer_identity.as_ref().map(tracing::field::display),
+            src_addr = %self.peer_addr,
+            reason = %self.reason,
+            code = self.code,
+            "tunnel refused"
+        );
+    }
 }
 
 /// An admitted CONNECT waiting for its answer.
@@ -473,7 +494,6 @@ async fn serve_stream<H: Handler>(
             handler.serve(inbound, tunnel).await;
         }
         Err(rejection) => {
-            log_rejection(&ctx.peer_identity, &req.uri().to_string(), &rejection);
             let _ = respond.send_response(status(rejection.status), true);
             handler.refused(Refusal {
                 peer_addr: ctx.peer_addr,

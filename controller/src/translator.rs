@@ -1371,6 +1371,8 @@ impl Translator {
                 .and_then(|p| u16::try_from(p).ok())
         };
         let mut ports = Vec::<ServicePort>::new();
+        // Named target ports, for the endpoints that number them otherwise.
+        let mut named = Vec::<(u16, Option<&str>)>::new();
         for p in spec.ports.iter().flatten() {
             if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
                 continue;
@@ -1386,6 +1388,9 @@ impl Translator {
             // The data planes refuse port 0 and a port listed twice.
             if target.is_none_or(|t| t == 0) || ports.iter().any(|q| q.port == port) {
                 continue;
+            }
+            if matches!(p.target_port, Some(IntOrString::String(_))) {
+                named.push((port, p.name.as_deref()));
             }
             ports.push(ServicePort {
                 name: p.name.clone(),
@@ -1406,6 +1411,7 @@ impl Translator {
             .collect();
         endpoints.sort();
         endpoints.dedup();
+        let endpoint_ports = endpoint_ports(slices, &ports, &named, &endpoints);
         let (namespace, service_name) = name.clone();
         Some(Service {
             hostname: Some(format!(
@@ -1418,6 +1424,7 @@ impl Translator {
             vips,
             ports,
             endpoints,
+            endpoint_ports,
             traffic_distribution: match spec.traffic_distribution.as_deref() {
                 Some("PreferSameNode") => Some(TrafficDistribution::PreferSameNode),
                 Some("PreferSameZone" | "PreferClose") => Some(TrafficDistribution::PreferSameZone),
@@ -1425,6 +1432,47 @@ impl Translator {
             },
         })
     }
+}
+
+/// The ports of `endpoints` that differ from the service's: an endpoint
+/// slice holds the endpoints that resolve the named target ports alike,
+/// under the service port's name, and the service's own `targetPort` is
+/// the first slice's.
+fn endpoint_ports(
+    slices: &[Arc<EndpointSlice>],
+    ports: &[ServicePort],
+    named: &[(u16, Option<&str>)],
+    endpoints: &[String],
+) -> BTreeMap<String, BTreeMap<u16, u16>> {
+    let mut out = BTreeMap::<String, BTreeMap<u16, u16>>::new();
+    for slice in slices {
+        for (port, name) in named {
+            let Some(service_port) = ports.iter().find(|p| p.port == *port) else {
+                continue;
+            };
+            let Some(number) = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == *name)
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|n| *n != 0 && *n != service_port.target_port())
+            else {
+                continue;
+            };
+            for uid in slice
+                .endpoints
+                .iter()
+                .flatten()
+                .filter_map(|e| e.target_ref.as_ref()?.uid.as_ref())
+                .filter(|uid| endpoints.binary_search(uid).is_ok())
+            {
+                out.entry(uid.clone()).or_default().insert(*port, number);
+            }
+        }
+    }
+    out
 }
 
 /// What routes read of the translator: Services as settled, waypoints.

@@ -129,6 +129,36 @@ fn services_get_their_ready_endpoints_and_resolved_target_ports() {
 }
 
 #[test]
+fn endpoints_that_number_a_named_target_port_otherwise_keep_their_number() {
+    // Mid-rollout: web-2's container calls 8081 `http-alt`; the slice
+    // controller puts it in a slice of its own.
+    let mut c = cluster();
+    c.pods
+        .extend(objects(&pod("shop", "web-2", "10.0.0.4", "n1", "")));
+    c.endpoint_slices.extend(objects(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-def, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8081}]
+endpoints:
+  - {addresses: [10.0.0.4], targetRef: {kind: Pod, name: web-2, uid: uid-web-2}}
+",
+    ));
+    let config = c.mesh_config();
+    let web = &config.services[0];
+    assert_eq!(web.endpoints, ["uid-web-0", "uid-web-2"]);
+    assert_eq!(web.ports[0].target_port(), 8080);
+    assert_eq!(
+        web.endpoint_ports,
+        [("uid-web-2".to_string(), [(80, 8081)].into())].into()
+    );
+    assert_eq!(web.endpoint_port("uid-web-0", &web.ports[0]), 8080);
+    assert_eq!(web.endpoint_port("uid-web-2", &web.ports[0]), 8081);
+    Snapshot::new(config, 1).unwrap();
+}
+
+#[test]
 fn deleting_a_pod_removes_it_and_its_endpoint() {
     let mut c = cluster();
     c.pods

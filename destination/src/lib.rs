@@ -110,7 +110,6 @@ impl Balancer {
                     routes,
                 });
             }
-            let port = target.port.target_port();
             let endpoints: Vec<&Workload> = snapshot.endpoints(target.service).collect();
             if endpoints.is_empty() {
                 return Err(RouteError::NoEndpoints(key));
@@ -131,6 +130,7 @@ impl Balancer {
                     endpoints.iter().filter(|w| preferred(w) == group).collect();
                 for i in 0..members.len() {
                     let w = members[(start + i) % members.len()];
+                    let port = target.service.endpoint_port(&w.uid, target.port);
                     let route = workload_route(snapshot, w, port);
                     let rank =
                         u8::from(!group) + 2 * u8::from(self.is_ejected(route.hbone_endpoint()));
@@ -319,6 +319,23 @@ services:
             identity.to_string(),
             "spiffe://cluster.local/ns/demo/sa/default"
         );
+    }
+
+    #[test]
+    fn an_endpoint_that_numbers_the_target_port_differently_gets_its_own() {
+        let mut config = snapshot("").config().clone();
+        config.services[0].endpoint_ports = [("e2".to_string(), [(80, 8081)].into())].into();
+        let snap = Snapshot::new(config, 2).unwrap();
+        let lb = Balancer::default();
+        let vip = "10.96.0.1:80".parse().unwrap();
+        let ports: Vec<String> = (0..3)
+            .map(|_| {
+                lb.plan(&snap, None, vip).unwrap().routes[0]
+                    .endpoint()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(ports, ["10.0.1.1:8080", "10.0.2.1:8081", "10.0.2.2:8080"]);
     }
 
     #[test]

@@ -141,6 +141,12 @@ pub struct Service {
     /// Uids of the workloads serving it.
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// The ports of endpoints that differ from their port's `targetPort`:
+    /// by workload uid, service port → that workload's port. A named
+    /// target port is resolved per pod, and the pods of one Service may
+    /// number it differently (a rollout that moves the container port).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoint_ports: BTreeMap<String, BTreeMap<u16, u16>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_distribution: Option<TrafficDistribution>,
     /// Traffic addressed to this service's VIPs goes through this waypoint.
@@ -158,6 +164,15 @@ impl Service {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The port `port` reaches on the endpoint `uid`.
+    pub fn endpoint_port(&self, uid: &str, port: &ServicePort) -> u16 {
+        self.endpoint_ports
+            .get(uid)
+            .and_then(|ports| ports.get(&port.port))
+            .copied()
+            .unwrap_or_else(|| port.target_port())
     }
 }
 

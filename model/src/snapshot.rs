@@ -175,6 +175,23 @@ impl Snapshot {
                     return Err(err(format!("endpoint {uid} is not a known workload")));
                 }
             }
+            for (uid, ports) in &s.endpoint_ports {
+                if !s.endpoints.contains(uid) {
+                    return Err(err(format!("endpoint ports for {uid}, not an endpoint")));
+                }
+                for (port, target) in ports {
+                    if !s.ports.iter().any(|p| p.port == *port) {
+                        return Err(err(format!(
+                            "endpoint {uid}: port {port} is not a port of the service"
+                        )));
+                    }
+                    if *target == 0 {
+                        return Err(err(format!(
+                            "endpoint {uid}: port {port} → 0: 0 is not a port"
+                        )));
+                    }
+                }
+            }
             for vip in &s.vips {
                 if by_ip.contains_key(vip) {
                     return Err(err(format!("VIP {vip} is a workload's IP")));
@@ -439,6 +456,27 @@ services:
             (
                 GOOD.replace("{port: 9000}", "{port: 9000, targetPort: 0}"),
                 "0 is not a port",
+            ),
+            (
+                GOOD.replace(
+                    "endpoints: [a]",
+                    "endpoints: [a]\n    endpointPorts: {b: {80: 8081}}",
+                ),
+                "service demo/echo: endpoint ports for b, not an endpoint",
+            ),
+            (
+                GOOD.replace(
+                    "endpoints: [a]",
+                    "endpoints: [a]\n    endpointPorts: {a: {8080: 8081}}",
+                ),
+                "service demo/echo: endpoint a: port 8080 is not a port of the service",
+            ),
+            (
+                GOOD.replace(
+                    "endpoints: [a]",
+                    "endpoints: [a]\n    endpointPorts: {a: {80: 0}}",
+                ),
+                "service demo/echo: endpoint a: port 80 → 0: 0 is not a port",
             ),
             (
                 GOOD.replace(

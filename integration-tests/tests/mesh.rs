@@ -100,6 +100,18 @@ fn access_log(t: &TestLab, node: &str) -> Vec<String> {
         .collect()
 }
 
+/// An echo pod on `client`'s node, or on another.
+fn echo_pod<'a>(
+    plan: &'a lab::plan::Plan,
+    client: &lab::plan::PodPlan,
+    same_node: bool,
+) -> &'a lab::plan::PodPlan {
+    plan.pods
+        .iter()
+        .find(|p| p.name.starts_with("echo") && (p.node == client.node) == same_node)
+        .unwrap()
+}
+
 #[test]
 fn meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext() {
     if !require_root("meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext") {
@@ -109,16 +121,8 @@ fn meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext() {
     let plan = t.lab.plan();
     let client = plan.pod("app/sleep-0").unwrap();
     let client_node = &plan.nodes[client.node];
-    let remote = plan
-        .pods
-        .iter()
-        .find(|p| p.name.starts_with("echo") && p.node != client.node)
-        .unwrap();
-    let local = plan
-        .pods
-        .iter()
-        .find(|p| p.name.starts_with("echo") && p.node == client.node)
-        .unwrap();
+    let remote = echo_pod(plan, client, false);
+    let local = echo_pod(plan, client, true);
     let remote_node = &plan.nodes[remote.node];
     let dir = tempfile::tempdir().unwrap();
     let pcap = dir.path().join("uplink.pcap");
@@ -152,13 +156,25 @@ fn meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext() {
         ],
     );
     assert_eq!(echoed, secret);
+
+    // By Service VIP (spread over the endpoints, the remote one among
+    // them), the secret in the path too.
+    let vip = plan.services[0].cluster_ip;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let reply = t.curl("app/sleep-0", &format!("http://{vip}/{secret}"));
+        assert_eq!(reply["path"], format!("/{secret}"));
+        seen.insert(reply["pod"].as_str().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 3, "round robin over all endpoints: {seen:?}");
+    assert!(seen.contains(remote.name.as_str()), "{seen:?}");
     let bytes = capture.finish();
     assert!(
         Capture::count(&pcap, "tcp port 15008") > 0,
         "the cross-node traffic went to 15008"
     );
     assert_eq!(
-        Capture::count(&pcap, "tcp port 8080 or tcp port 9000"),
+        Capture::count(&pcap, "tcp port 80 or tcp port 8080 or tcp port 9000"),
         0,
         "no packet to the application ports crossed the wire"
     );
@@ -167,16 +183,9 @@ fn meshed_pods_talk_mtls_with_their_identities_and_the_wire_has_no_plaintext() {
         "the payload crossed the wire in clear"
     );
 
-    // Same node by pod IP, and by Service VIP (spread over the endpoints).
+    // Same node by pod IP.
     let reply = t.curl("app/sleep-0", &format!("http://{}:8080/", local.ip));
     assert_eq!(reply["pod"], local.name.as_str());
-    let vip = plan.services[0].cluster_ip;
-    let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..6 {
-        let reply = t.curl("app/sleep-0", &format!("http://{vip}/"));
-        seen.insert(reply["pod"].as_str().unwrap().to_string());
-    }
-    assert_eq!(seen.len(), 3, "round robin over all endpoints: {seen:?}");
 
     // The access logs show both identities and the service.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -283,9 +292,15 @@ fn a_server_with_the_wrong_identity_is_refused() {
             .lab
             .exec_captured("app/sleep-0", &["curl", "-sS", "--max-time", "3", &url])
             .unwrap();
-        let refused = access_log(&t, &node)
-            .iter()
-            .any(|l| l.contains("identity_mismatch") && l.contains("sa/impostor-check"));
+        // The reason names both identities: the one the config expects
+        // and the one the server proved.
+        let refused = access_log(&t, &node).iter().any(|l| {
+            l.contains("identity_mismatch")
+                && l.contains(
+                    "peer presented spiffe://cluster.local/ns/app/sa/echo, \
+                     expected spiffe://cluster.local/ns/app/sa/impostor-check",
+                )
+        });
         if !out.status.success() && refused {
             break;
         }
@@ -297,6 +312,16 @@ fn a_server_with_the_wrong_identity_is_refused() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // Counted with its reason on the client's side.
+    let metrics = t.lab.ztunnel_metrics(&node).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ambit_tcp_connections_failed_total{")
+                && l.contains("reason=\"identity_mismatch\"")
+                && l.contains("reporter=\"source\"")),
+        "{metrics}"
+    );
     // The server's ztunnel logs and counts the handshake its client broke
     // off, where the destination's operator looks.
     let server_node = plan.nodes[echo.node].name.clone();
@@ -312,4 +337,64 @@ fn a_server_with_the_wrong_identity_is_refused() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_stopping_ztunnel_drains_its_tunnels_before_it_exits() {
+    if !require_root("a_stopping_ztunnel_drains_its_tunnels_before_it_exits") {
+        return;
+    }
+    let t = mesh_lab("it-drain", 38);
+    let plan = t.lab.plan();
+    let client = plan.pod("app/sleep-0").unwrap();
+    let remote = echo_pod(plan, client, false);
+    let remote_node = plan.nodes[remote.node].name.clone();
+    let open = || {
+        t.lab
+            .ztunnel_metric(&remote_node, "ambit_ztunnel_open_connections")
+            .unwrap_or(0)
+    };
+    // A request that takes 2 s, within the 5 s drain, on an HBONE tunnel
+    // into the stopping node.
+    let slow = format!("http://{}:8080/delay/2000", remote.ip);
+    let (held, stopped) = std::thread::scope(|s| {
+        let held = s.spawn(|| {
+            t.lab
+                .exec_captured("app/sleep-0", &["curl", "-sS", "--max-time", "20", &slow])
+                .unwrap()
+        });
+        integration_tests::wait_until(
+            "the tunnel is open on the server side",
+            Duration::from_secs(5),
+            String::new,
+            || open() >= 1,
+        );
+        let stopping = Instant::now();
+        for pid in t.lab.ztunnel_pids(&remote_node) {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        }
+        integration_tests::wait_until(
+            "the stopping ztunnel exits",
+            Duration::from_secs(15),
+            String::new,
+            || !t.lab.ztunnel_running(&remote_node),
+        );
+        (held.join().unwrap(), stopping.elapsed())
+    });
+    assert!(
+        held.status.success(),
+        "the request in flight was cut: {}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&held.stdout).unwrap();
+    assert_eq!(reply["pod"], remote.name.as_str());
+    // It exited once the tunnel had ended, not at the drain deadline.
+    assert!(stopped < Duration::from_secs(5), "exited after {stopped:?}");
+    // The server side logged the drained tunnel as a clean close.
+    let line = access_log(&t, &remote_node)
+        .into_iter()
+        .find(|l| l.contains("direction=\"inbound\"") && l.contains(&format!("{}:8080", remote.ip)))
+        .unwrap_or_else(|| panic!("{:#?}", access_log(&t, &remote_node)));
+    assert!(line.contains("reason=\"\""), "{line}");
 }

@@ -60,12 +60,20 @@ fn access_log(t: &TestLab, node: &str) -> Vec<String> {
         .collect()
 }
 
+/// How many access lines `node` has written: the mark from which
+/// [`until_logged`] looks, so that a line an earlier step left does not
+/// pass for the one a later step must write.
+fn log_mark(t: &TestLab, node: &str) -> usize {
+    access_log(t, node).len()
+}
+
 /// Waits until `act` succeeds and then `node`'s access log has a line
-/// matching `line`; `act` runs again on every try, so a connection that
-/// failed for another reason (re-evaluation of one in flight) is retried.
+/// matching `line` after the first `since`; `act` runs again on every
+/// try, so a connection that failed for another reason (re-evaluation of
+/// one in flight) is retried.
 fn until_logged(
     t: &TestLab,
-    node: &str,
+    (node, since): (&str, usize),
     what: &str,
     mut act: impl FnMut() -> bool,
     line: impl Fn(&str) -> bool,
@@ -73,8 +81,13 @@ fn until_logged(
     wait_until(
         what,
         PROPAGATION,
-        || format!("{:#?}", access_log(t, node)),
-        || act() && access_log(t, node).iter().any(|l| line(l)),
+        || {
+            format!(
+                "{:#?}",
+                &access_log(t, node)[since.min(log_mark(t, node))..]
+            )
+        },
+        || act() && access_log(t, node).iter().skip(since).any(|l| line(l)),
     );
 }
 
@@ -107,6 +120,7 @@ fn policies_decide_who_reaches_a_workload() {
 
     // DENY one principal: that client is refused (401 on its tunnel), the
     // other is not, and the access log names the policy.
+    let mark = log_mark(&t, &echo_node);
     t.lab
         .set_policies(&authz(
             "deny-sleep",
@@ -117,7 +131,7 @@ fn policies_decide_who_reaches_a_workload() {
     // and fails too: the client retries until a new stream is refused.
     until_logged(
         &t,
-        &echo_node,
+        (&echo_node, mark),
         "sleep refused by app/deny-sleep",
         || !t.reaches("app/sleep-0", &url),
         |l| {
@@ -138,6 +152,7 @@ fn policies_decide_who_reaches_a_workload() {
     // meshed clients are not.
     let strict = "apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\n\
                   metadata: {name: strict, namespace: app}\nspec: {mtls: {mode: STRICT}}\n---\n";
+    let mark = log_mark(&t, &echo_node);
     t.lab.set_policies(strict).unwrap();
     eventually("plaintext refused", || !t.reaches("legacy/sleep-0", &url));
     assert!(t.reaches("app/sleep-0", &url));
@@ -146,7 +161,7 @@ fn policies_decide_who_reaches_a_workload() {
     // the client can see first.
     until_logged(
         &t,
-        &echo_node,
+        (&echo_node, mark),
         "STRICT refusal logged",
         || true,
         |l| {
@@ -170,21 +185,30 @@ fn policies_decide_who_reaches_a_workload() {
     eventually("plaintext allowed on echo's 8080", || {
         t.reaches("legacy/sleep-0", &url)
     });
+    // Refusals by the namespace's STRICT before echo-ports landed are
+    // logged by now (the client's last try got through): only a new one
+    // counts.
+    let mark = log_mark(&t, &echo_node);
     until_logged(
         &t,
-        &echo_node,
+        (&echo_node, mark),
         "plaintext to 8080 refused again by the namespace's STRICT",
         || {
             t.lab.set_policies(&echo_ports(9000)).unwrap();
             !t.reaches("legacy/sleep-0", &url)
         },
-        |l| l.contains("policy=app/strict") && l.contains("plaintext refused"),
+        |l| {
+            l.contains("policy=app/strict")
+                && l.contains("plaintext refused")
+                && l.contains(&format!("dst_addr={}:8080", echo.ip))
+        },
     );
     assert!(t.reaches("app/sleep-0", &url));
 
     // Once an ALLOW selects the workload only what it matches passes;
     // AUDIT marks and a dry-run DENY reports without enforcing.
     let probe = "[{from: [{source: {serviceAccounts: [app/probe]}}]}]";
+    let mark = log_mark(&t, &echo_node);
     t.lab
         .set_policies(&format!(
             "{}{}{}",
@@ -203,7 +227,7 @@ fn policies_decide_who_reaches_a_workload() {
     // STRICT: retry until a fresh refusal for want of an ALLOW is logged.
     until_logged(
         &t,
-        &echo_node,
+        (&echo_node, mark),
         "only probe allowed",
         || !t.reaches("app/sleep-0", &url) && !t.reaches("legacy/sleep-0", &url),
         |l| l.contains("reason=\"denied: no ALLOW policy matched\""),
@@ -213,7 +237,7 @@ fn policies_decide_who_reaches_a_workload() {
     // connects until its line shows all three at work.
     until_logged(
         &t,
-        &echo_node,
+        (&echo_node, mark),
         "probe allowed by app/allow-probe, audited and dry-run denied",
         || t.reaches("app/probe-0", &url),
         |l| {
@@ -234,6 +258,7 @@ fn a_policy_change_closes_open_connections_it_now_denies() {
     let echo_node = plan.nodes[echo.node].name.clone();
     let slow = format!("http://{}:8080/delay/20000", echo.ip);
     let started = Instant::now();
+    let mark = log_mark(&t, &echo_node);
     let outcome = std::thread::scope(|s| {
         let held = s.spawn(|| {
             t.lab
@@ -267,7 +292,7 @@ fn a_policy_change_closes_open_connections_it_now_denies() {
     // client can see first.
     until_logged(
         &t,
-        &echo_node,
+        (&echo_node, mark),
         "the closing logged with its policy",
         || true,
         |l| {

@@ -1360,19 +1360,10 @@ impl Translator {
     ) -> Option<Service> {
         let vips = cluster_ips(svc)?;
         let spec = svc.spec.as_ref()?;
-        // A named target port is resolved by the endpoint slices, which
-        // carry the number under the service port's name.
-        let slice_port = |port_name: Option<&str>| {
-            slices
-                .iter()
-                .flat_map(|s| s.ports.iter().flatten())
-                .find(|p| p.name.as_deref() == port_name)
-                .and_then(|p| p.port)
-                .and_then(|p| u16::try_from(p).ok())
-        };
         let mut ports = Vec::<ServicePort>::new();
-        // Named target ports, for the endpoints that number them otherwise.
-        let mut named = Vec::<(u16, Option<&str>)>::new();
+        // Named target ports (service port, its name, the number the
+        // service goes by), for the endpoints that number them otherwise.
+        let mut named = Vec::<(u16, Option<&str>, u16)>::new();
         for p in spec.ports.iter().flatten() {
             if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
                 continue;
@@ -1382,15 +1373,19 @@ impl Translator {
             };
             let target = match &p.target_port {
                 Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-                Some(IntOrString::String(_)) => slice_port(p.name.as_deref()),
+                // Resolved by the endpoint slices, which carry the number
+                // under the service port's name: the first slice's.
+                Some(IntOrString::String(_)) => {
+                    slices.iter().find_map(|s| slice_port(s, p.name.as_deref()))
+                }
                 None => Some(port),
             };
             // The data planes refuse port 0 and a port listed twice.
             if target.is_none_or(|t| t == 0) || ports.iter().any(|q| q.port == port) {
                 continue;
             }
-            if matches!(p.target_port, Some(IntOrString::String(_))) {
-                named.push((port, p.name.as_deref()));
+            if let (Some(IntOrString::String(_)), Some(target)) = (&p.target_port, target) {
+                named.push((port, p.name.as_deref(), target));
             }
             ports.push(ServicePort {
                 name: p.name.clone(),
@@ -1411,7 +1406,7 @@ impl Translator {
             .collect();
         endpoints.sort();
         endpoints.dedup();
-        let endpoint_ports = endpoint_ports(slices, &ports, &named, &endpoints);
+        let endpoint_ports = endpoint_ports(slices, &named, &endpoints);
         let (namespace, service_name) = name.clone();
         Some(Service {
             hostname: Some(format!(
@@ -1434,31 +1429,29 @@ impl Translator {
     }
 }
 
+/// The number `slice` gives the service port named `name`.
+fn slice_port(slice: &EndpointSlice, name: Option<&str>) -> Option<u16> {
+    slice
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == name)
+        .and_then(|p| p.port)
+        .and_then(|p| u16::try_from(p).ok())
+}
+
 /// The ports of `endpoints` that differ from the service's: an endpoint
-/// slice holds the endpoints that resolve the named target ports alike,
-/// under the service port's name, and the service's own `targetPort` is
-/// the first slice's.
+/// slice holds the endpoints that resolve the `named` target ports
+/// alike.
 fn endpoint_ports(
     slices: &[Arc<EndpointSlice>],
-    ports: &[ServicePort],
-    named: &[(u16, Option<&str>)],
+    named: &[(u16, Option<&str>, u16)],
     endpoints: &[String],
 ) -> BTreeMap<String, BTreeMap<u16, u16>> {
     let mut out = BTreeMap::<String, BTreeMap<u16, u16>>::new();
     for slice in slices {
-        for (port, name) in named {
-            let Some(service_port) = ports.iter().find(|p| p.port == *port) else {
-                continue;
-            };
-            let Some(number) = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref() == *name)
-                .and_then(|p| p.port)
-                .and_then(|p| u16::try_from(p).ok())
-                .filter(|n| *n != 0 && *n != service_port.target_port())
-            else {
+        for (port, name, target) in named {
+            let Some(number) = slice_port(slice, *name).filter(|n| *n != 0 && n != target) else {
                 continue;
             };
             for uid in slice

@@ -84,7 +84,7 @@ fn until_logged(
         || {
             format!(
                 "{:#?}",
-                &access_log(t, node)[since.min(log_mark(t, node))..]
+                &access_log(t, node).get(since..).unwrap_or_default()
             )
         },
         || act() && access_log(t, node).iter().skip(since).any(|l| line(l)),

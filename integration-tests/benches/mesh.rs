@@ -22,10 +22,15 @@ use lab::LabSpec;
 use serde_json::Value;
 
 const NODES: [&str; 2] = ["node-1", "node-2"];
-/// Round trips for the latency and CPU-per-request measurement.
-const ROUND_TRIPS: u64 = 20_000;
-const NEW_CONNECTIONS: u64 = 3_000;
-const IPERF_SECONDS: u64 = 5;
+/// Each measurement runs in rounds, the paths taking turns within a round,
+/// so that a slow stretch of the shared machine (its round-trip times
+/// have been seen to double for minutes at a time) falls on every path
+/// alike; percentiles are over all of a path's rounds.
+const ROUNDS: u64 = 5;
+/// 1 KiB round trips per round, for latency and CPU per request.
+const ROUND_TRIPS_PER_ROUND: u64 = 4_000;
+const NEW_CONNECTIONS_PER_ROUND: u64 = 600;
+const IPERF_ROUND_SECONDS: u64 = 2;
 
 fn json(t: &TestLab, pod: &str, argv: &[&str]) -> Value {
     let out = t.exec(pod, argv);
@@ -141,32 +146,70 @@ fn rss(t: &TestLab) -> [u64; 2] {
     NODES.map(|n| t.lab.ztunnel_rss_kib(n).unwrap())
 }
 
+/// What one path measured, added up over its rounds.
 #[derive(Debug, Default)]
 struct PathResult {
-    gbps: f64,
-    cpu_s_per_gb: [f64; 2],
-    rr_p50_us: f64,
-    rr_p99_us: f64,
-    cpu_us_per_request: [f64; 2],
-    new_conn_rps: f64,
-    new_conn_p50_ms: f64,
+    iperf_bytes: f64,
+    iperf_seconds: f64,
+    iperf_cpu_us: [u64; 2],
     peak_rss_kib: [u64; 2],
+    rr_counts_us: Vec<[u64; 2]>,
+    rr_cpu_us: [u64; 2],
+    conn_counts_us: Vec<[u64; 2]>,
+    conn_requests: f64,
+    conn_seconds: f64,
 }
 
-fn measure(t: &TestLab, route: &Route<'_>) -> PathResult {
-    let client = route.client();
-    let [_, _, http_port] = route.ports;
-    // Warm up: certificates issued, the pooled HBONE connection open.
-    let url = format!("http://{}:{http_port}/", route.host);
-    json(t, &client, &["ambit-load", &url, "--json"]);
-    let mut r = PathResult::default();
-    throughput(t, route, &mut r);
-    round_trips(t, route, &mut r);
-    new_connections(t, route, &mut r);
-    r
+impl PathResult {
+    fn gbps(&self) -> f64 {
+        self.iperf_bytes * 8.0 / self.iperf_seconds / 1e9
+    }
+
+    fn cpu_s_per_gb(&self) -> [f64; 2] {
+        self.iperf_cpu_us
+            .map(|us| us as f64 / 1e6 / (self.iperf_bytes / 1e9))
+    }
+
+    fn rr_us(&self, q: f64) -> f64 {
+        workloads::load::quantile(&self.rr_counts_us, q) as f64
+    }
+
+    fn cpu_us_per_request(&self) -> [f64; 2] {
+        self.rr_cpu_us
+            .map(|us| us as f64 / (ROUNDS * ROUND_TRIPS_PER_ROUND) as f64)
+    }
+
+    fn new_conn_rps(&self) -> f64 {
+        self.conn_requests / self.conn_seconds
+    }
+
+    fn new_conn_p50_ms(&self) -> f64 {
+        workloads::load::quantile(&self.conn_counts_us, 0.5) as f64 / 1000.0
+    }
 }
 
-/// iperf3 single stream, with the ztunnels' memory sampled while it runs.
+fn add(total: &mut [u64; 2], before: [u64; 2], after: [u64; 2]) {
+    for i in 0..2 {
+        total[i] += after[i] - before[i];
+    }
+}
+
+fn counts(v: &Value) -> impl Iterator<Item = [u64; 2]> + '_ {
+    v["latency_ms"]["counts_us"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| [0, 1].map(|i| c[i].as_u64().unwrap()))
+}
+
+/// Certificates issued, the pooled HBONE connection open.
+fn warm_up(t: &TestLab, route: &Route<'_>) {
+    let url = format!("http://{}:{}/", route.host, route.ports[2]);
+    json(t, &route.client(), &["ambit-load", &url, "--json"]);
+}
+
+/// One round of iperf3 single stream, with the ztunnels' memory sampled
+/// while it runs.
 fn throughput(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
     let client = route.client();
     let server = format!("{}/server-0", route.ns);
@@ -184,7 +227,7 @@ fn throughput(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
-        let (port, secs) = (route.ports[0].to_string(), IPERF_SECONDS.to_string());
+        let (port, secs) = (route.ports[0].to_string(), IPERF_ROUND_SECONDS.to_string());
         let argv = [
             "iperf3",
             "-c",
@@ -199,36 +242,30 @@ fn throughput(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
         sampling.store(false, Ordering::Relaxed);
         v
     });
-    let after = (route.cpu)();
+    add(&mut r.iperf_cpu_us, before, (route.cpu)());
     let received = &iperf["end"]["sum_received"];
-    r.gbps = received["bits_per_second"].as_f64().unwrap() / 1e9;
-    let gb = received["bytes"].as_f64().unwrap() / 1e9;
-    r.cpu_s_per_gb = [0, 1].map(|i| (after[i] - before[i]) as f64 / 1e6 / gb);
-    r.peak_rss_kib = peaks.map(AtomicU64::into_inner);
+    r.iperf_bytes += received["bytes"].as_f64().unwrap();
+    r.iperf_seconds += received["seconds"].as_f64().unwrap();
+    for (peak, now) in r.peak_rss_kib.iter_mut().zip(peaks) {
+        *peak = (*peak).max(now.into_inner());
+    }
 }
 
-/// 1 KiB request/response on one connection.
+/// One round of 1 KiB request/response on one connection.
 fn round_trips(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
-    let client = route.client();
     let url = format!("tcp://{}:{}", route.host, route.ports[1]);
-    let n = ROUND_TRIPS.to_string();
+    let n = ROUND_TRIPS_PER_ROUND.to_string();
+    let argv = ["ambit-load", &url, "--tcp-rr", "1024", "-n", &n];
     let before = (route.cpu)();
-    let rr = json(
-        t,
-        &client,
-        &["ambit-load", &url, "--tcp-rr", "1024", "-n", &n],
-    );
-    let after = (route.cpu)();
-    r.rr_p50_us = rr["latency_ms"]["p50"].as_f64().unwrap() * 1000.0;
-    r.rr_p99_us = rr["latency_ms"]["p99"].as_f64().unwrap() * 1000.0;
-    r.cpu_us_per_request = [0, 1].map(|i| (after[i] - before[i]) as f64 / ROUND_TRIPS as f64);
+    let rr = json(t, &route.client(), &argv);
+    add(&mut r.rr_cpu_us, before, (route.cpu)());
+    r.rr_counts_us.extend(counts(&rr));
 }
 
-/// A new connection per request (pooled HBONE for the mesh).
+/// One round of a new connection per request (pooled HBONE for the mesh).
 fn new_connections(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
-    let client = route.client();
     let url = format!("http://{}:{}/", route.host, route.ports[2]);
-    let n = NEW_CONNECTIONS.to_string();
+    let n = NEW_CONNECTIONS_PER_ROUND.to_string();
     let argv = [
         "ambit-load",
         &url,
@@ -239,10 +276,11 @@ fn new_connections(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
         "--new-connections",
         "--json",
     ];
-    let conns = json(t, &client, &argv);
+    let conns = json(t, &route.client(), &argv);
     assert_eq!(conns["errors"], 0, "{conns}");
-    r.new_conn_rps = conns["rps"].as_f64().unwrap();
-    r.new_conn_p50_ms = conns["latency_ms"]["p50"].as_f64().unwrap();
+    r.conn_requests += conns["requests"].as_f64().unwrap();
+    r.conn_seconds += conns["duration_s"].as_f64().unwrap();
+    r.conn_counts_us.extend(counts(&conns));
 }
 
 fn main() {
@@ -256,13 +294,24 @@ fn main() {
     // pages over about 10 s).
     std::thread::sleep(Duration::from_secs(20));
     let idle = rss(&t);
-    let direct = measure(&t, &server_route(&t, "plain"));
-    let mesh = measure(&t, &server_route(&t, "meshed"));
-    let relay = {
-        let (_relays, route) = relay_route(&t);
-        measure(&t, &route)
-    };
-    print_table(&direct, &relay, &mesh, idle);
+    // The relays idle while the other paths are measured.
+    let (_relays, relay) = relay_route(&t);
+    let routes = [server_route(&t, "plain"), relay, server_route(&t, "meshed")];
+    for route in &routes {
+        warm_up(&t, route);
+    }
+    let mut results: [PathResult; 3] = Default::default();
+    let phases: [fn(&TestLab, &Route<'_>, &mut PathResult); 3] =
+        [throughput, round_trips, new_connections];
+    for phase in phases {
+        for _ in 0..ROUNDS {
+            for (route, r) in routes.iter().zip(&mut results) {
+                phase(&t, route, r);
+            }
+        }
+    }
+    let [direct, relay, mesh] = &results;
+    print_table(direct, relay, mesh, idle);
 }
 
 fn print_table(direct: &PathResult, relay: &PathResult, mesh: &PathResult, idle: [u64; 2]) {
@@ -272,17 +321,16 @@ fn print_table(direct: &PathResult, relay: &PathResult, mesh: &PathResult, idle:
     );
     println!("|---|---|---|---|---|");
     println!(
-        "| iperf3 single stream, {IPERF_SECONDS} s | {:.2} Gbit/s | {:.2} Gbit/s ({:.0}%) | {:.2} Gbit/s | {:.0}% |",
-        direct.gbps,
-        relay.gbps,
-        100.0 * relay.gbps / direct.gbps,
-        mesh.gbps,
-        100.0 * mesh.gbps / direct.gbps
+        "| iperf3 single stream, {ROUNDS} × {IPERF_ROUND_SECONDS} s | {:.2} Gbit/s | {:.2} Gbit/s ({:.0}%) | {:.2} Gbit/s | {:.0}% |",
+        direct.gbps(),
+        relay.gbps(),
+        100.0 * relay.gbps() / direct.gbps(),
+        mesh.gbps(),
+        100.0 * mesh.gbps() / direct.gbps()
     );
-    for (q, d, r, m) in [
-        ("p50", direct.rr_p50_us, relay.rr_p50_us, mesh.rr_p50_us),
-        ("p99", direct.rr_p99_us, relay.rr_p99_us, mesh.rr_p99_us),
-    ] {
+    for (q, d, r, m) in [("p50", 0.5), ("p99", 0.99)]
+        .map(|(name, q)| (name, direct.rr_us(q), relay.rr_us(q), mesh.rr_us(q)))
+    {
         println!(
             "| 1 KiB request/response on one connection, {q} | {d:.0} µs | {r:.0} µs (+{:.0}) | {m:.0} µs | +{:.0} µs |",
             r - d,
@@ -291,22 +339,22 @@ fn print_table(direct: &PathResult, relay: &PathResult, mesh: &PathResult, idle:
     }
     println!(
         "| new connection + HTTP request, one at a time | {:.0}/s, p50 {:.2} ms | {:.0}/s, p50 {:.2} ms | {:.0}/s, p50 {:.2} ms | |",
-        direct.new_conn_rps,
-        direct.new_conn_p50_ms,
-        relay.new_conn_rps,
-        relay.new_conn_p50_ms,
-        mesh.new_conn_rps,
-        mesh.new_conn_p50_ms
+        direct.new_conn_rps(),
+        direct.new_conn_p50_ms(),
+        relay.new_conn_rps(),
+        relay.new_conn_p50_ms(),
+        mesh.new_conn_rps(),
+        mesh.new_conn_p50_ms()
     );
     println!(
         "| proxy CPU-seconds per GB (node-1 / node-2) | | {} | {} | |",
-        pair(relay.cpu_s_per_gb),
-        pair(mesh.cpu_s_per_gb)
+        pair(relay.cpu_s_per_gb()),
+        pair(mesh.cpu_s_per_gb())
     );
     println!(
         "| proxy CPU µs per 1 KiB request (node-1 / node-2) | | {} | {} | |",
-        pair(relay.cpu_us_per_request),
-        pair(mesh.cpu_us_per_request)
+        pair(relay.cpu_us_per_request()),
+        pair(mesh.cpu_us_per_request())
     );
     println!(
         "| ztunnel RSS idle (node-1 / node-2) | | | {} / {} KiB | |",

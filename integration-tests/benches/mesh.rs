@@ -17,6 +17,7 @@ use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
 use integration_tests::{TestLab, bin_dir, require_root};
 use lab::LabSpec;
 use serde_json::Value;
@@ -147,20 +148,37 @@ fn rss(t: &TestLab) -> [u64; 2] {
 }
 
 /// What one path measured, added up over its rounds.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PathResult {
     iperf_bytes: f64,
     iperf_seconds: f64,
     iperf_cpu_us: [u64; 2],
     peak_rss_kib: [u64; 2],
-    rr_counts_us: Vec<[u64; 2]>,
+    /// Round-trip times, µs.
+    rr: Histogram<u64>,
     rr_cpu_us: [u64; 2],
-    conn_counts_us: Vec<[u64; 2]>,
+    /// New connection + request times, µs.
+    conns: Histogram<u64>,
     conn_requests: f64,
     conn_seconds: f64,
 }
 
 impl PathResult {
+    fn new() -> Self {
+        let hist = || Histogram::new(3).unwrap();
+        Self {
+            iperf_bytes: 0.0,
+            iperf_seconds: 0.0,
+            iperf_cpu_us: [0; 2],
+            peak_rss_kib: [0; 2],
+            rr: hist(),
+            rr_cpu_us: [0; 2],
+            conns: hist(),
+            conn_requests: 0.0,
+            conn_seconds: 0.0,
+        }
+    }
+
     fn gbps(&self) -> f64 {
         self.iperf_bytes * 8.0 / self.iperf_seconds / 1e9
     }
@@ -171,12 +189,11 @@ impl PathResult {
     }
 
     fn rr_us(&self, q: f64) -> f64 {
-        workloads::load::quantile(&self.rr_counts_us, q) as f64
+        self.rr.value_at_quantile(q) as f64
     }
 
     fn cpu_us_per_request(&self) -> [f64; 2] {
-        self.rr_cpu_us
-            .map(|us| us as f64 / (ROUNDS * ROUND_TRIPS_PER_ROUND) as f64)
+        self.rr_cpu_us.map(|us| us as f64 / self.rr.len() as f64)
     }
 
     fn new_conn_rps(&self) -> f64 {
@@ -184,7 +201,7 @@ impl PathResult {
     }
 
     fn new_conn_p50_ms(&self) -> f64 {
-        workloads::load::quantile(&self.conn_counts_us, 0.5) as f64 / 1000.0
+        self.conns.value_at_quantile(0.5) as f64 / 1000.0
     }
 }
 
@@ -194,12 +211,12 @@ fn add(total: &mut [u64; 2], before: [u64; 2], after: [u64; 2]) {
     }
 }
 
-fn counts(v: &Value) -> impl Iterator<Item = [u64; 2]> + '_ {
-    v["latency_ms"]["counts_us"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| [0, 1].map(|i| c[i].as_u64().unwrap()))
+/// Adds an `ambit-load --json` report's latency distribution to `hist`.
+fn add_counts(hist: &mut Histogram<u64>, report: &Value) {
+    for c in report["latency_ms"]["counts_us"].as_array().unwrap() {
+        hist.record_n(c[0].as_u64().unwrap(), c[1].as_u64().unwrap())
+            .unwrap();
+    }
 }
 
 /// Certificates issued, the pooled HBONE connection open.
@@ -259,7 +276,7 @@ fn round_trips(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
     let before = (route.cpu)();
     let rr = json(t, &route.client(), &argv);
     add(&mut r.rr_cpu_us, before, (route.cpu)());
-    r.rr_counts_us.extend(counts(&rr));
+    add_counts(&mut r.rr, &rr);
 }
 
 /// One round of a new connection per request (pooled HBONE for the mesh).
@@ -280,7 +297,7 @@ fn new_connections(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
     assert_eq!(conns["errors"], 0, "{conns}");
     r.conn_requests += conns["requests"].as_f64().unwrap();
     r.conn_seconds += conns["duration_s"].as_f64().unwrap();
-    r.conn_counts_us.extend(counts(&conns));
+    add_counts(&mut r.conns, &conns);
 }
 
 fn main() {
@@ -300,7 +317,7 @@ fn main() {
     for route in &routes {
         warm_up(&t, route);
     }
-    let mut results: [PathResult; 3] = Default::default();
+    let mut results = [(); 3].map(|()| PathResult::new());
     let phases: [fn(&TestLab, &Route<'_>, &mut PathResult); 3] =
         [throughput, round_trips, new_connections];
     for phase in phases {

@@ -180,15 +180,25 @@ impl PodCapture {
     }
 }
 
-/// Classifies a load failure: EPERM anywhere in the chain means a missing
-/// privilege, anything else a rejection; the detail carries the whole chain.
-fn rejected(program: &'static str, e: impl std::error::Error) -> CaptureError {
+/// An error with all its causes, so that the kernel's errno is not lost.
+fn chain(e: &dyn std::error::Error) -> String {
     let mut detail = e.to_string();
-    let mut eperm = false;
     let mut source = e.source();
     while let Some(cause) = source {
         detail.push_str(": ");
         detail.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    detail
+}
+
+/// Classifies a load failure: EPERM anywhere in the chain means a missing
+/// privilege, anything else a rejection; the detail carries the whole chain.
+fn rejected(program: &'static str, e: impl std::error::Error) -> CaptureError {
+    let detail = chain(&e);
+    let mut eperm = false;
+    let mut source = e.source();
+    while let Some(cause) = source {
         eperm |= cause
             .downcast_ref::<io::Error>()
             .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM));
@@ -319,7 +329,7 @@ impl Capture {
             move |e: aya::programs::ProgramError| CaptureError::Attach {
                 program,
                 cgroup: pod.cgroup.to_path_buf(),
-                detail: e.to_string(),
+                detail: chain(&e),
             }
         };
         let pin_err = |e: &dyn std::fmt::Display| CaptureError::Pin {

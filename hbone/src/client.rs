@@ -11,12 +11,13 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use h2::client::SendRequest;
 use identity::{Identity, WorkloadCert};
+use tokio::io::AsyncRead;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
 use crate::headers::ConnectRequest;
-use crate::{Error, H2Stream, Keepalive, settings};
+use crate::{EarlyData, Error, H2Stream, Keepalive, settings};
 
 /// Makes the TCP connection under an HBONE connection, for callers that
 /// must not connect from their own network namespace (ztunnel connects from
@@ -128,26 +129,55 @@ impl Connection {
         })
     }
 
-    /// Opens a tunnel: sends CONNECT, with the request's early data, and
-    /// waits for the answer; anything but `200` is an error carrying the
-    /// status.
+    /// Opens a tunnel: sends CONNECT and waits for the answer; anything but
+    /// `200` is an error carrying the status.
     pub async fn open(&self, req: &ConnectRequest) -> Result<H2Stream, Error> {
+        self.open_with(req, &mut tokio::io::empty(), &mut EarlyData::new(0))
+            .await
+    }
+
+    /// Opens a tunnel for `client`: sends CONNECT, then, until the answer
+    /// comes, what `early` holds and whatever `client` sends meanwhile
+    /// (kept in `early` for a retry). Anything but `200` is an error
+    /// carrying the status.
+    pub async fn open_with<R: AsyncRead + Unpin + ?Sized>(
+        &self,
+        req: &ConnectRequest,
+        client: &mut R,
+        early: &mut EarlyData,
+    ) -> Result<H2Stream, Error> {
         let mut ready = self.send_request.clone().ready().await?;
-        let (response, mut send) = ready.send_request(req.to_http(), false)?;
-        if !req.early_data.is_empty() {
-            // Queued within the stream's initial window, so it goes out
-            // with the request's HEADERS.
-            send.send_data(req.early_data.clone(), false)?;
-        }
-        let response = response.await?;
+        let (mut response, mut send) = ready.send_request(req.to_http(), false)?;
+        // Queued within the stream's initial window: what is there now goes
+        // out with the request's HEADERS.
+        let mut sending = match early.replay() {
+            Some(kept) => send.send_data(kept, false),
+            None => Ok(()),
+        };
+        let response = loop {
+            if sending.is_err() || early.done() {
+                break response.await?;
+            }
+            tokio::select! {
+                biased;
+                answer = &mut response => break answer?,
+                more = early.read_more(client) => {
+                    if let Some(chunk) = more {
+                        sending = send.send_data(chunk, false);
+                    }
+                }
+            }
+        };
         if response.status() != http::StatusCode::OK {
             return Err(Error::Status {
                 status: response.status(),
                 authority: req.authority,
             });
         }
+        // A stream the server reset while answering `200`.
+        sending?;
         let mut stream = H2Stream::new(send, response.into_body(), None);
-        stream.sent_early = req.early_data.len() as u64;
+        stream.sent_early = early.bytes().len() as u64;
         Ok(stream)
     }
 

@@ -5,7 +5,6 @@
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
 
 pub const FORWARDED: &str = "forwarded";
@@ -21,11 +20,6 @@ pub struct ConnectRequest {
     pub forwarded: Option<Forwarded>,
     pub baggage: Option<Baggage>,
     pub traceparent: TraceParent,
-    /// Bytes the client has already sent, carried in a DATA frame right
-    /// behind the request instead of after the `200` (ADR 0008): the
-    /// tunnel's first bytes reach the destination one round trip sooner.
-    /// Sent again if the request is retried; empty for none.
-    pub early_data: Bytes,
 }
 
 impl ConnectRequest {
@@ -36,7 +30,6 @@ impl ConnectRequest {
             forwarded: None,
             baggage: None,
             traceparent: TraceParent::random(),
-            early_data: Bytes::new(),
         }
     }
 

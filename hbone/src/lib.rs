@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod copy;
+mod early;
 mod error;
 pub mod headers;
 mod keepalive;
@@ -20,6 +21,7 @@ mod stream;
 pub mod testing;
 
 pub use client::Dialer;
+pub use early::EarlyData;
 pub use error::Error;
 pub use headers::{Baggage, ConnectRequest, Forwarded, TraceParent};
 pub use keepalive::Keepalive;

@@ -15,11 +15,12 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use identity::{CertManager, Identity};
+use tokio::io::AsyncRead;
 use tokio::time::Instant;
 
 use crate::client::{Connection, Dialer, Timeouts};
 use crate::headers::ConnectRequest;
-use crate::{Error, H2Stream};
+use crate::{EarlyData, Error, H2Stream};
 
 /// Pool limits.
 #[derive(Debug, Clone)]
@@ -204,8 +205,21 @@ impl Pool {
 
     /// Opens a tunnel for `req` on a connection matching `key`.
     pub async fn connect(&self, key: &PoolKey, req: &ConnectRequest) -> Result<H2Stream, Error> {
+        self.connect_with(key, req, &mut tokio::io::empty(), &mut EarlyData::new(0))
+            .await
+    }
+
+    /// Opens a tunnel for `client` on a connection matching `key`, sending
+    /// its bytes ahead of the answer ([`Connection::open_with`]).
+    pub async fn connect_with<R: AsyncRead + Unpin + ?Sized>(
+        &self,
+        key: &PoolKey,
+        req: &ConnectRequest,
+        client: &mut R,
+        early: &mut EarlyData,
+    ) -> Result<H2Stream, Error> {
         let lease = self.checkout(key).await?;
-        match lease.pooled.conn.open(req).await {
+        match lease.pooled.conn.open_with(req, client, early).await {
             Ok(stream) => Ok(H2Stream {
                 lease: Some(lease),
                 ..stream
@@ -220,7 +234,7 @@ impl Pool {
                 drop(lease);
                 self.retire(key, &refused);
                 let lease = self.checkout(key).await?;
-                let stream = lease.pooled.conn.open(req).await?;
+                let stream = lease.pooled.conn.open_with(req, client, early).await?;
                 Ok(H2Stream {
                     lease: Some(lease),
                     ..stream

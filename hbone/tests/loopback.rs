@@ -653,18 +653,20 @@ async fn keepalive_drops_a_connection_whose_peer_went_silent() {
     drop(frozen_tx);
 }
 
-#[tokio::test]
-async fn early_data_travels_with_the_connect_and_counts_as_sent() {
-    let certs = test_certs();
-    // A server that answers `200` only once the tunnel's first bytes have
-    // arrived: it waits forever for a client that holds them back until
-    // the answer, as this one did before early data.
-    let (addr, server) = raw_h2_server(&certs, |mut conn| async move {
+/// A server for one tunnel that answers `200` only once `wanted` bytes of
+/// the tunnel have arrived, then sends "answer" and reads the rest: it
+/// waits forever for a client that holds its bytes back until the answer.
+/// Returns the bytes before the answer and after it.
+async fn answers_after(
+    certs: &CertManager,
+    wanted: usize,
+) -> (SocketAddr, tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>) {
+    raw_h2_server(certs, move |mut conn| async move {
         let (request, mut respond) = conn.accept().await.unwrap().unwrap();
         tokio::spawn(async move { while conn.accept().await.is_some() {} });
         let mut body = request.into_body();
         let mut before_answer = Vec::new();
-        while before_answer.len() < b"early bytes".len() {
+        while before_answer.len() < wanted {
             let chunk = body.data().await.unwrap().unwrap();
             before_answer.extend_from_slice(&chunk);
         }
@@ -679,39 +681,131 @@ async fn early_data_travels_with_the_connect_and_counts_as_sent() {
         }
         (before_answer, after_answer)
     })
-    .await;
-    let cert = certs.fetch(&id(CLIENT)).await.unwrap();
-    let conn = hbone::client::Connection::establish(
-        &cert,
-        vec![id(SERVER)],
-        addr,
-        None,
-        Default::default(),
-    )
     .await
-    .unwrap();
-    let mut req = ConnectRequest::new("127.0.0.1:7".parse().unwrap());
-    req.early_data = bytes::Bytes::from_static(b"early bytes");
-    let stream = tokio::time::timeout(Duration::from_secs(10), conn.open(&req))
+}
+
+async fn client_conn(certs: &CertManager, addr: SocketAddr) -> hbone::client::Connection {
+    let cert = certs.fetch(&id(CLIENT)).await.unwrap();
+    hbone::client::Connection::establish(&cert, vec![id(SERVER)], addr, None, Default::default())
         .await
-        .expect("the server saw no early data before answering")
-        .unwrap();
-    let (mut app, proxy) = tokio::io::duplex(1024);
+        .unwrap()
+}
+
+type AppSide = tokio::io::DuplexStream;
+type ProxyRead = tokio::io::ReadHalf<tokio::io::DuplexStream>;
+type ProxyWrite = tokio::io::WriteHalf<tokio::io::DuplexStream>;
+
+/// An app connected to a proxy: the app's end, and the proxy's two halves.
+fn app_and_proxy() -> (AppSide, ProxyRead, ProxyWrite) {
+    let (app, proxy) = tokio::io::duplex(1024);
     let (r, w) = tokio::io::split(proxy);
+    (app, r, w)
+}
+
+/// Opens a tunnel for the proxy's reader, reading ahead up to `limit`;
+/// `stuck` says what it means if the server never answers.
+async fn open_for(
+    conn: &hbone::client::Connection,
+    r: &mut ProxyRead,
+    limit: usize,
+    stuck: &str,
+) -> (hbone::H2Stream, hbone::EarlyData) {
+    let req = ConnectRequest::new("127.0.0.1:7".parse().unwrap());
+    let mut early = hbone::EarlyData::new(limit);
+    let stream = tokio::time::timeout(Duration::from_secs(10), conn.open_with(&req, r, &mut early))
+        .await
+        .expect(stuck)
+        .unwrap();
+    (stream, early)
+}
+
+/// Copies through the open tunnel while the app sends `more` and closes
+/// its side; checks the server's answer arrives and returns the bytes the
+/// copy counts as sent.
+async fn finish(
+    mut app: AppSide,
+    r: ProxyRead,
+    w: ProxyWrite,
+    stream: hbone::H2Stream,
+    more: &[u8],
+) -> u64 {
     let copy = tokio::spawn(hbone::copy::copy_bidirectional(r, w, stream));
-    app.write_all(b", then more").await.unwrap();
+    app.write_all(more).await.unwrap();
     app.shutdown().await.unwrap();
     let mut answer = Vec::new();
     app.read_to_end(&mut answer).await.unwrap();
     assert_eq!(answer, b"answer");
-    let transferred = copy.await.unwrap().unwrap();
-    assert_eq!(
-        transferred.sent,
-        (b"early bytes".len() + b", then more".len()) as u64
-    );
+    copy.await.unwrap().unwrap().sent
+}
+
+#[tokio::test]
+async fn early_data_travels_with_the_connect_and_counts_as_sent() {
+    let certs = test_certs();
+    let (addr, server) = answers_after(&certs, b"early bytes".len()).await;
+    let conn = client_conn(&certs, addr).await;
+    // The client has sent its first bytes before the tunnel is asked for.
+    let (mut app, mut r, w) = app_and_proxy();
+    app.write_all(b"early bytes").await.unwrap();
+    let (stream, early) = open_for(
+        &conn,
+        &mut r,
+        16 * 1024,
+        "the server saw no early data before answering",
+    )
+    .await;
+    assert_eq!(early.bytes(), b"early bytes");
+    let sent = finish(app, r, w, stream, b", then more").await;
+    assert_eq!(sent, (b"early bytes".len() + b", then more".len()) as u64);
     let (before, after) = server.await.unwrap();
     assert_eq!(before, b"early bytes");
     assert_eq!(after, b", then more");
+}
+
+#[tokio::test]
+async fn bytes_sent_while_the_answer_is_pending_go_ahead_of_it() {
+    let certs = test_certs();
+    let (addr, server) = answers_after(&certs, b"first, second".len()).await;
+    let conn = client_conn(&certs, addr).await;
+    // Nothing is there when the tunnel is asked for; the client speaks
+    // while the CONNECT is on its way.
+    let (mut app, mut r, w) = app_and_proxy();
+    let speaking = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        app.write_all(b"first").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        app.write_all(b", second").await.unwrap();
+        app
+    });
+    let (stream, early) = open_for(
+        &conn,
+        &mut r,
+        16 * 1024,
+        "the client's bytes were held back until the answer",
+    )
+    .await;
+    assert_eq!(early.bytes(), b"first, second");
+    let sent = finish(speaking.await.unwrap(), r, w, stream, b"").await;
+    assert_eq!(sent, b"first, second".len() as u64);
+    let (before, after) = server.await.unwrap();
+    assert_eq!(before, b"first, second");
+    assert!(after.is_empty(), "sent twice: {after:?}");
+}
+
+#[tokio::test]
+async fn reading_ahead_stops_at_the_limit_until_the_answer() {
+    let certs = test_certs();
+    // The server answers after 4 bytes; the client has sent 10, of which
+    // only the first 4 (the limit) may go before the answer.
+    let (addr, server) = answers_after(&certs, 4).await;
+    let conn = client_conn(&certs, addr).await;
+    let (mut app, mut r, w) = app_and_proxy();
+    app.write_all(b"0123456789").await.unwrap();
+    let (stream, early) = open_for(&conn, &mut r, 4, "no answer after 4 bytes").await;
+    assert_eq!(early.bytes(), b"0123");
+    assert_eq!(finish(app, r, w, stream, b"").await, 10);
+    let (before, after) = server.await.unwrap();
+    assert_eq!(before, b"0123");
+    assert_eq!(after, b"456789");
 }
 
 fn test_certs() -> CertManager {

@@ -8,12 +8,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::{Bytes, BytesMut};
 use capture::{
     Capture, CaptureError, Destinations, Exclusions, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, Pod,
     PodCapture,
 };
-use hbone::{ConnectRequest, Forwarded, Pool, PoolConfig, PoolKey};
+use hbone::{ConnectRequest, EarlyData, Forwarded, Pool, PoolConfig, PoolKey};
 use identity::{CertManager, Identity};
 use model::{InboundProtocol, Snapshot, Workload};
 use serde::{Deserialize, Serialize};
@@ -600,17 +599,9 @@ impl NodeAgent {
         if let Some(waypoint) = plan.waypoint {
             record.waypoint = waypoint.to_string();
         }
-        // What the client has sent by now goes with the CONNECT, and again
-        // to the next endpoint if one refused it without acting on it.
-        let early = match ready_bytes(&client) {
-            Ok(early) => early,
-            Err(error) => {
-                self.failed();
-                metrics.failed(&record, "client_error");
-                record.log(0, 0, &format!("client: {error}"));
-                return;
-            }
-        };
+        // The client's bytes go with the CONNECT, up to its answer, and
+        // again to the next endpoint if one refused it without acting on it.
+        let mut early = EarlyData::new(EARLY_DATA);
         let mut last = None;
         // A refused endpoint of a service is skipped for the next one; a
         // single destination is tried once.
@@ -619,10 +610,23 @@ impl NodeAgent {
             if let Some(w) = ipv4(route.endpoint()).and_then(|ip| snapshot.workload_by_ip(ip)) {
                 record.set_dst(w);
             }
-            let upstream = match self
-                .open(route, peer, plan.hostname.as_deref(), source, &early)
-                .await
-            {
+            let opened = self
+                .open(
+                    route,
+                    peer,
+                    plan.hostname.as_deref(),
+                    source,
+                    &mut client,
+                    &mut early,
+                )
+                .await;
+            if let Some(error) = early.take_error() {
+                self.failed();
+                metrics.failed(&record, "client_error");
+                record.log(0, 0, &format!("client: {error}"));
+                return;
+            }
+            let upstream = match opened {
                 Ok(upstream) => upstream,
                 Err(failure) => {
                     if endpoint_fault(failure.code) {
@@ -663,8 +667,8 @@ impl NodeAgent {
                     }
                 }
                 Upstream::Tcp(mut upstream) => {
-                    let early_sent = upstream.write_all(&early).await;
-                    let early_len = early.len() as u64;
+                    let early_sent = upstream.write_all(early.bytes()).await;
+                    let early_len = early.bytes().len() as u64;
                     drop(early);
                     let (to_dst, to_src, copied) = match early_sent {
                         Ok(()) => {
@@ -718,15 +722,16 @@ impl NodeAgent {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Connects to one route: an HBONE tunnel or a TCP connection from the
-    /// source pod's namespace.
+    /// Connects to one route: an HBONE tunnel (the client's bytes go ahead
+    /// of the answer) or a TCP connection from the source pod's namespace.
     async fn open(
         &self,
         route: &Route,
         peer: SocketAddrV4,
         hostname: Option<&str>,
         source: &Source,
-        early: &Bytes,
+        client: &mut TcpStream,
+        early: &mut EarlyData,
     ) -> Result<Upstream, OpenFailure> {
         match route {
             Route::Hbone {
@@ -752,8 +757,7 @@ impl NodeAgent {
                     for_addr: SocketAddr::V4(peer),
                     host: hostname.map(str::to_string),
                 });
-                req.early_data = early.clone();
-                pool.connect(&key, &req)
+                pool.connect_with(&key, &req, client, early)
                     .await
                     .map(Upstream::Hbone)
                     .map_err(|e| OpenFailure {
@@ -811,25 +815,9 @@ impl NodeAgent {
     }
 }
 
-/// The most a connection's early data may be: one read of the copy loop's
-/// first size.
+/// The most of a client's bytes sent ahead of its tunnel's answer: one read
+/// of the copy loop's first size.
 const EARLY_DATA: usize = 16 * 1024;
-
-/// What the client has sent and its socket holds now, without waiting for
-/// more: a client that speaks first (HTTP, TLS) has usually sent its first
-/// bytes by the time its connection is routed, one that waits for the
-/// server has not, and nothing is held back for it.
-fn ready_bytes(client: &TcpStream) -> std::io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(EARLY_DATA);
-    match client.try_read_buf(&mut buf) {
-        // A client that has already closed its side reads 0 again in the
-        // copy. A copy of what was read, so that the connection does not
-        // hold the whole buffer.
-        Ok(_) => Ok(Bytes::copy_from_slice(&buf)),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Bytes::new()),
-        Err(e) => Err(e),
-    }
-}
 
 /// Plain TCP forwarding both ways until both sides close or `stop`
 /// resolves: the bytes written (client → upstream, back), also when the

@@ -7,7 +7,7 @@
 
 use std::io;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Everything read from the client before its tunnel opened, kept in order:
@@ -69,16 +69,17 @@ impl EarlyData {
         if self.done() {
             return None;
         }
-        let mut chunk = BytesMut::with_capacity(self.limit - self.kept.len());
-        match client.read_buf(&mut chunk).await {
+        let before = self.kept.len();
+        // Reserved once: the reads that follow within the limit do not
+        // allocate.
+        self.kept.reserve(self.limit - before);
+        let mut room = (&mut self.kept).limit(self.limit - before);
+        match client.read_buf(&mut room).await {
             Ok(0) => {
                 self.eof = true;
                 None
             }
-            Ok(_) => {
-                self.kept.extend_from_slice(&chunk);
-                Some(chunk.freeze())
-            }
+            Ok(_) => Some(Bytes::copy_from_slice(&self.kept[before..])),
             Err(e) => {
                 self.error = Some(e);
                 None

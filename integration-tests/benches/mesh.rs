@@ -161,6 +161,7 @@ struct PathResult {
     conns: Histogram<u64>,
     conn_requests: f64,
     conn_seconds: f64,
+    conn_cpu_us: [u64; 2],
 }
 
 impl PathResult {
@@ -176,6 +177,7 @@ impl PathResult {
             conns: hist(),
             conn_requests: 0.0,
             conn_seconds: 0.0,
+            conn_cpu_us: [0; 2],
         }
     }
 
@@ -198,6 +200,10 @@ impl PathResult {
 
     fn new_conn_rps(&self) -> f64 {
         self.conn_requests / self.conn_seconds
+    }
+
+    fn cpu_us_per_new_conn(&self) -> [f64; 2] {
+        self.conn_cpu_us.map(|us| us as f64 / self.conn_requests)
     }
 
     fn new_conn_p50_ms(&self) -> f64 {
@@ -293,7 +299,9 @@ fn new_connections(t: &TestLab, route: &Route<'_>, r: &mut PathResult) {
         "--new-connections",
         "--json",
     ];
+    let before = (route.cpu)();
     let conns = json(t, &route.client(), &argv);
+    add(&mut r.conn_cpu_us, before, (route.cpu)());
     assert_eq!(conns["errors"], 0, "{conns}");
     r.conn_requests += conns["requests"].as_f64().unwrap();
     r.conn_seconds += conns["duration_s"].as_f64().unwrap();
@@ -328,11 +336,36 @@ fn main() {
         }
     }
     let [direct, relay, mesh] = &results;
+    println!("{}\n", machine());
     print_table(direct, relay, mesh, idle);
+}
+
+/// What the numbers depend on besides the code: the CPU, the kernel, and
+/// how an idle CPU waits. In a VM guest whose idle driver does not poll
+/// (`cpuidle-haltpoll` with `guest_halt_poll_ns` 0), every wake-up of an
+/// idle vCPU is a halt and an exit to the host, and every path wakes one
+/// at each of its hops: round trips then take several times longer
+/// (`docs/benchmarks.md`, "The guest's idle polling").
+fn machine() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).map(|s| s.trim().to_owned());
+    let cpuinfo = read("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU", |(_, m)| m.trim());
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let kernel = read("/proc/sys/kernel/osrelease").unwrap_or_else(|_| "unknown".into());
+    let idle =
+        read("/sys/devices/system/cpu/cpuidle/current_driver").unwrap_or_else(|_| "none".into());
+    let poll = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        .map_or(String::new(), |ns| format!(", guest_halt_poll_ns {ns}"));
+    format!("Machine: {model}, {cpus} CPUs, kernel {kernel}, cpuidle driver {idle}{poll}.")
 }
 
 fn print_table(direct: &PathResult, relay: &PathResult, mesh: &PathResult, idle: [u64; 2]) {
     let pair = |a: [f64; 2]| format!("{:.2} / {:.2}", a[0], a[1]);
+    let pair0 = |a: [f64; 2]| format!("{:.0} / {:.0}", a[0], a[1]);
     println!(
         "| measurement | direct | plain TCP relay on both nodes | mesh (HBONE) | mesh vs direct |"
     );
@@ -372,6 +405,11 @@ fn print_table(direct: &PathResult, relay: &PathResult, mesh: &PathResult, idle:
         "| proxy CPU µs per 1 KiB request (node-1 / node-2) | | {} | {} | |",
         pair(relay.cpu_us_per_request()),
         pair(mesh.cpu_us_per_request())
+    );
+    println!(
+        "| proxy CPU µs per new connection + request (node-1 / node-2) | | {} | {} | |",
+        pair0(relay.cpu_us_per_new_conn()),
+        pair0(mesh.cpu_us_per_new_conn())
     );
     println!(
         "| ztunnel RSS idle (node-1 / node-2) | | | {} / {} KiB | |",

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use identity::{Identity, TrustDomain};
 
 use crate::config::{MeshConfig, Service, ServicePort, WaypointRef, Workload};
-use crate::policy::{self, Connection, PeerAuthMode, PolicyScope, Verdict};
+use crate::policy::{self, Action, Connection, PeerAuthMode, PolicyScope, Verdict};
 
 /// Why a config was refused, naming the offending object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -274,20 +274,23 @@ impl Snapshot {
             .unwrap_or((PeerAuthMode::default(), None))
     }
 
-    /// A policy that picks workloads by label and could apply to a
-    /// workload of `namespace` (`namespace/name`, the first found): what
-    /// cannot be judged for a workload whose labels are not known.
-    pub fn label_selected_policy(&self, namespace: &str) -> Option<String> {
+    /// A policy that picks workloads by label and could decide a
+    /// connection to a workload of `namespace` (`namespace/name`, the first
+    /// found): what cannot be judged for a workload whose labels are not
+    /// known. Dry-run and AUDIT policies decide nothing, and peer
+    /// authentication matters only to a `plaintext` client.
+    pub fn label_selected_policy(&self, namespace: &str, plaintext: bool) -> Option<String> {
         let ns = |n: &str| self.policies_by_ns.get(n).into_iter().flatten();
         ns(namespace)
             .chain(ns(""))
             .map(|&i| &self.config.authorization_policies[i])
-            .find(|p| !p.selector.is_empty())
+            .find(|p| !p.selector.is_empty() && !p.dry_run && p.action != Action::Audit)
             .map(|p| p.key())
             .or_else(|| {
                 self.config
                     .peer_authentications
                     .iter()
+                    .filter(|_| plaintext)
                     .find(|p| p.namespace == namespace && !p.selector.is_empty())
                     .map(|p| p.key())
             })

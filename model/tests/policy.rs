@@ -279,6 +279,9 @@ authorizationPolicies:
         dst: snap.workload("echo").unwrap(),
         dst_port: 8080,
     });
+    // AUDIT decides nothing: a client its rule does not match is not
+    // denied as an ALLOW's would be.
+    assert!(verdict.allowed());
     assert!(verdict.audited_by.is_empty());
     assert!(verdict.dry_run.unwrap().allowed);
     // No dry-run policy selects shop's workloads: nothing to report.

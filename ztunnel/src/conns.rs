@@ -49,7 +49,9 @@ impl Authorized {
             Some(dst) => dst,
             // Enrolled before the config knows it: its labels are unknown,
             // so a policy that selects by label can be judged neither way.
-            None => match snapshot.label_selected_policy(&self.dst.namespace) {
+            None => match snapshot
+                .label_selected_policy(&self.dst.namespace, self.src_identity.is_none())
+            {
                 Some(policy) => {
                     return Judgement {
                         allowed: false,
@@ -378,6 +380,43 @@ authorizationPolicies:
         // Namespace-wide policies need no labels: judged as usual.
         assert!(judge(&snapshot("", 2)).allowed);
         assert!(!judge(&snapshot(DENY_ALL, 3)).allowed);
+    }
+
+    /// Only what could decide the connection makes an unknown destination
+    /// unjudgeable: not a dry-run or AUDIT policy, and not peer
+    /// authentication when the client proved an identity.
+    #[test]
+    fn an_unknown_destination_is_judged_past_policies_that_decide_nothing() {
+        let snap = snapshot(
+            "
+authorizationPolicies:
+  - {name: would-deny, namespace: demo, selector: {app: echo}, action: DENY, dryRun: true, rules: [{}]}
+  - {name: audit-echo, namespace: demo, selector: {app: echo}, action: AUDIT, rules: [{}]}
+peerAuthentications:
+  - {name: strict-echo, namespace: demo, selector: {app: echo}, mode: STRICT}
+",
+            1,
+        );
+        let mut stranger = snap.workload("echo").unwrap().clone();
+        stranger.uid = "new-pod".into();
+        stranger.labels.clear();
+        let judge = |src_identity: Option<Identity>| {
+            Authorized {
+                src_identity,
+                src_ip: Ipv4Addr::new(10, 0, 0, 9),
+                dst: stranger.clone(),
+                dst_port: 8080,
+            }
+            .judge(&snap)
+        };
+        let client = Identity::parse("spiffe://cluster.local/ns/demo/sa/sleep").unwrap();
+        let judgement = judge(Some(client));
+        assert!(judgement.allowed, "{judgement:?}");
+        // A plaintext client: the label-selected STRICT may apply.
+        let judgement = judge(None);
+        assert!(!judgement.allowed, "{judgement:?}");
+        assert_eq!(judgement.policy, "demo/strict-echo");
+        assert_eq!(judgement.code, "destination_unknown");
     }
 
     /// A connection judged on an older config than the current one (a

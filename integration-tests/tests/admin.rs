@@ -185,6 +185,11 @@ fn the_admin_api_reports_config_connections_and_sets_log_levels() {
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("empty log filter"), "{body}");
     assert_eq!(admin(&t, &node, "GET", "/logging"), debug);
+    // So would a word that is not a level (a target, to the filter).
+    let (code, body) = admin(&t, &node, "POST", "/logging?level=warning");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("unknown log level \"warning\""), "{body}");
+    assert_eq!(admin(&t, &node, "GET", "/logging"), debug);
 
     // Under `warn` a connection is still in the access log.
     assert_eq!(

@@ -40,6 +40,10 @@ pub enum Error {
         "empty log filter: it would turn off every log but the access log; give a level such as info"
     )]
     Empty,
+    #[error(
+        "unknown log level {0:?}: give one of trace, debug, info, warn, error or off, or target=level"
+    )]
+    UnknownLevel(String),
     #[error("cannot change the log filter: {0}")]
     Reload(#[from] reload::Error),
     #[error("a global log subscriber is already installed: {0}")]
@@ -128,8 +132,21 @@ where
     Ok((subscriber, logging))
 }
 
+/// The levels a directive without `=` may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
 /// `effective` parsed; an error names `filter`, the one the user gave.
 fn parse(filter: &str, effective: &str) -> Result<EnvFilter, Error> {
+    // A bare word that is not a level is a target at every level to
+    // `EnvFilter`, with every other target off: `warning` would silence
+    // the node's errors. A target alone is written `target=trace`.
+    if let Some(word) = filter.split(',').map(str::trim).find(|d| {
+        !d.is_empty()
+            && !d.contains(['=', '['])
+            && !LEVELS.iter().any(|level| d.eq_ignore_ascii_case(level))
+    }) {
+        return Err(Error::UnknownLevel(word.to_string()));
+    }
     EnvFilter::try_new(effective).map_err(|source| Error::Filter {
         filter: filter.to_string(),
         source,
@@ -181,6 +198,31 @@ mod tests {
 
     use super::testing::Buffer;
     use super::*;
+
+    #[test]
+    fn a_word_that_is_not_a_level_is_refused() {
+        for filter in ["warning", "info,verbose", "debugg"] {
+            let built = build(Format::Text, filter, Buffer::default(), false);
+            assert!(matches!(built, Err(Error::UnknownLevel(_))), "{filter}");
+        }
+        // The subscriber kept: a filter is reloaded into it.
+        let (_subscriber, logging) = build(Format::Text, "info", Buffer::default(), false).unwrap();
+        let err = logging.set("warning").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown log level \"warning\": give one of trace, debug, info, warn, error or off, or target=level"
+        );
+        assert_eq!(logging.current(), "info,access=info");
+        for filter in [
+            "WARN",
+            "debug,hbone=trace",
+            "off",
+            "access=off",
+            "info,h2[conn]=debug",
+        ] {
+            assert!(logging.set(filter).is_ok(), "{filter}");
+        }
+    }
 
     #[test]
     fn the_access_log_stays_at_info_unless_the_filter_names_it() {

@@ -768,14 +768,14 @@ impl NodeAgent {
             }
             Route::Plain { dst, .. } | Route::Passthrough { dst } => source
                 .sockets
-                .connect(*dst)
+                .connect_within(*dst, PLAIN_CONNECT_TIMEOUT)
                 .await
                 .map(Upstream::Tcp)
                 .map_err(|e| {
-                    let code = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                        "connect_refused"
-                    } else {
-                        "connect_failed"
+                    let code = match e.kind() {
+                        std::io::ErrorKind::ConnectionRefused => "connect_refused",
+                        std::io::ErrorKind::TimedOut => "timeout",
+                        _ => "connect_failed",
                     };
                     // The early data is written only once connected.
                     OpenFailure {
@@ -901,6 +901,12 @@ struct OpenFailure {
     /// to another endpoint.
     not_sent: bool,
 }
+
+/// How long a plain TCP connection may take to be answered: as long as
+/// an HBONE connection's TCP connect (`hbone::client::Timeouts`), so that
+/// an endpoint that drops SYNs is given up on and tried last, like one
+/// behind HBONE.
+const PLAIN_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether a failure to open a route says the endpoint itself is unwell,
 /// so it is tried last for a while. Refusals that depend on the client

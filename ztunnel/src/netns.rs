@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::oneshot;
@@ -143,6 +144,24 @@ impl PodSockets {
         Ok(stream)
     }
 
+    /// [`Self::connect`], given up (`TimedOut`) after `limit`: a peer that
+    /// drops SYNs would otherwise hold the client for the kernel's retries,
+    /// about two minutes.
+    pub async fn connect_within(
+        &self,
+        to: SocketAddr,
+        limit: Duration,
+    ) -> io::Result<tokio::net::TcpStream> {
+        tokio::time::timeout(limit, self.connect(to))
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {limit:?}"),
+                ))
+            })
+    }
+
     /// Connects from inside the pod's namespace with `src` as the source
     /// address, which need not be one of the pod's (`IP_TRANSPARENT`); the
     /// connection carries [`crate::transparent::MARK`] so the pod's return
@@ -192,7 +211,7 @@ mod tests {
 
     #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     use capture::netns::netns_cookie;
     use integration_tests::require_root;
@@ -283,6 +302,38 @@ mod tests {
 
         let listener = sockets.listen(Ipv4Addr::UNSPECIFIED, 0).await.unwrap();
         assert_eq!(netns_cookie(&listener).unwrap(), ns.cookie);
+    }
+
+    #[tokio::test]
+    async fn a_connect_without_an_answer_is_given_up_at_its_limit() {
+        if !require_root("a_connect_without_an_answer_is_given_up_at_its_limit") {
+            return;
+        }
+        // A listener whose accept queue is full (a backlog of 0 holds one
+        // connection) drops further SYNs.
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let queued = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let sockets = PodSockets::new(Path::new("/proc/self/ns/net")).unwrap();
+        let started = Instant::now();
+        let err = sockets
+            .connect_within(addr, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        // With room in the queue the same connect succeeds.
+        let (accepted, _) = listener.accept().await.unwrap();
+        drop((accepted, queued));
+        let mut accepting = tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+        sockets
+            .connect_within(addr, Duration::from_secs(5))
+            .await
+            .unwrap();
+        accepting.abort();
+        let _ = (&mut accepting).await;
     }
 
     #[test]

@@ -114,9 +114,16 @@ impl Balancer {
             if endpoints.is_empty() {
                 return Err(RouteError::NoEndpoints(key));
             }
+            // A source whose node or zone is not known prefers nothing:
+            // matching unknown to unknown would put endpoints that are
+            // not known to be near ahead of the rest.
             let preferred = |w: &Workload| match (target.service.traffic_distribution, src) {
-                (Some(TrafficDistribution::PreferSameNode), Some(src)) => w.node == src.node,
-                (Some(TrafficDistribution::PreferSameZone), Some(src)) => {
+                (Some(TrafficDistribution::PreferSameNode), Some(src)) if !src.node.is_empty() => {
+                    w.node == src.node
+                }
+                (Some(TrafficDistribution::PreferSameZone), Some(src))
+                    if !src.locality.zone.is_empty() =>
+                {
                     w.locality.zone == src.locality.zone && w.locality.region == src.locality.region
                 }
                 _ => true,
@@ -366,6 +373,37 @@ services:
                 .unwrap_err(),
             RouteError::NoEndpoints("demo/empty".into())
         );
+    }
+
+    /// A client whose zone and node are not known prefers no endpoint:
+    /// not the ones whose zone and node are not known either.
+    #[test]
+    fn a_source_of_unknown_locality_prefers_nothing() {
+        for distribution in ["PreferSameZone", "PreferSameNode"] {
+            let yaml = format!(
+                r#"
+workloads:
+  - {{uid: e1, name: echo-1, namespace: demo, ips: [10.0.1.1], node: n1, locality: {{zone: a}}}}
+  - {{uid: e2, name: echo-2, namespace: demo, ips: [10.0.2.1], node: n2, locality: {{zone: b}}}}
+  - {{uid: e4, name: echo-4, namespace: demo, ips: [10.0.4.1]}}
+  - {{uid: u, name: client, namespace: demo, ips: [10.0.9.9]}}
+services:
+  - {{name: echo, namespace: demo, vips: [10.96.0.1], ports: [{{port: 80}}], endpoints: [e1, e2, e4], trafficDistribution: {distribution}}}
+"#
+            );
+            let snap = Snapshot::new(serde_yaml::from_str(&yaml).unwrap(), 1).unwrap();
+            let lb = Balancer::default();
+            let client = snap.workload("u").unwrap();
+            let vip = "10.96.0.1:80".parse().unwrap();
+            let firsts: std::collections::BTreeSet<String> = (0..3)
+                .map(|_| first(&lb.plan(&snap, Some(client), vip).unwrap()))
+                .collect();
+            assert_eq!(
+                firsts.into_iter().collect::<Vec<_>>(),
+                ["demo/echo-1", "demo/echo-2", "demo/echo-4"],
+                "{distribution}"
+            );
+        }
     }
 
     #[test]

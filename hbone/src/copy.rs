@@ -295,8 +295,7 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
             // A full read: bulk transfer, read more per call.
             target *= 2;
         }
-        sent.fetch_add(n as u64, Relaxed);
-        send_chunk(send, buf.split().freeze()).await?;
+        send_chunk(send, buf.split().freeze(), sent).await?;
     }
 }
 
@@ -304,8 +303,14 @@ fn spare(buf: &BytesMut) -> usize {
     buf.capacity() - buf.len()
 }
 
-/// Sends `chunk` as the peer's window admits it.
-async fn send_chunk(send: &mut SendStream<Bytes>, mut chunk: Bytes) -> io::Result<()> {
+/// Sends `chunk` as the peer's window admits it, counting in `sent` what
+/// h2 took: bytes read but never admitted (the peer stopped reading, the
+/// tunnel was closed) were not sent.
+async fn send_chunk(
+    send: &mut SendStream<Bytes>,
+    mut chunk: Bytes,
+    sent: &AtomicU64,
+) -> io::Result<()> {
     while !chunk.is_empty() {
         send.reserve_capacity(chunk.len());
         let available = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -322,7 +327,9 @@ async fn send_chunk(send: &mut SendStream<Bytes>, mut chunk: Bytes) -> io::Resul
             continue;
         }
         let part = chunk.split_to(available.min(chunk.len()));
+        let len = part.len() as u64;
         send.send_data(part, false).map_err(h2_to_io)?;
+        sent.fetch_add(len, Relaxed);
     }
     Ok(())
 }
@@ -352,4 +359,53 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
     }
     writer.flush().await?;
     writer.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A client stream whose peer answers and then never reads: h2's
+    /// default stream window (65,535 bytes) is all it may send.
+    async fn stalled_stream() -> (H2Stream, tokio::sync::oneshot::Sender<()>) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (hold, held) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let (_request, mut respond) = conn.accept().await.unwrap().unwrap();
+            let response = http::Response::new(());
+            let _send = respond.send_response(response, false).unwrap();
+            // Keeps the connection going (PINGs, SETTINGS) without taking
+            // any of the stream's data.
+            tokio::select! {
+                _ = poll_fn(|cx| conn.poll_closed(cx)) => {}
+                _ = held => {}
+            }
+        });
+        let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::connect("127.0.0.1:7").body(()).unwrap();
+        client = client.ready().await.unwrap();
+        let (response, send) = client.send_request(request, false).unwrap();
+        let recv = response.await.unwrap().into_body();
+        (H2Stream::new(send, recv, None), hold)
+    }
+
+    #[tokio::test]
+    async fn bytes_the_peer_never_admitted_are_not_counted_as_sent() {
+        let (stream, _hold) = stalled_stream().await;
+        let (mut app, proxy) = tokio::io::duplex(4 << 20);
+        app.write_all(&vec![7u8; 1 << 20]).await.unwrap();
+        let stop = tokio::time::sleep(Duration::from_millis(300));
+        let err = copy_bidirectional_until(proxy, tokio::io::sink(), stream, stop)
+            .await
+            .unwrap_err();
+        // More than the window was read from the client; only the window
+        // went into the tunnel.
+        assert_eq!(err.transferred.sent, 65_535);
+    }
 }

@@ -439,13 +439,10 @@ impl NodeAgent {
 
     /// The pod as the mesh config knows it, or as enrollment describes it
     /// (policies by namespace still apply; those by label need the
-    /// config).
+    /// config). By its uid only: a workload of the config with the same
+    /// address may be an earlier pod whose address this one reuses.
     fn workload_of(&self, pod: &PodInfo, identity: &Identity) -> Workload {
-        let snapshot = self.shared.snapshot();
-        if let Some(w) = snapshot
-            .workload(&pod.uid)
-            .or_else(|| snapshot.workload_by_ip(pod.ip))
-        {
+        if let Some(w) = self.shared.snapshot().workload(&pod.uid) {
             return w.clone();
         }
         Workload {

@@ -62,6 +62,12 @@ impl Inbound {
         }
     }
 
+    /// The pod as `snapshot` knows it (its labels and owner may have come
+    /// or changed since enrollment), or as enrolled.
+    fn current<'a>(&'a self, snapshot: &'a Snapshot) -> &'a Workload {
+        snapshot.workload(&self.pod.uid).unwrap_or(&self.pod)
+    }
+
     fn ip(&self) -> Ipv4Addr {
         self.pod.ips[0]
     }
@@ -96,7 +102,7 @@ impl Inbound {
             record.set_src(w);
         }
         record.dst_endpoint = dst.to_string();
-        record.set_dst(&self.pod);
+        record.set_dst(self.current(snapshot));
         record.dst_identity = self.identity.to_string();
         record
     }
@@ -312,5 +318,57 @@ fn ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
     match ip.to_canonical() {
         IpAddr::V4(ip) => Some(ip),
         IpAddr::V6(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+    use integration_tests::require_root;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::agent::AgentStats;
+    use crate::telemetry::Metrics;
+
+    /// A pod enrolled before the config listed it is described by
+    /// enrollment (its pod name, no owner); once the config lists it,
+    /// its connections are recorded as the config describes it.
+    #[tokio::test]
+    async fn connections_are_recorded_as_the_current_config_knows_the_pod() {
+        if !require_root("connections_are_recorded_as_the_current_config_knows_the_pod") {
+            return;
+        }
+        let enrolled: Workload =
+            serde_yaml::from_str("{uid: u1, name: echo-0, namespace: demo, ips: [10.0.0.1]}")
+                .unwrap();
+        let (_current, config) = watch::channel(Arc::new(Snapshot::empty()));
+        let shared = Arc::new(Shared {
+            config,
+            conns: Default::default(),
+            metrics: Arc::new(Metrics::new()),
+            stats: Arc::new(AgentStats::default()),
+            awaiting_config: false,
+        });
+        let identity = Identity::parse("spiffe://cluster.local/ns/demo/sa/echo").unwrap();
+        let sockets = PodSockets::new(std::path::Path::new("/proc/self/ns/net")).unwrap();
+        let inbound = Inbound::new(enrolled, identity, sockets, shared, false);
+        let (peer, dst) = (
+            "10.0.0.9:40000".parse().unwrap(),
+            "10.0.0.1:8080".parse().unwrap(),
+        );
+
+        let record = inbound.record(&Snapshot::empty(), peer, dst);
+        assert_eq!(record.dst_owner, ("demo".into(), "echo-0".into()));
+
+        let listed = serde_yaml::from_str(
+            "workloads: [{uid: u1, name: echo-0, namespace: demo, workloadName: echo, ips: [10.0.0.1]}]",
+        )
+        .unwrap();
+        let snapshot = Snapshot::new(listed, 1).unwrap();
+        let record = inbound.record(&snapshot, peer, dst);
+        assert_eq!(record.dst_owner, ("demo".into(), "echo".into()));
+        assert_eq!(record.dst_workload, "demo/echo-0");
     }
 }

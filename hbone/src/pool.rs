@@ -287,11 +287,7 @@ impl Pool {
         let inner = self.inner.clone();
         let key = key.clone();
         let task = tokio::spawn(async move {
-            let started = Instant::now();
             let result = inner.handshake(&key).await;
-            if let Some(observer) = &inner.observer {
-                observer.handshake(&key, started.elapsed(), result.as_ref().err());
-            }
             let mut keys = inner.lock();
             let state = keys.entry(key).or_default();
             state.handshake = None;
@@ -353,9 +349,14 @@ impl Inner {
         })
     }
 
+    /// Fetches the source's certificate, then connects: the observer sees
+    /// the connect and the TLS and HTTP/2 handshakes, not a certificate
+    /// signed for the occasion (a CA's round trip, whose failure is no
+    /// handshake's).
     async fn handshake(&self, key: &PoolKey) -> Result<Connection, Error> {
         let cert = self.certs.fetch(&key.src_identity).await?;
-        match &key.dialer {
+        let started = Instant::now();
+        let result = match &key.dialer {
             Some(dialer) => {
                 Connection::establish_over(
                     dialer.dial(key.dst),
@@ -376,7 +377,11 @@ impl Inner {
                 )
                 .await
             }
+        };
+        if let Some(observer) = &self.observer {
+            observer.handshake(key, started.elapsed(), result.as_ref().err());
         }
+        result
     }
 
     /// Drops connections that are closed or have had no stream for `idle`.

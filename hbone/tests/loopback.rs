@@ -841,3 +841,81 @@ where
     });
     (addr, task)
 }
+
+/// A CA that takes `delay` to answer, or refuses.
+#[derive(Debug)]
+struct SlowCa {
+    inner: InProcessCa,
+    delay: Duration,
+    refuse: bool,
+}
+
+#[async_trait::async_trait]
+impl CaClient for SlowCa {
+    async fn sign(
+        &self,
+        csr_der: Vec<u8>,
+        identity: &Identity,
+    ) -> Result<identity::SignedChain, identity::CaClientError> {
+        tokio::time::sleep(self.delay).await;
+        if self.refuse {
+            return Err(identity::CaClientError::Unavailable(
+                "down for the test".into(),
+            ));
+        }
+        self.inner.sign(csr_der, identity).await
+    }
+}
+
+/// Handshakes the pool reported: how long each took, and whether it failed.
+#[derive(Debug, Default)]
+struct Handshakes(std::sync::Mutex<Vec<(Duration, bool)>>);
+
+impl hbone::PoolObserver for Handshakes {
+    fn handshake(&self, _key: &PoolKey, elapsed: Duration, error: Option<&Error>) {
+        self.0.lock().unwrap().push((elapsed, error.is_some()));
+    }
+}
+
+/// The handshake the pool reports is the connection's, not the time a CA
+/// took to sign the client's certificate, and a CA that fails is no
+/// handshake.
+#[tokio::test]
+async fn a_handshake_is_timed_without_signing_the_certificate() {
+    let ca = Arc::new(mesh_ca());
+    let server_certs = CertManager::new(Arc::new(InProcessCa::new(ca.clone())));
+    let server = Server::new(Forward::default(), ServerOptions::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hbone_addr = listener.local_addr().unwrap();
+    tokio::spawn(server.serve(listener, server_certs, id(SERVER)));
+    let upstream = echo_server().await;
+    let delay = Duration::from_millis(500);
+    for refuse in [false, true] {
+        let slow: Arc<dyn CaClient> = Arc::new(SlowCa {
+            inner: InProcessCa::new(ca.clone()),
+            delay,
+            refuse,
+        });
+        let observed = Arc::new(Handshakes::default());
+        let pool = Pool::with_observer(
+            CertManager::new(slow),
+            PoolConfig::default(),
+            observed.clone(),
+        );
+        let key = PoolKey::new(id(CLIENT), vec![id(SERVER)], hbone_addr, None);
+        let started = std::time::Instant::now();
+        let result = pool.connect(&key, &ConnectRequest::new(upstream)).await;
+        assert!(started.elapsed() >= delay);
+        let observed = observed.0.lock().unwrap().clone();
+        if refuse {
+            assert!(result.is_err());
+            assert!(observed.is_empty(), "{observed:?}");
+        } else {
+            result.unwrap();
+            assert_eq!(observed.len(), 1, "{observed:?}");
+            let (elapsed, failed) = observed[0];
+            assert!(!failed);
+            assert!(elapsed < delay, "{elapsed:?} includes the signing");
+        }
+    }
+}

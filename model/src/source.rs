@@ -92,6 +92,9 @@ impl ConfigSink {
 pub struct FileSource {
     pub path: PathBuf,
     pub poll: Duration,
+    /// The version [`Self::read_first`] read, which [`ConfigSource::run`]
+    /// then does not read again.
+    read_first: Option<FileStamp>,
 }
 
 impl FileSource {
@@ -99,7 +102,20 @@ impl FileSource {
         Self {
             path,
             poll: Duration::from_millis(250),
+            read_first: None,
         }
+    }
+
+    /// [`Self::read`], for a config to start with before [`ConfigSource::run`]:
+    /// the version read is not read, applied (a new config version, every
+    /// open connection judged again) or refused (logged) a second time.
+    pub fn read_first(&mut self) -> Result<MeshConfig, ConfigError> {
+        let before = self.stamp();
+        let read = self.read();
+        if before.is_some() && self.stamp() == before {
+            self.read_first = before;
+        }
+        read
     }
 
     /// Reads and parses the file once (JSON is valid YAML).
@@ -124,8 +140,8 @@ impl FileSource {
 #[async_trait]
 impl ConfigSource for FileSource {
     async fn run(self: Box<Self>, sink: ConfigSink, stop: CancellationToken) {
-        let mut applied: Option<FileStamp> = None;
-        let mut last: Option<FileStamp> = None;
+        let mut applied: Option<FileStamp> = self.read_first;
+        let mut last: Option<FileStamp> = self.read_first;
         loop {
             let now = self.stamp();
             // A file written in place is read only once it has stopped

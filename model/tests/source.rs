@@ -24,6 +24,34 @@ async fn wait_for(sink: &ConfigSink, check: impl Fn(&model::Snapshot) -> bool) {
         .unwrap();
 }
 
+/// The version read to start with is not applied (or refused) again
+/// when the watch begins; the next change is.
+#[tokio::test]
+async fn the_file_read_first_is_not_read_again_until_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    for (first, refused) in [(ONE, 0), ("workloads: [", 1)] {
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, first).unwrap();
+        let sink = ConfigSink::new();
+        let stop = CancellationToken::new();
+        let mut source = FileSource::new(path.clone());
+        source.poll = Duration::from_millis(20);
+        let _ = match source.read_first() {
+            Ok(config) => sink.apply(config),
+            Err(error) => sink.refuse(error),
+        };
+        let version = sink.current().version();
+        let task = tokio::spawn(Box::new(source).run(sink.clone(), stop.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(sink.current().version(), version, "{first}");
+        assert_eq!(sink.rejected(), refused, "{first}");
+        std::fs::write(&path, TWO).unwrap();
+        wait_for(&sink, |s| s.config().workloads.len() == 2).await;
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn file_changes_are_applied_and_bad_files_keep_the_last_good_config() {
     let dir = tempfile::tempdir().unwrap();

@@ -97,9 +97,15 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
             mesh_config,
             ca_dir,
         } => {
-            let source = FileSource::new(mesh_config.clone());
-            if let Ok(mesh) = source.read() {
-                sink.apply(mesh)?;
+            let mut source = FileSource::new(mesh_config.clone());
+            match source.read_first() {
+                Ok(mesh) => {
+                    sink.apply(mesh)?;
+                }
+                // Logged and counted; serving waits for a good file.
+                Err(error) => {
+                    let _ = sink.refuse(error);
+                }
             }
             tasks.spawn(Box::new(source).run(sink.clone(), stop.clone()));
             let ca = CertificateAuthority::plugged(

@@ -96,13 +96,13 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     let tasks = TaskTracker::new();
     let sink = ConfigSink::new();
     if let Some(path) = &config.mesh_config {
-        let source = FileSource::new(path.clone());
+        let mut source = FileSource::new(path.clone());
         // Start with the file's config, so that the first connections are
         // already routed by it. A file that cannot be read or is invalid
         // is not fatal: ztunnel waits for a good one, refusing captured
         // connections and not ready until then (`awaiting_config`), as it
         // does for the controller's first config.
-        let _ = match source.read() {
+        let _ = match source.read_first() {
             Ok(mesh) => sink.apply(mesh),
             Err(error) => sink.refuse(error),
         };

@@ -602,7 +602,7 @@ impl NodeAgent {
         let mut last = None;
         // A refused endpoint of a service is skipped for the next one; a
         // single destination is tried once.
-        for route in plan.routes.iter().take(3) {
+        for route in plan.routes.iter().take(MAX_ATTEMPTS) {
             describe(&mut record, route);
             if let Some(w) = ipv4(route.endpoint()).and_then(|ip| snapshot.workload_by_ip(ip)) {
                 record.set_dst(w);
@@ -898,6 +898,12 @@ struct OpenFailure {
     /// to another endpoint.
     not_sent: bool,
 }
+
+/// Endpoints one connection tries before it fails. Each failed one is
+/// tried last by later connections for a while, so a service with many
+/// dead endpoints costs each client at most this many connect timeouts
+/// (10 s each) rather than one per endpoint.
+const MAX_ATTEMPTS: usize = 3;
 
 /// How long a plain TCP connection may take to be answered: as long as
 /// an HBONE connection's TCP connect (`hbone::client::Timeouts`), so that

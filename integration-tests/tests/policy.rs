@@ -300,6 +300,63 @@ fn a_policy_change_closes_open_connections_it_now_denies() {
                 && l.contains("policy=app/deny-all")
         },
     );
+
+    // A plaintext connection (from the unmeshed namespace, on 15006) held
+    // under PERMISSIVE is closed when the namespace turns STRICT.
+    t.lab.set_policies("").unwrap();
+    eventually("the DENY is gone", || {
+        t.reaches("legacy/sleep-0", &format!("http://{}:8080/", echo.ip))
+    });
+    let started = Instant::now();
+    let mark = log_mark(&t, &echo_node);
+    let outcome = std::thread::scope(|s| {
+        let held = s.spawn(|| {
+            t.lab
+                .exec_captured(
+                    "legacy/sleep-0",
+                    &["curl", "-sS", "--max-time", "30", &slow],
+                )
+                .unwrap()
+        });
+        eventually(
+            "the plaintext connection is open on the server side",
+            || {
+                metric_sum(
+                    &t,
+                    &echo_node,
+                    "ambit_tcp_connections_opened_total",
+                    &[
+                        "reporter=\"destination\"",
+                        "connection_security_policy=\"none\"",
+                    ],
+                ) >= 1
+            },
+        );
+        let strict = "apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\n\
+                      metadata: {name: strict, namespace: app}\nspec: {mtls: {mode: STRICT}}\n---\n";
+        t.lab.set_policies(strict).unwrap();
+        held.join().unwrap()
+    });
+    assert!(
+        !outcome.status.success(),
+        "the held plaintext request completed: {}",
+        String::from_utf8_lossy(&outcome.stdout)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "closed only after {:?}, not by the STRICT change",
+        started.elapsed()
+    );
+    until_logged(
+        &t,
+        (&echo_node, mark),
+        "the plaintext closing logged with the STRICT policy",
+        || true,
+        |l| {
+            l.contains("policy changed: plaintext refused: peer authentication is STRICT")
+                && l.contains("policy=app/strict")
+        },
+    );
 }
 
 #[test]

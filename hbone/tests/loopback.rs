@@ -153,6 +153,17 @@ async fn raw_attempt(
     config: Arc<rustls::ClientConfig>,
     upstream: SocketAddr,
 ) -> Result<http::StatusCode, String> {
+    raw_request(addr, config, "CONNECT", &upstream.to_string()).await
+}
+
+/// Opens a raw TLS connection with `config` and sends one request with
+/// `method` and `uri` over it, as no HBONE client would.
+async fn raw_request(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    method: &str,
+    uri: &str,
+) -> Result<http::StatusCode, String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = identity::tls::server_name(addr.ip());
     let tls = tokio_rustls::TlsConnector::from(config)
@@ -165,8 +176,8 @@ async fn raw_attempt(
     tokio::spawn(conn);
     let mut client = client.ready().await.map_err(|e| format!("h2: {e}"))?;
     let req = http::Request::builder()
-        .method("CONNECT")
-        .uri(upstream.to_string())
+        .method(method)
+        .uri(uri)
         .body(())
         .unwrap();
     let (resp, _send) = client
@@ -245,6 +256,47 @@ async fn authority_ip_other_than_the_connected_ip_gets_400() {
     let mut buf = [0u8; 2];
     app.read_exact(&mut buf).await.unwrap();
     assert_eq!(fx.pool.connection_count(), 1);
+}
+
+/// A request that is not a CONNECT, and a CONNECT to a name rather than
+/// an address, get 400, and the handler is told why (for the access log).
+#[tokio::test]
+async fn a_request_hbone_cannot_serve_gets_400_with_its_reason() {
+    let root = TestRoot::new();
+    let fx = Fixture::new(root.ca("cluster.local", DEFAULT_LEAF_TTL)).await;
+    let upstream = echo_server().await;
+    for (i, (method, uri, why)) in [
+        (
+            "GET",
+            format!("https://{upstream}/"),
+            "method GET is not CONNECT",
+        ),
+        (
+            "CONNECT",
+            format!("echo.shop.svc.cluster.local:{}", upstream.port()),
+            "is not an IP:port",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let config = unchecked_client(Some(root.leaf(&[CLIENT])));
+        let status = raw_request(fx.hbone_addr, config, method, &uri)
+            .await
+            .unwrap();
+        assert_eq!(status, http::StatusCode::BAD_REQUEST, "{method} {uri}");
+        // Recorded after the client saw the answer.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while fx.handler.refused().len() <= i {
+            assert!(tokio::time::Instant::now() < deadline, "not told");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let refusal = fx.handler.refused().remove(i);
+        assert_eq!(refusal.code, "rejected_bad_request");
+        assert_eq!(refusal.peer_identity, Some(id(CLIENT)));
+        assert!(refusal.reason.contains(why), "{refusal:?}");
+    }
+    assert!(fx.handler.seen().is_empty());
 }
 
 /// An authority written as an IPv4-mapped IPv6 address is the IPv4

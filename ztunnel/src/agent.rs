@@ -901,8 +901,8 @@ struct OpenFailure {
 
 /// Endpoints one connection tries before it fails. Each failed one is
 /// tried last by later connections for a while, so a service with many
-/// dead endpoints costs each client at most this many connect timeouts
-/// (10 s each) rather than one per endpoint.
+/// dead endpoints costs each client at most this many connect (and TLS
+/// handshake) timeouts rather than one per endpoint.
 const MAX_ATTEMPTS: usize = 3;
 
 /// How long a plain TCP connection may take to be answered: as long as

@@ -247,35 +247,34 @@ fn policies_decide_who_reaches_a_workload() {
     );
 }
 
-#[test]
-fn a_policy_change_closes_open_connections_it_now_denies() {
-    if !require_root("a_policy_change_closes_open_connections_it_now_denies") {
-        return;
-    }
-    let t = policy_lab("it-reeval", 14);
+/// Holds a slow request from `client` to echo open (until the echo
+/// node counts an opened connection with `opened`), applies `policies`,
+/// and checks that the request is cut well before it would end and that
+/// the closing is logged with `logged` (both fragments).
+fn cut_by_policy_change(
+    t: &TestLab,
+    client: &str,
+    opened: &[&str],
+    policies: &str,
+    logged: [&str; 2],
+) {
     let plan = t.lab.plan();
     let echo = plan.pod("app/echo-0").unwrap();
     let echo_node = plan.nodes[echo.node].name.clone();
     let slow = format!("http://{}:8080/delay/20000", echo.ip);
+    let opened_before = metric_sum(t, &echo_node, "ambit_tcp_connections_opened_total", opened);
     let started = Instant::now();
-    let mark = log_mark(&t, &echo_node);
+    let mark = log_mark(t, &echo_node);
     let outcome = std::thread::scope(|s| {
         let held = s.spawn(|| {
             t.lab
-                .exec_captured("app/sleep-0", &["curl", "-sS", "--max-time", "30", &slow])
+                .exec_captured(client, &["curl", "-sS", "--max-time", "30", &slow])
                 .unwrap()
         });
         eventually("the connection is open on the server side", || {
-            metric_sum(
-                &t,
-                &echo_node,
-                "ambit_tcp_connections_opened_total",
-                &["reporter=\"destination\"", "source_workload=\"sleep\""],
-            ) >= 1
+            metric_sum(t, &echo_node, "ambit_tcp_connections_opened_total", opened) > opened_before
         });
-        t.lab
-            .set_policies(&authz("deny-all", "{action: DENY, rules: [{}]}"))
-            .unwrap();
+        t.lab.set_policies(policies).unwrap();
         held.join().unwrap()
     });
     assert!(
@@ -291,71 +290,50 @@ fn a_policy_change_closes_open_connections_it_now_denies() {
     // The line is written as the server side ends the copy, which the
     // client can see first.
     until_logged(
-        &t,
+        t,
         (&echo_node, mark),
         "the closing logged with its policy",
         || true,
-        |l| {
-            l.contains("policy changed: denied by app/deny-all")
-                && l.contains("policy=app/deny-all")
-        },
+        |l| logged.iter().all(|fragment| l.contains(fragment)),
     );
+}
 
+#[test]
+fn a_policy_change_closes_open_connections_it_now_denies() {
+    if !require_root("a_policy_change_closes_open_connections_it_now_denies") {
+        return;
+    }
+    let t = policy_lab("it-reeval", 14);
+    cut_by_policy_change(
+        &t,
+        "app/sleep-0",
+        &["reporter=\"destination\"", "source_workload=\"sleep\""],
+        &authz("deny-all", "{action: DENY, rules: [{}]}"),
+        [
+            "policy changed: denied by app/deny-all",
+            "policy=app/deny-all",
+        ],
+    );
     // A plaintext connection (from the unmeshed namespace, on 15006) held
     // under PERMISSIVE is closed when the namespace turns STRICT.
     t.lab.set_policies("").unwrap();
+    let echo = t.lab.plan().pod("app/echo-0").unwrap().ip;
     eventually("the DENY is gone", || {
-        t.reaches("legacy/sleep-0", &format!("http://{}:8080/", echo.ip))
+        t.reaches("legacy/sleep-0", &format!("http://{echo}:8080/"))
     });
-    let started = Instant::now();
-    let mark = log_mark(&t, &echo_node);
-    let outcome = std::thread::scope(|s| {
-        let held = s.spawn(|| {
-            t.lab
-                .exec_captured(
-                    "legacy/sleep-0",
-                    &["curl", "-sS", "--max-time", "30", &slow],
-                )
-                .unwrap()
-        });
-        eventually(
-            "the plaintext connection is open on the server side",
-            || {
-                metric_sum(
-                    &t,
-                    &echo_node,
-                    "ambit_tcp_connections_opened_total",
-                    &[
-                        "reporter=\"destination\"",
-                        "connection_security_policy=\"none\"",
-                    ],
-                ) >= 1
-            },
-        );
-        let strict = "apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\n\
-                      metadata: {name: strict, namespace: app}\nspec: {mtls: {mode: STRICT}}\n---\n";
-        t.lab.set_policies(strict).unwrap();
-        held.join().unwrap()
-    });
-    assert!(
-        !outcome.status.success(),
-        "the held plaintext request completed: {}",
-        String::from_utf8_lossy(&outcome.stdout)
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "closed only after {:?}, not by the STRICT change",
-        started.elapsed()
-    );
-    until_logged(
+    cut_by_policy_change(
         &t,
-        (&echo_node, mark),
-        "the plaintext closing logged with the STRICT policy",
-        || true,
-        |l| {
-            l.contains("policy changed: plaintext refused: peer authentication is STRICT")
-                && l.contains("policy=app/strict")
-        },
+        "legacy/sleep-0",
+        &[
+            "reporter=\"destination\"",
+            "connection_security_policy=\"none\"",
+        ],
+        "apiVersion: security.ambit.dev/v1alpha1\nkind: PeerAuthentication\n\
+         metadata: {name: strict, namespace: app}\nspec: {mtls: {mode: STRICT}}\n---\n",
+        [
+            "policy changed: plaintext refused: peer authentication is STRICT",
+            "policy=app/strict",
+        ],
     );
 }
 

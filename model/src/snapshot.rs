@@ -287,10 +287,12 @@ impl Snapshot {
             .find(|p| !p.selector.is_empty() && !p.dry_run && p.action != Action::Audit)
             .map(|p| p.key())
             .or_else(|| {
+                if !plaintext {
+                    return None;
+                }
                 self.config
                     .peer_authentications
                     .iter()
-                    .filter(|_| plaintext)
                     .find(|p| p.namespace == namespace && !p.selector.is_empty())
                     .map(|p| p.key())
             })

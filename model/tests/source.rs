@@ -24,6 +24,13 @@ async fn wait_for(sink: &ConfigSink, check: impl Fn(&model::Snapshot) -> bool) {
         .unwrap();
 }
 
+/// A source of `path` that looks for changes every 20 ms.
+fn quick_source(path: &std::path::Path) -> FileSource {
+    let mut source = FileSource::new(path.to_path_buf());
+    source.poll = Duration::from_millis(20);
+    source
+}
+
 /// The version read to start with is not applied (or refused) again
 /// when the watch begins; the next change is.
 #[tokio::test]
@@ -34,8 +41,7 @@ async fn the_file_read_first_is_not_read_again_until_it_changes() {
         std::fs::write(&path, first).unwrap();
         let sink = ConfigSink::new();
         let stop = CancellationToken::new();
-        let mut source = FileSource::new(path.clone());
-        source.poll = Duration::from_millis(20);
+        let mut source = quick_source(&path);
         let _ = match source.read_first() {
             Ok(config) => sink.apply(config),
             Err(error) => sink.refuse(error),
@@ -59,8 +65,7 @@ async fn file_changes_are_applied_and_bad_files_keep_the_last_good_config() {
     std::fs::write(&path, ONE).unwrap();
     let sink = ConfigSink::new();
     let stop = CancellationToken::new();
-    let mut source = FileSource::new(path.clone());
-    source.poll = Duration::from_millis(20);
+    let source = quick_source(&path);
     let task = tokio::spawn(Box::new(source).run(sink.clone(), stop.clone()));
 
     wait_for(&sink, |s| s.config().workloads.len() == 1).await;

@@ -765,7 +765,10 @@ impl NodeAgent {
             }
             Route::Plain { dst, .. } | Route::Passthrough { dst } => source
                 .sockets
-                .connect_within(*dst, PLAIN_CONNECT_TIMEOUT)
+                // As long as the pool's HBONE connects may take, so that
+                // an endpoint that drops SYNs is given up on and tried
+                // last, like one behind HBONE.
+                .connect_within(*dst, hbone::client::Timeouts::default().connect)
                 .await
                 .map(Upstream::Tcp)
                 .map_err(|e| {
@@ -904,12 +907,6 @@ struct OpenFailure {
 /// dead endpoints costs each client at most this many connect (and TLS
 /// handshake) timeouts rather than one per endpoint.
 const MAX_ATTEMPTS: usize = 3;
-
-/// How long a plain TCP connection may take to be answered: as long as
-/// an HBONE connection's TCP connect (`hbone::client::Timeouts`), so that
-/// an endpoint that drops SYNs is given up on and tried last, like one
-/// behind HBONE.
-const PLAIN_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether a failure to open a route says the endpoint itself is unwell,
 /// so it is tried last for a while. Refusals that depend on the client
